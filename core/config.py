@@ -1,0 +1,145 @@
+"""One dataclass holding every knob of a training run.
+
+A study's ``space(trial)`` returns one of these; the engine reads nothing else. Defaults are
+a sound CPU-friendly run; ``validate()`` turns bad values into one clear ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.labels import TRUE_OLD_FROM, YOUNG_BELOW
+
+HEADS = ("single", "multi")  # one 18-way layer, or mask(3)/gender(2)/age(3) heads
+LOSSES = ("ce", "focal")
+CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse", "effective")
+MIXES = ("none", "cutmix", "mixup")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("cosine", "onecycle", "step", "none")
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot run; the message names the field."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of one training run (one fold of one trial)."""
+
+    backbone: str = "resnet18"  # any timm.create_model name
+    pretrained: bool = False
+    image_size: tuple[int, int] = (128, 96)  # (height, width), for train, val and predict alike
+    head: str = "single"
+    drop_rate: float = 0.0
+    loss: str = "ce"
+    focal_gamma: float = 0.0  # 0 makes focal equal to cross entropy
+    class_weights: str = "none"
+    effective_beta: float = 0.999  # Cui et al. 2019, used by class_weights="effective"
+    label_smoothing: float = 0.0
+    aug_strength: float = 0.5  # 0 = resize/normalize only, 1 = the strongest set
+    mix: str = "none"
+    mix_prob: float = 0.0
+    mix_alpha: float = 1.0
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "cosine"
+    warmup_epochs: float = 0.0
+    step_gamma: float = 0.1  # scheduler="step": lr multiplier every step_every epochs
+    step_every: int = 2
+    epochs: int = 5
+    batch_size: int = 64
+    grad_clip: float = 0.0  # 0 = off
+    age_threshold: int = TRUE_OLD_FROM  # first age counted as ">=60" in the training targets
+    seed: int = 0
+    device: str = "auto"  # "auto" -> cuda when available, else cpu
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+    num_workers: int = 0  # DataLoader workers; 0 = in process
+    tta: bool = True  # horizontal-flip test-time augmentation in predict
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, never read by core
+
+    def validate(self) -> TrainConfig:
+        """Raise ``ConfigError`` naming the first bad field; return self when all is well."""
+
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"config field '{name}': {why} (got {getattr(self, name)!r})")
+
+        for name, allowed in (
+            ("head", HEADS),
+            ("loss", LOSSES),
+            ("class_weights", CLASS_WEIGHTS),
+            ("mix", MIXES),
+            ("optimizer", OPTIMIZERS),
+            ("scheduler", SCHEDULERS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"must be one of {', '.join(allowed)}")
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "must be a positive finite number")
+        for name in ("weight_decay", "focal_gamma", "label_smoothing", "warmup_epochs",
+                     "grad_clip", "drop_rate"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise bad(name, "must be >= 0")
+        if self.label_smoothing >= 1:
+            raise bad("label_smoothing", "must be < 1")
+        for name in ("aug_strength", "mix_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise bad(name, "must be in [0, 1]")
+        if not 0 < self.effective_beta < 1:
+            raise bad("effective_beta", "must be in (0, 1)")
+        for name in ("epochs", "batch_size", "step_every"):
+            if int(getattr(self, name)) < 1:
+                raise bad(name, "must be >= 1")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise bad("warmup_epochs", f"must be below epochs ({self.epochs})")
+        if self.num_workers < 0:
+            raise bad("num_workers", "must be >= 0")
+        if len(self.image_size) != 2 or min(self.image_size) < 16:
+            raise bad("image_size", "must be (height, width), each >= 16 pixels")
+        if not YOUNG_BELOW < self.age_threshold <= TRUE_OLD_FROM:
+            raise bad("age_threshold", f"must be in {YOUNG_BELOW + 1}..{TRUE_OLD_FROM}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise bad("device", "must be auto, cpu, cuda or cuda:N")
+        import timm  # deferred: importing timm costs a second, validation of enums does not
+
+        if not timm.is_model(self.backbone):
+            close = timm.list_models(f"*{self.backbone.split('_')[0]}*")[:5]
+            hint = f"; similar names: {', '.join(close)}" if close else ""
+            raise bad("backbone", f"is not a timm model name{hint}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (image_size as a list)."""
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of ``to_dict``; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        d = dict(d)
+        if "image_size" in d:
+            d["image_size"] = tuple(int(x) for x in d["image_size"])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def resolved_device(self) -> str:
+        """'cuda' when asked for (or auto and available), else 'cpu'."""
+        if self.device == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
