@@ -1,0 +1,27 @@
+# Start a throw-away PostgreSQL server on 127.0.0.1 for the tests; sets MASK_SEARCH_PG_URL.
+# Sourced by .ci/run; also usable by hand: `source .ci/postgres.sh; start_postgres`.
+PG_PORT=${PG_PORT:-55432}
+PG_DIR=${PG_DIR:-/tmp/mask-search-pg}
+
+start_postgres() {
+  local bin
+  bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  local as=""
+  if [ "$(id -u)" = 0 ]; then as="runuser -u postgres --"; fi
+  if [ "$(id -u)" = 0 ]; then mkdir -p "$PG_DIR"; chown postgres "$PG_DIR"; fi
+  if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
+    $as "$bin/initdb" -D "$PG_DIR/data" -U postgres --auth=trust >/dev/null
+  fi
+  $as "$bin/pg_ctl" -D "$PG_DIR/data" -o "-h 127.0.0.1 -p $PG_PORT -k /tmp" -l "$PG_DIR/log" -w start >/dev/null
+  MASK_SEARCH_PG_URL="postgresql://postgres@127.0.0.1:$PG_PORT/postgres"
+  export MASK_SEARCH_PG_URL
+  echo "PostgreSQL at $MASK_SEARCH_PG_URL"
+}
+
+stop_postgres() {
+  local bin
+  bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  local as=""
+  if [ "$(id -u)" = 0 ]; then as="runuser -u postgres --"; fi
+  $as "$bin/pg_ctl" -D "$PG_DIR/data" -m fast stop >/dev/null 2>&1 || true
+}
