@@ -1,0 +1,181 @@
+"""Trial artifacts (probabilities, checkpoints, plots) through Optuna's artifact API.
+
+Why a module: the objective writes and the ensemble reads the same artifacts, so the naming
+rule lives here once. Each artifact is uploaded with ``optuna.artifacts.upload_artifact``
+(which records its metadata on the trial, so optuna-dashboard lists it) and its id is also
+stored in the trial's user attr ``artifact_<name>``: that is how a reader finds it by name.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import numpy as np
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.trial import FrozenTrial, Trial
+
+from core.errors import DataError
+
+if TYPE_CHECKING:  # the protocol every Optuna store (and _PrefixedStore) follows
+    from optuna.artifacts._protocol import ArtifactStore
+
+ATTR_PREFIX = "artifact_"
+
+
+class _PrefixedStore:
+    """Keys under ``prefix/`` in another store; Boto3ArtifactStore has no prefix of its own."""
+
+    def __init__(self, store: ArtifactStore, prefix: str) -> None:
+        self._store, self._prefix = store, prefix.strip("/")
+
+    def _key(self, artifact_id: str) -> str:
+        return f"{self._prefix}/{artifact_id}" if self._prefix else artifact_id
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        return self._store.open_reader(self._key(artifact_id))
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self._store.write(self._key(artifact_id), content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        self._store.remove(self._key(artifact_id))
+
+
+def open_store(path_or_url: str | Path) -> ArtifactStore:
+    """A folder -> ``FileSystemArtifactStore`` (folder created); ``s3://bucket[/prefix]`` -> S3.
+
+    The folder is what ``optuna-dashboard --artifact-dir`` takes. For S3-compatible services
+    set ``AWS_ENDPOINT_URL`` and the usual credentials in the environment (boto3 reads them).
+    """
+    text = str(path_or_url)
+    if text.startswith("s3://"):
+        bucket, _, prefix = text[len("s3://"):].partition("/")
+        if not bucket:
+            raise DataError(f"artifact store {text!r}: no bucket name after s3://")
+        try:
+            import boto3  # noqa: F401  (Boto3ArtifactStore needs it; say so clearly)
+        except ImportError:
+            raise DataError(
+                f"artifact store {text!r} needs boto3, which is not installed: pip install boto3"
+            ) from None
+        store = optuna.artifacts.Boto3ArtifactStore(bucket)
+        return _PrefixedStore(store, prefix) if prefix.strip("/") else store
+    if "://" in text:
+        raise DataError(f"artifact store {text!r}: only a folder or s3://bucket/prefix is known")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"artifact store {text!r} is a file, not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(path)
+
+
+def attr_name(name: str) -> str:
+    """User-attr key holding the id of artifact ``name``."""
+    return ATTR_PREFIX + name
+
+
+def save_file(trial: Trial, store: ArtifactStore, name: str, path: str | Path) -> str:
+    """Upload ``path`` as artifact ``name`` of a running trial; returns the artifact id.
+
+    The uploaded file keeps its base name (the dashboard shows it); the id goes to the user
+    attr ``artifact_<name>`` so readers find it by ``name``.
+    """
+    if not isinstance(trial, Trial):
+        raise TypeError("save_file needs a running optuna.Trial (finished trials are read-only)")
+    artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
+    trial.set_user_attr(attr_name(name), artifact_id)
+    return artifact_id
+
+
+def save_array(trial: Trial, store: ArtifactStore, name: str, array: np.ndarray,
+               dtype: np.dtype | type | None = np.float32) -> str:
+    """Save ``array`` (as float32 unless ``dtype`` says otherwise) as ``<name>.npy``."""
+    arr = np.asarray(array) if dtype is None else np.asarray(array, dtype=dtype)
+    with tempfile.TemporaryDirectory(prefix="mask_search_artifact_") as tmp:
+        path = Path(tmp) / f"{name}.npy"
+        np.save(path, arr, allow_pickle=False)
+        return save_file(trial, store, name, path)
+
+
+def artifact_id(trial: FrozenTrial | Trial, name: str) -> str:
+    """The id of artifact ``name`` of ``trial``; ``DataError`` naming both when absent."""
+    value = trial.user_attrs.get(attr_name(name))
+    if not value:
+        raise DataError(
+            f"trial {trial.number} has no artifact '{name}' (user attr {attr_name(name)!r} "
+            "missing or removed)"
+        )
+    return str(value)
+
+
+def _read_bytes(trial: FrozenTrial | Trial, store: ArtifactStore, name: str) -> bytes:
+    aid = artifact_id(trial, name)
+    try:
+        with store.open_reader(aid) as reader:
+            return reader.read()
+    except ArtifactNotFound:
+        raise DataError(
+            f"trial {trial.number}: artifact '{name}' ({aid}) is not in the artifact store "
+            "(wrong --artifacts folder, or it was removed)"
+        ) from None
+
+
+def load_array(trial: FrozenTrial | Trial, store: ArtifactStore, name: str) -> np.ndarray:
+    """The array saved by ``save_array`` under ``name`` for this trial."""
+    data = _read_bytes(trial, store, name)
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as e:
+        raise DataError(f"trial {trial.number}: artifact '{name}' is not a .npy array: {e}") \
+            from None
+
+
+def load_file(
+    trial: FrozenTrial | Trial, store: ArtifactStore, name: str, dest: str | Path
+) -> Path:
+    """Copy artifact ``name`` of this trial to ``dest`` (written to a temp name, then renamed)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    aid = artifact_id(trial, name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with store.open_reader(aid) as reader:
+                    shutil.copyfileobj(reader, out)
+            except ArtifactNotFound:
+                raise DataError(f"trial {trial.number}: artifact '{name}' ({aid}) is not in the "
+                                "artifact store (wrong --artifacts folder, or it was removed)") \
+                    from None
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def remove_artifact(trial: FrozenTrial | Trial, store: ArtifactStore, name: str) -> bool:
+    """Delete artifact ``name`` from the store (checkpoint retention); True if it was there.
+
+    A running trial also gets its user attr blanked (Optuna cannot delete attrs). A finished
+    trial's attrs are read-only in Optuna, so its attr keeps the id and readers get a
+    ``DataError`` saying the artifact was removed.
+    """
+    value = trial.user_attrs.get(attr_name(name))
+    if not value:
+        return False
+    try:
+        store.remove(str(value))
+        found = True
+    except ArtifactNotFound:
+        found = False
+    if isinstance(trial, Trial):
+        trial.set_user_attr(attr_name(name), "")
+    return found
