@@ -1,0 +1,142 @@
+"""Albumentations pipelines driven by one strength knob, and CutMix/MixUp on batches.
+
+Why one knob: a search over a dozen augmentation parameters wastes trials; ``aug_strength`` in
+[0, 1] scales every range and probability together, so 0 is the deterministic eval path and 1
+the strongest set. Train, validation and prediction share the same tail (resize-if-needed,
+ImageNet normalize, CHW tensor), so a size mismatch can never slip in silently.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Albumentations asks PyPI for a newer version on import: a 2 s timeout and a UserWarning on an
+# offline machine. Nothing here may touch the network, so opt out unless the user chose otherwise.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
+
+from core.config import ConfigError, TrainConfig  # noqa: E402
+from core.labels import NUM_CLASSES  # noqa: E402
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The ranges at strength 1. Faces are already cropped and centred, so geometry stays mild.
+MAX_TRANSLATE = 0.10  # fraction of width/height
+MAX_SCALE = 0.15  # zoom in/out by up to 15%
+MAX_ROTATE = 15.0  # degrees
+MAX_HUE, MAX_SAT, MAX_VAL = 10, 25, 15  # HueSaturationValue shift limits (uint8 units)
+MAX_BRIGHTNESS = MAX_CONTRAST = 0.25
+MAX_NOISE_STD = 0.08  # GaussNoise std as a fraction of the 0..255 range
+MAX_P = 0.8  # probability of each photometric/geometric step at strength 1
+
+
+def _tail(cfg: TrainConfig) -> list[A.BasicTransform]:
+    """Resize (identity when the cache already has the size), normalize, to CHW float tensor."""
+    h, w = cfg.image_size
+    return [
+        A.Resize(h, w, interpolation=cv2.INTER_LINEAR, area_for_downscale="image"),
+        A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
+        ToTensorV2(),
+    ]
+
+
+def eval_transform(cfg: TrainConfig) -> A.Compose:
+    """Deterministic transform for validation and prediction: normalize only."""
+    return A.Compose(_tail(cfg))
+
+
+def train_transform(cfg: TrainConfig) -> A.Compose:
+    """Training transform whose ranges and probabilities all scale with ``cfg.aug_strength``.
+
+    Input uint8 HWC RGB, output float32 CHW ImageNet-normalized tensor. Strength 0 gives
+    exactly ``eval_transform``. The Compose is seeded from ``cfg.seed`` for reproducible runs.
+    """
+    s = float(cfg.aug_strength)
+    if not 0.0 <= s <= 1.0:
+        raise ConfigError(f"config field 'aug_strength': must be in [0, 1] (got {s!r})")
+    if s == 0.0:
+        return eval_transform(cfg)
+    # Augment after the resize so the ranges mean the same at every input size.
+    h, w = cfg.image_size
+    p = MAX_P * s
+    steps: list[A.BasicTransform] = [
+        A.Resize(h, w, interpolation=cv2.INTER_LINEAR, area_for_downscale="image"),
+        A.HorizontalFlip(p=0.5),
+        A.Affine(
+            translate_percent=(-MAX_TRANSLATE * s, MAX_TRANSLATE * s),
+            scale=(1.0 - MAX_SCALE * s, 1.0 + MAX_SCALE * s),
+            rotate=(-MAX_ROTATE * s, MAX_ROTATE * s),
+            border_mode=cv2.BORDER_REFLECT_101,
+            p=p,
+        ),
+        A.HueSaturationValue(
+            hue_shift_limit=MAX_HUE * s, sat_shift_limit=MAX_SAT * s, val_shift_limit=MAX_VAL * s,
+            p=p,
+        ),
+        A.RandomBrightnessContrast(
+            brightness_limit=MAX_BRIGHTNESS * s, contrast_limit=MAX_CONTRAST * s, p=p
+        ),
+        A.GaussNoise(std_range=(0.0, MAX_NOISE_STD * s), p=p / 2),
+    ]
+    return A.Compose(steps + _tail(cfg)[1:], seed=cfg.seed)
+
+
+def _numpy_rng(rng: torch.Generator | np.random.Generator | None) -> np.random.Generator:
+    """A numpy Generator drawn from ``rng``: torch has no seeded Beta sampler."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    seed = int(torch.randint(0, 2**62, (1,), generator=rng).item())
+    return np.random.default_rng(seed)
+
+
+def _soft(y: torch.Tensor) -> torch.Tensor:
+    """Hard int class indices (N,) or soft (N, 18) -> float32 soft targets (N, 18)."""
+    if y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8) and y.ndim == 1:
+        return torch.nn.functional.one_hot(y.long(), NUM_CLASSES).float()
+    if y.ndim == 2 and y.shape[1] == NUM_CLASSES:
+        return y.float()
+    raise ValueError(f"targets must be class indices (N,) or soft (N, {NUM_CLASSES}); "
+                     f"got shape {tuple(y.shape)} dtype {y.dtype}")
+
+
+def mix_batch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    rng: torch.Generator | np.random.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix or MixUp (``cfg.mix``) on the whole batch with probability ``cfg.mix_prob``.
+
+    ``y`` is int class indices (N,) or soft targets (N, 18); the result is always soft (N, 18)
+    float32 whose rows sum to 1, so the loss has one path. Deterministic given ``rng`` (a
+    ``torch.Generator`` on the CPU, or a numpy Generator). ``x`` is not modified in place.
+    """
+    y_soft = _soft(y).to(x.device)
+    if cfg.mix == "none" or cfg.mix_prob <= 0 or x.shape[0] < 2:
+        return x, y_soft
+    np_rng = _numpy_rng(rng)
+    if np_rng.random() >= cfg.mix_prob:
+        return x, y_soft
+    n = x.shape[0]
+    perm = torch.from_numpy(np_rng.permutation(n)).to(x.device)
+    lam = float(np_rng.beta(cfg.mix_alpha, cfg.mix_alpha))
+    if cfg.mix == "mixup":
+        mixed = lam * x + (1.0 - lam) * x[perm]
+    elif cfg.mix == "cutmix":
+        h, w = x.shape[-2:]
+        cut_h, cut_w = int(round(h * np.sqrt(1 - lam))), int(round(w * np.sqrt(1 - lam)))
+        cy, cx = int(np_rng.integers(h)), int(np_rng.integers(w))
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, h)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, w)
+        mixed = x.clone()
+        mixed[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually pasted, after clipping
+    else:
+        raise ConfigError(f"config field 'mix': must be none, cutmix or mixup (got {cfg.mix!r})")
+    return mixed, lam * y_soft + (1.0 - lam) * y_soft[perm]

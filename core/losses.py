@@ -1,0 +1,179 @@
+"""Cross entropy, focal loss, label smoothing and class weights, for hard or soft targets.
+
+Why one loss class: focal with gamma=0 *is* cross entropy, so the search's ``loss`` choice and
+``focal_gamma`` share one code path and cannot drift apart. Targets may be int class indices or
+soft (N, 18) rows from CutMix/MixUp. The single head gives logits; the three-head model gives
+18-way log-probabilities, and its loss is the sum of the mask, gender and age losses on the
+marginals (each with its own class weights from the marginal counts).
+
+Reduction: a weighted mean, ``sum_i l_i / sum_i sum_c w_c t_ic``. For hard targets that is
+exactly ``F.cross_entropy(weight=w)``; for soft targets without weights it is the plain mean.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.config import ConfigError, TrainConfig
+from core.errors import DataError
+from core.labels import NUM_AGE, NUM_CLASSES, NUM_GENDER, NUM_MASK, decode
+
+WEIGHT_SCHEMES = ("none", "inverse", "sqrt_inverse", "effective")
+
+
+Targets = np.ndarray | torch.Tensor | list[int]
+
+
+def _checked_targets(targets: Targets, num_classes: int) -> np.ndarray:
+    """Targets as a flat int array, or ``DataError`` when empty or out of range."""
+    t = np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets).ravel()
+    if t.size == 0:
+        raise DataError("loss class weights: the training targets are empty")
+    if not np.issubdtype(t.dtype, np.integer) or t.min() < 0 or t.max() >= num_classes:
+        raise DataError(f"loss class weights: targets must be integers in 0..{num_classes - 1} "
+                        f"(got dtype {t.dtype}, range {t.min()}..{t.max()})")
+    return t.astype(np.int64)
+
+
+def class_weights(
+    targets: Targets,
+    scheme: str,
+    beta: float = 0.999,
+    num_classes: int = NUM_CLASSES,
+) -> torch.Tensor:
+    """Per-class loss weights (num_classes,) float32 from the training targets' counts.
+
+    - ``none``: ones.
+    - ``inverse``: 1 / n_c; ``sqrt_inverse``: 1 / sqrt(n_c).
+    - ``effective``: (1 - beta) / (1 - beta ** n_c), the effective number of samples
+      (Cui et al., CVPR 2019); beta -> 0 gives uniform weights, beta -> 1 approaches inverse.
+
+    All but ``none`` are normalized to sum to ``num_classes`` (mean weight 1, so the learning
+    rate means the same with or without weights). A class absent from ``targets`` gets the
+    count of the rarest present class, hence the largest weight, instead of a division by zero:
+    it may appear in validation and should not be ignored.
+    """
+    if scheme not in WEIGHT_SCHEMES:
+        raise ConfigError(f"config field 'class_weights': must be one of "
+                          f"{', '.join(WEIGHT_SCHEMES)} (got {scheme!r})")
+    t = _checked_targets(targets, num_classes)
+    if scheme == "none":
+        return torch.ones(num_classes, dtype=torch.float32)
+    counts = np.bincount(t, minlength=num_classes).astype(np.float64)
+    counts[counts == 0] = counts[counts > 0].min()
+    if scheme == "inverse":
+        w = 1.0 / counts
+    elif scheme == "sqrt_inverse":
+        w = 1.0 / np.sqrt(counts)
+    else:
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"config field 'effective_beta': must be in [0, 1) (got {beta!r})")
+        w = (1.0 - beta) / (1.0 - np.power(beta, counts))
+    return torch.as_tensor(w * num_classes / w.sum(), dtype=torch.float32)
+
+
+def soft_targets(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Hard indices (N,) or soft (N, K) -> float32 (N, K)."""
+    if target.ndim == 1:
+        return F.one_hot(target.long(), num_classes).float()
+    if target.ndim == 2 and target.shape[1] == num_classes:
+        return target.float()
+    raise ValueError(f"targets must be (N,) class indices or (N, {num_classes}) soft rows; "
+                     f"got shape {tuple(target.shape)}")
+
+
+def focal_nll(
+    log_probs: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    gamma: float = 0.0,
+    smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Weighted focal loss on log-probabilities (N, K) with hard or soft targets.
+
+    ``-sum_c w_c t_c (1 - p_c)^gamma log p_c`` per row, weighted mean over rows. gamma=0 and
+    no weights is cross entropy; ``smoothing`` mixes the target with the uniform distribution.
+    """
+    k = log_probs.shape[1]
+    t = soft_targets(target, k).to(log_probs.device)
+    if smoothing > 0:
+        t = t * (1.0 - smoothing) + smoothing / k
+    w = torch.ones(k, device=log_probs.device) if weight is None else weight.to(log_probs.device)
+    per_class = t * w * log_probs
+    if gamma > 0:
+        per_class = per_class * (1.0 - log_probs.exp()).clamp_min(0).pow(gamma)
+    return -per_class.sum() / (t * w).sum()
+
+
+class ClassificationLoss(nn.Module):
+    """The 18-way loss for the single head: ``outputs`` are logits."""
+
+    multi_head = False
+
+    def __init__(self, weight: torch.Tensor, gamma: float = 0.0, smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.float())
+        self.gamma, self.smoothing = float(gamma), float(smoothing)
+
+    def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        log_probs = F.log_softmax(outputs.float(), dim=1)
+        return focal_nll(log_probs, target, self.weight, self.gamma, self.smoothing)
+
+
+def head_marginals(values18: torch.Tensor, log: bool) -> tuple[torch.Tensor, ...]:
+    """(N, 18) -> mask (N, 3), gender (N, 2), age (N, 3) marginals.
+
+    ``log=True``: log-probabilities, marginalized with logsumexp; else probabilities, summed.
+    For the three-head model's output the log marginals are exactly its per-head log-softmaxes.
+    """
+    v = values18.reshape(-1, NUM_MASK, NUM_GENDER, NUM_AGE)
+    reduce = torch.logsumexp if log else torch.sum
+    return reduce(v, dim=(2, 3)), reduce(v, dim=(1, 3)), reduce(v, dim=(1, 2))
+
+
+class MultiHeadLoss(nn.Module):
+    """Sum of the mask, gender and age losses for 18-way log-probability ``outputs``."""
+
+    multi_head = True
+
+    def __init__(self, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 gamma: float = 0.0, smoothing: float = 0.0) -> None:
+        super().__init__()
+        for name, w in zip(("w_mask", "w_gender", "w_age"), weights, strict=True):
+            self.register_buffer(name, w.float())
+        self.gamma, self.smoothing = float(gamma), float(smoothing)
+
+    def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        heads = head_marginals(outputs.float(), log=True)
+        t = head_marginals(soft_targets(target, NUM_CLASSES).to(outputs.device), log=False)
+        weights = (self.w_mask, self.w_gender, self.w_age)
+        return sum(focal_nll(lp, tt, w, self.gamma, self.smoothing)
+                   for lp, tt, w in zip(heads, t, weights, strict=True))
+
+
+def build_loss(
+    cfg: TrainConfig,
+    targets: np.ndarray | torch.Tensor,
+    multi_head: bool | None = None,
+) -> nn.Module:
+    """The training loss for ``cfg``; class weights come from ``targets`` (training classes).
+
+    ``multi_head`` defaults to ``cfg.head == "multi"``; pass ``is_multi_head(model)`` to follow
+    the model instead. ``cfg.loss == "ce"`` ignores ``focal_gamma``. Move it to the device with
+    ``.to(device)`` (weights are buffers); forward takes (outputs, hard or soft targets).
+    """
+    if multi_head is None:
+        multi_head = cfg.head == "multi"
+    gamma = cfg.focal_gamma if cfg.loss == "focal" else 0.0
+    t = _checked_targets(targets, NUM_CLASSES)
+    if not multi_head:
+        w = class_weights(t, cfg.class_weights, cfg.effective_beta, NUM_CLASSES)
+        return ClassificationLoss(w, gamma, cfg.label_smoothing)
+    weights = tuple(
+        class_weights(np.asarray(p), cfg.class_weights, cfg.effective_beta, k)
+        for p, k in zip(decode(t), (NUM_MASK, NUM_GENDER, NUM_AGE), strict=True)
+    )
+    return MultiHeadLoss(weights, gamma, cfg.label_smoothing)

@@ -1,0 +1,103 @@
+"""timm backbones with an 18-way head, or three heads (mask / gender / age) joined into 18 classes.
+
+Why the multi head returns 18-way log-probabilities: the engine, the metrics and the ensemble
+then handle both heads alike (argmax over 18, probabilities via ``to_probabilities``); only the
+loss looks at the per-head marginals (``core.losses``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.config import ConfigError, TrainConfig
+from core.labels import NUM_AGE, NUM_CLASSES, NUM_GENDER, NUM_MASK
+
+#: key in ``TrainConfig.extra`` naming a local weights file (.safetensors / .pth) for the backbone
+PRETRAINED_FILE_KEY = "pretrained_file"
+
+
+class MultiHeadNet(nn.Module):
+    """Backbone features -> mask (3), gender (2), age (3) linear heads -> 18-way log-probs.
+
+    The three heads are one timm classifier with 3+2+3 outputs split in three, which is the
+    same as three ``nn.Linear`` on the pooled features, and keeps timm's own pooling, dropout
+    and head layout (``reset_classifier``, ViT heads) for every architecture.
+    """
+
+    multi_head = True
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def head_log_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head log-softmax: (N, 3), (N, 2), (N, 3), in float32 (safe under autocast)."""
+        z = self.backbone(x).float()
+        zm, zg, za = z.split((NUM_MASK, NUM_GENDER, NUM_AGE), dim=1)
+        return F.log_softmax(zm, 1), F.log_softmax(zg, 1), F.log_softmax(za, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lm, lg, la = self.head_log_probs(x)
+        # log P(class) = log P(mask) + log P(gender) + log P(age), laid out as
+        # class = mask * 6 + gender * 3 + age (C order over (mask, gender, age)).
+        joint = lm[:, :, None, None] + lg[:, None, :, None] + la[:, None, None, :]
+        return joint.reshape(x.shape[0], NUM_CLASSES)
+
+
+def _pretrained_help(backbone: str) -> str:
+    return (
+        f"pretrained weights for backbone '{backbone}' could not be loaded (no network or not "
+        f"in the cache). Fix: run once with internet to fill the Hugging Face cache "
+        f"(HF_HOME, default ~/.cache/huggingface), or put a local weights file in the config "
+        f"as extra={{'{PRETRAINED_FILE_KEY}': '/path/to/weights.safetensors'}} (passed to timm "
+        f"as pretrained_cfg_overlay=dict(file=...)), or set pretrained=False"
+    )
+
+
+def create_model(cfg: TrainConfig) -> nn.Module:
+    """The network for ``cfg``: logits (N, 18) for head="single", log-probs for head="multi".
+
+    Every returned module has a ``multi_head`` attribute. Raises ``ConfigError`` for an unknown
+    backbone or for pretrained weights that cannot be had (offline), saying how to fix it.
+    """
+    if cfg.head not in ("single", "multi"):
+        raise ConfigError(f"config field 'head': must be single or multi (got {cfg.head!r})")
+    if not timm.is_model(cfg.backbone):
+        raise ConfigError(f"config field 'backbone': '{cfg.backbone}' is not a timm model name")
+    num_out = NUM_CLASSES if cfg.head == "single" else NUM_MASK + NUM_GENDER + NUM_AGE
+    kwargs: dict = {"num_classes": num_out, "drop_rate": cfg.drop_rate}
+    weights_file = cfg.extra.get(PRETRAINED_FILE_KEY) if cfg.pretrained else None
+    if weights_file:
+        if not Path(weights_file).is_file():
+            raise ConfigError(f"config extra '{PRETRAINED_FILE_KEY}': no such file {weights_file}")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file)}
+    try:
+        net = timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
+    except Exception as e:  # hub/network/cache errors come in many types; all mean "no weights"
+        if not cfg.pretrained:
+            raise
+        raise ConfigError(f"{_pretrained_help(cfg.backbone)} ({type(e).__name__}: {e})") from e
+    if cfg.head == "multi":
+        return MultiHeadNet(net)
+    net.multi_head = False
+    return net
+
+
+def is_multi_head(model: nn.Module) -> bool:
+    """True when the model returns 18-way log-probabilities (the three-head model)."""
+    return bool(getattr(model, "multi_head", False))
+
+
+def to_probabilities(model: nn.Module, outputs: torch.Tensor) -> torch.Tensor:
+    """Model outputs -> probabilities (N, 18) float32: exp for the multi head, else softmax."""
+    outputs = outputs.float()
+    return outputs.exp() if is_multi_head(model) else F.softmax(outputs, dim=1)
+
+
+#: the name used in docs/interfaces.md
+probabilities = to_probabilities
