@@ -1,0 +1,143 @@
+"""Losses: focal(gamma=0) is cross entropy, class weights follow their formulas, the multi-head
+loss is the sum of per-head losses on the marginals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.config import ConfigError, TrainConfig
+from core.errors import DataError
+from core.labels import NUM_CLASSES, decode, encode
+from core.losses import build_loss, class_weights
+
+# A small hand-made target vector: class 0 x4, class 1 x2, class 5 x1, class 17 x1; the other
+# 14 classes are absent.
+TARGETS = np.array([0, 0, 0, 0, 1, 1, 5, 17])
+
+
+def _expected(counts_present: dict[int, int], fn, k: int = NUM_CLASSES) -> np.ndarray:
+    """Independent reference: absent classes take the rarest present count, then normalize."""
+    rarest = min(counts_present.values())
+    n = np.array([counts_present.get(c, rarest) for c in range(k)], dtype=float)
+    w = fn(n)
+    return w / w.sum() * k
+
+
+COUNTS = {0: 4, 1: 2, 5: 1, 17: 1}
+
+
+@pytest.mark.parametrize(
+    ("scheme", "fn"),
+    [
+        ("inverse", lambda n: 1 / n),
+        ("sqrt_inverse", lambda n: n ** -0.5),
+        ("effective", lambda n: (1 - 0.9) / (1 - 0.9 ** n)),
+    ],
+)
+def test_class_weights_match_formulas(scheme, fn):
+    w = class_weights(TARGETS, scheme, beta=0.9)
+    assert w.shape == (NUM_CLASSES,) and w.dtype == torch.float32
+    np.testing.assert_allclose(w.numpy(), _expected(COUNTS, fn), rtol=1e-6)
+    assert w.sum().item() == pytest.approx(NUM_CLASSES, rel=1e-6)
+    # rarer classes never weigh less; absent classes weigh like the rarest present one
+    assert w[0] < w[1] < w[5] and w[5] == w[17] == w[2]
+
+
+def test_class_weights_none_and_effective_limits():
+    assert torch.equal(class_weights(TARGETS, "none"), torch.ones(NUM_CLASSES))
+    near_uniform = class_weights(TARGETS, "effective", beta=1e-6)
+    np.testing.assert_allclose(near_uniform.numpy(), np.ones(NUM_CLASSES), atol=1e-4)
+    near_inverse = class_weights(TARGETS, "effective", beta=1 - 1e-7)
+    np.testing.assert_allclose(near_inverse.numpy(), class_weights(TARGETS, "inverse").numpy(),
+                               rtol=1e-4)
+
+
+def test_class_weights_reject_bad_input():
+    with pytest.raises(DataError, match="empty"):
+        class_weights(np.array([], dtype=np.int64), "inverse")
+    with pytest.raises(DataError, match="0..17"):
+        class_weights(np.array([0, 18]), "inverse")
+    with pytest.raises(ConfigError, match="class_weights"):
+        class_weights(TARGETS, "balanced")
+
+
+def _batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, NUM_CLASSES, generator=g) * 3
+    hard = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    soft = torch.softmax(torch.randn(n, NUM_CLASSES, generator=g), 1)
+    return logits, hard, soft
+
+
+@pytest.mark.parametrize("weights", ["none", "inverse"])
+def test_focal_gamma_zero_is_cross_entropy_hard(weights):
+    logits, hard, _ = _batch()
+    cfg = TrainConfig(loss="focal", focal_gamma=0.0, class_weights=weights)
+    loss = build_loss(cfg, TARGETS)
+    w = class_weights(TARGETS, weights)
+    torch.testing.assert_close(loss(logits, hard), F.cross_entropy(logits, hard, weight=w))
+
+
+def test_focal_gamma_zero_is_cross_entropy_soft_and_smoothed():
+    logits, hard, soft = _batch()
+    loss = build_loss(TrainConfig(loss="focal", focal_gamma=0.0), TARGETS)
+    torch.testing.assert_close(loss(logits, soft), F.cross_entropy(logits, soft))
+    smooth = build_loss(TrainConfig(loss="ce", label_smoothing=0.1), TARGETS)
+    torch.testing.assert_close(smooth(logits, hard),
+                               F.cross_entropy(logits, hard, label_smoothing=0.1))
+
+
+def test_focal_down_weights_easy_examples():
+    logits, hard, _ = _batch()
+    ce = build_loss(TrainConfig(loss="ce", focal_gamma=2.0), TARGETS)  # "ce" ignores gamma
+    focal = build_loss(TrainConfig(loss="focal", focal_gamma=2.0), TARGETS)
+    torch.testing.assert_close(ce(logits, hard), F.cross_entropy(logits, hard))
+    assert 0 < focal(logits, hard) < ce(logits, hard)
+    # per-example reference: -(1 - p_y)^gamma log p_y, mean
+    logp = F.log_softmax(logits, 1).gather(1, hard[:, None])[:, 0]
+    expected = (-(1 - logp.exp()) ** 2 * logp).mean()
+    torch.testing.assert_close(focal(logits, hard), expected)
+
+
+def test_multi_head_loss_is_sum_of_head_losses():
+    g = torch.Generator().manual_seed(1)
+    zm, zg, za = (torch.randn(8, k, generator=g) for k in (3, 2, 3))
+    lm, lg, la = (F.log_softmax(z, 1) for z in (zm, zg, za))
+    joint = lm[:, :, None, None] + lg[:, None, :, None] + la[:, None, None, :]
+    log_probs18 = joint.reshape(8, 18)
+    hard = torch.randint(0, NUM_CLASSES, (8,), generator=g)
+    m, gd, a = (torch.as_tensor(v) for v in decode(hard.numpy()))
+    cfg = TrainConfig(head="multi", class_weights="inverse")
+    loss = build_loss(cfg, TARGETS)
+    wm, wg, wa = (class_weights(np.asarray(p), "inverse", num_classes=k)
+                  for p, k in zip(decode(TARGETS), (3, 2, 3), strict=True))
+    expected = (F.cross_entropy(zm, m, weight=wm) + F.cross_entropy(zg, gd, weight=wg)
+                + F.cross_entropy(za, a, weight=wa))
+    torch.testing.assert_close(loss(log_probs18, hard), expected)
+    # soft one-hot targets give the same loss as hard ones
+    torch.testing.assert_close(loss(log_probs18, F.one_hot(hard, 18).float()), expected)
+    # build_loss follows the flag over cfg.head
+    assert build_loss(TrainConfig(head="single"), TARGETS, multi_head=True).multi_head
+
+
+def test_multi_head_weights_come_from_marginal_counts():
+    # 3 wear-mask images and 1 not-worn: mask weights 1/3 vs 1, incorrect absent -> rarest (1)
+    t = encode(np.array([0, 0, 0, 2]), np.array([0, 1, 1, 1]), np.array([0, 1, 2, 2]))
+    loss = build_loss(TrainConfig(head="multi", class_weights="inverse"), t)
+    np.testing.assert_allclose(loss.w_mask.numpy(), np.array([1 / 3, 1, 1]) / (7 / 3) * 3,
+                               rtol=1e-6)
+    np.testing.assert_allclose(loss.w_gender.numpy(), np.array([1, 1 / 3]) / (4 / 3) * 2,
+                               rtol=1e-6)
+
+
+def test_loss_backpropagates_and_accepts_bfloat16():
+    logits, hard, _ = _batch()
+    logits = logits.bfloat16().requires_grad_()
+    loss = build_loss(TrainConfig(loss="focal", focal_gamma=1.5, class_weights="effective",
+                                  label_smoothing=0.05), TARGETS)(logits, hard)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(logits.grad.float()).all()
