@@ -1,0 +1,87 @@
+"""Shared fixtures: one synthetic data set per test session, and hand-written tiny layouts.
+
+``synth_data`` is generated once (it costs seconds); tests that modify files take
+``copy_of_synth`` instead, a fresh copy per test.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.labels import IMAGE_STEMS
+
+SYNTH_PEOPLE = 40
+SYNTH_EVAL_PEOPLE = 8
+SYNTH_SIZE = (64, 48)  # (height, width)
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic competition layout (40 people, 8 eval people, seed 0, 64x48). Do not modify."""
+    from core.synth import generate
+
+    out = tmp_path_factory.mktemp("synth")
+    return Path(generate(out, people=SYNTH_PEOPLE, eval_people=SYNTH_EVAL_PEOPLE, seed=0,
+                         size=SYNTH_SIZE))
+
+
+@pytest.fixture
+def copy_of_synth(synth_data: Path, tmp_path: Path) -> Path:
+    """A private copy of ``synth_data`` that a test may break."""
+    return Path(shutil.copytree(synth_data, tmp_path / "synth"))
+
+
+#: (id, gender, race, age, folder) rows: an id with a -1 suffix, one id used by two people.
+TINY_PEOPLE: tuple[tuple[str, str, str, int, str], ...] = (
+    ("000001", "female", "Asian", 45, "000001_female_Asian_45"),
+    ("000002", "male", "Asian", 60, "000002_male_Asian_60"),
+    ("000002", "female", "Asian", 29, "000002_female_Asian_29"),
+    ("000003-1", "male", "Asian", 30, "000003-1_male_Asian_30"),
+)
+
+
+def write_tiny_layout(
+    root: Path,
+    people: Sequence[tuple[str, str, str, int, str]] = TINY_PEOPLE,
+    eval_images: int = 3,
+) -> Path:
+    """Write a small competition layout by hand (mixed extensions, macOS junk); return root."""
+    rng = np.random.default_rng(0)
+    suffixes = (".jpg", ".jpeg", ".png")
+    images = root / "train" / "images"
+    lines = ["id,gender,race,age,path"]
+    for k, (pid, gender, race, age, folder) in enumerate(people):
+        lines.append(f"{pid},{gender},{race},{age},{folder}")
+        d = images / folder
+        d.mkdir(parents=True)
+        for j, stem in enumerate(IMAGE_STEMS):
+            pixels = rng.integers(0, 256, (8, 6, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(d / f"{stem}{suffixes[(j + k) % 3]}")
+        (d / f"._{IMAGE_STEMS[0]}.jpg").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+        (d / "notes.txt").write_text("not an image")
+    (images / f"._{people[0][4]}").write_bytes(b"junk")
+    (root / "train" / "train.csv").write_text("\n".join(lines) + "\n")
+    ev = root / "eval" / "images"
+    ev.mkdir(parents=True)
+    names = [f"{'%040x' % (i + 1)}.jpg" for i in range(eval_images)]
+    for n in names:
+        Image.fromarray(rng.integers(0, 256, (8, 6, 3), dtype=np.uint8)).save(ev / n)
+    (root / "eval" / "info.csv").write_text("ImageID,ans\n" + "".join(f"{n},\n" for n in names))
+    return root
+
+
+@pytest.fixture
+def tiny_layout(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``tiny_layout(people=..., eval_images=...)`` writes a fresh hand-made layout."""
+    count = iter(range(1_000_000))
+
+    def make(**kwargs) -> Path:
+        return write_tiny_layout(tmp_path / f"tiny{next(count)}", **kwargs)
+
+    return make
