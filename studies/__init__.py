@@ -1,0 +1,30 @@
+"""Studies: one module per study (its data, fixed settings and search space), by name.
+
+A study module provides (see ``studies.demo`` for the smallest one):
+
+- ``FOLDS``, ``FOLD_SEED``, ``EPOCHS``: fixed per study, so every trial's out-of-fold
+  predictions line up and a pruning step means the same thing in every trial;
+- ``default_data(runs: Path) -> Path``: where the data lives when ``--data`` is not given;
+- ``corrections(data_dir: Path) -> Path | None``: the label-corrections CSV to apply;
+- ``space(trial) -> TrainConfig``: the define-by-run search space.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from core.config import ConfigError
+
+#: Study name -> module. Add a study by writing a module and one line here.
+STUDIES: dict[str, str] = {
+    "demo": "studies.demo",
+    "mask": "studies.mask",
+}
+
+
+def get_study(name: str) -> ModuleType:
+    """The module of study ``name``; an unknown name is one line listing the known ones."""
+    if name not in STUDIES:
+        raise ConfigError(f"unknown study {name!r}; known studies: {', '.join(sorted(STUDIES))}")
+    return importlib.import_module(STUDIES[name])
