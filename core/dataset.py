@@ -190,15 +190,16 @@ def apply_corrections(
     fixes = read_corrections(path)
     t = table.copy()
     applied = 0
+    unmatched: list[Correction] = []
     for c in fixes:
         rows = t["person"] == c.target
         if not rows.any():
             rows = t["id"] == c.target
         if not rows.any():
-            msg = f"{path} line {c.line}: target {c.target!r} matches no person folder or id"
             if strict:
-                raise DataError(msg)
-            warnings.warn(msg, CorrectionWarning, stacklevel=2)
+                raise DataError(f"{path} line {c.line}: target {c.target!r} matches no person "
+                                f"folder or id (pass strict=False to skip such lines)")
+            unmatched.append(c)
             continue
         if c.field == "gender":
             t.loc[rows, "gender"] = GENDER_CODES[c.value.lower()]
@@ -211,6 +212,11 @@ def apply_corrections(
             t.loc[in_a, "mask"] = t.loc[in_b, "mask"].to_numpy()
             t.loc[in_b, "mask"] = mask_a
         applied += 1
+    if unmatched:
+        lines = ", ".join(f"{c.line} ({c.target})" for c in unmatched)
+        warnings.warn(f"{path}: {len(unmatched)} of {len(fixes)} correction(s) match no person "
+                      f"folder or id and were skipped: line {lines}", CorrectionWarning,
+                      stacklevel=2)
     t["label"] = _true_labels(t)
     t.attrs["corrections_applied"] = applied
     return t

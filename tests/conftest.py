@@ -51,7 +51,11 @@ def write_tiny_layout(
     people: Sequence[tuple[str, str, str, int, str]] = TINY_PEOPLE,
     eval_images: int = 3,
 ) -> Path:
-    """Write a small competition layout by hand (mixed extensions, macOS junk); return root."""
+    """Write a small competition layout by hand; return root.
+
+    Mixed extensions; every folder holds a macOS ``._mask1.jpg`` and a ``notes.txt``, the first
+    one also ``thumb.png`` (an image that is none of the 7); ``images/`` holds a ``._`` file.
+    """
     rng = np.random.default_rng(0)
     suffixes = (".jpg", ".jpeg", ".png")
     images = root / "train" / "images"
@@ -65,6 +69,7 @@ def write_tiny_layout(
             Image.fromarray(pixels).save(d / f"{stem}{suffixes[(j + k) % 3]}")
         (d / f"._{IMAGE_STEMS[0]}.jpg").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
         (d / "notes.txt").write_text("not an image")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(images / people[0][4] / "thumb.png")
     (images / f"._{people[0][4]}").write_bytes(b"junk")
     (root / "train" / "train.csv").write_text("\n".join(lines) + "\n")
     ev = root / "eval" / "images"
