@@ -255,7 +255,8 @@ def load_candidates(pool: list, store, n_train: int, n_eval: int) -> list[Candid
         for name, rows, what in (("oof", n_train, "out-of-fold"), ("eval", n_eval, "eval")):
             if not t.user_attrs.get(f"artifact_{name}"):
                 raise DataError(f"trial {t.number} has no {what} probabilities (user attr "
-                                f"'artifact_{name}'); it cannot be ensembled")
+                                f"'artifact_{name}'); it cannot be ensembled (lower --top to "
+                                "leave it out)")
             a = load_array(t, store, name)
             if a.shape != (rows, NUM_CLASSES):
                 raise DataError(f"trial {t.number}: {what} probabilities have shape {a.shape}, "

@@ -1,0 +1,297 @@
+"""Ensembling trials (search.ensemble) and trial artifacts (search.artifacts)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from core.dataset import data_fingerprint, load_eval_table, load_train_table
+from core.errors import DataError
+from core.labels import NUM_CLASSES
+from core.splits import folds_fingerprint, person_folds
+from search import artifacts
+from search.ensemble import (
+    blend,
+    cross_fitted_f1,
+    greedy_select,
+    macro_f1,
+    main,
+    write_submission,
+)
+
+N_FOLDS = 4
+HALF = NUM_CLASSES // 2
+
+
+@pytest.fixture(autouse=True)
+def _quiet_optuna():
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    yield
+    optuna.logging.set_verbosity(level)
+
+
+def member(labels: np.ndarray, right: np.ndarray, seed: int) -> np.ndarray:
+    """Probabilities confident and right on rows ``right``, diffuse and wrong elsewhere."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    p = rng.uniform(0, 0.02, (n, NUM_CLASSES))
+    wrong = (labels + rng.integers(1, NUM_CLASSES, n)) % NUM_CLASSES
+    p[np.arange(n), np.where(right, labels, wrong)] += np.where(right, 0.9, 0.4)
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def complementary(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two members: one right on classes 0..8, the other on classes 9..17."""
+    low = labels < HALF
+    return member(labels, low, seed), member(labels, ~low, seed + 1)
+
+
+@pytest.fixture
+def labels() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, NUM_CLASSES, 360)
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def test_complementary_members_ensemble_beats_each(labels):
+    a, b = complementary(labels)
+    weights = greedy_select([a, b], labels, size=10)
+    assert weights.sum() == pytest.approx(1.0)
+    assert (weights > 0).all()
+    ens = macro_f1(labels, blend([a, b], weights).argmax(axis=1))
+    singles = [macro_f1(labels, p.argmax(axis=1)) for p in (a, b)]
+    assert ens > max(singles) + 0.2
+
+
+def test_selection_is_deterministic_and_ties_go_to_the_better_rank(labels):
+    a, b = complementary(labels)
+    first = greedy_select([a, a.copy(), b], labels, size=12)
+    assert np.array_equal(first, greedy_select([a, a.copy(), b], labels, size=12))
+    assert first[1] == 0  # an exact copy of member 0 never wins a tie against it
+    assert np.allclose(first[[0, 2]], greedy_select([a, b], labels, size=12))
+
+
+def test_selection_keeps_the_best_prefix(labels):
+    good = member(labels, np.ones(len(labels), bool), 0)
+    bad = member(labels, np.zeros(len(labels), bool), 1)
+    assert np.array_equal(greedy_select([bad, good], labels, size=5), [0.0, 1.0])
+
+
+def test_cross_fitted_f1_is_honest_about_noise(labels):
+    rng = np.random.default_rng(1)
+    noise = [rng.dirichlet(np.ones(NUM_CLASSES), len(labels)) for _ in range(8)]
+    folds = np.arange(len(labels)) % N_FOLDS
+    in_sample = macro_f1(labels, blend(noise, greedy_select(noise, labels, 20)).argmax(axis=1))
+    honest = cross_fitted_f1(noise, labels, folds, size=20)
+    assert honest < in_sample - 0.02
+    a, b = complementary(labels)
+    assert cross_fitted_f1([a, b], labels, folds) > cross_fitted_f1([a, b], labels, folds, 1)
+
+
+def test_bad_probabilities_are_refused(labels):
+    with pytest.raises(DataError, match="shape"):
+        greedy_select([np.zeros((len(labels) - 1, NUM_CLASSES))], labels, 3)
+
+
+def test_write_submission_order_and_types(tmp_path):
+    ids = [f"{i:03d}.jpg" for i in (5, 1, 3)]
+    out = write_submission(tmp_path / "sub" / "s.csv", ids, np.array([17, 0, 4]))
+    df = pd.read_csv(out, dtype={"ImageID": str})
+    assert list(df.columns) == ["ImageID", "ans"]
+    assert df["ImageID"].tolist() == ids and df["ans"].tolist() == [17, 0, 4]
+    assert [p.name for p in out.parent.iterdir()] == ["s.csv"]  # no temp file left
+    for bad in (np.array([0, 1]), np.array([0, 1, 18]), np.array([0.0, 1.0, 2.0])):
+        with pytest.raises(DataError):
+            write_submission(tmp_path / "bad.csv", ids, bad)
+    assert not (tmp_path / "bad.csv").exists()
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def test_artifacts_round_trip_and_removal(tmp_path):
+    store = artifacts.open_store(tmp_path / "art" / "nested")
+    assert (tmp_path / "art" / "nested").is_dir()
+    study = optuna.create_study()
+    trial = study.ask()
+    arr = np.arange(36, dtype=np.float64).reshape(2, NUM_CLASSES)
+    artifacts.save_array(trial, store, "oof", arr)
+    ckpt = tmp_path / "fold0.pt"
+    ckpt.write_bytes(b"weights")
+    artifacts.save_file(trial, store, "ckpt0", ckpt)
+    study.tell(trial, 0.5)
+    frozen = study.trials[0]
+    got = artifacts.load_array(frozen, store, "oof")
+    assert got.dtype == np.float32 and np.array_equal(got, arr)
+    names = {m.filename for m in optuna.artifacts.get_all_artifact_meta(frozen,
+                                                                        storage=study._storage)}
+    assert names == {"oof.npy", "fold0.pt"}  # what the dashboard lists
+    assert artifacts.load_file(frozen, store, "ckpt0", tmp_path / "x.pt").read_bytes() == \
+        b"weights"
+    with pytest.raises(DataError, match=r"trial 0 has no artifact 'eval'"):
+        artifacts.load_array(frozen, store, "eval")
+    assert artifacts.remove_artifact(frozen, store, "ckpt0")
+    with pytest.raises(DataError, match=r"trial 0: artifact 'ckpt0' .* not in the artifact store"):
+        artifacts.load_file(frozen, store, "ckpt0", tmp_path / "y.pt")
+
+    running = study.ask()
+    artifacts.save_array(running, store, "ckpt", np.zeros(3))
+    assert artifacts.remove_artifact(running, store, "ckpt")
+    assert running.user_attrs["artifact_ckpt"] == ""
+    assert not artifacts.remove_artifact(running, store, "ckpt")
+
+
+def test_open_store_refusals(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "boto3", None)  # as when boto3 is not installed
+    with pytest.raises(DataError, match="needs boto3"):
+        artifacts.open_store("s3://bucket/prefix")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="not a folder"):
+        artifacts.open_store(tmp_path / "file")
+    with pytest.raises(DataError, match="only a folder or s3"):
+        artifacts.open_store("gs://bucket")
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+class StudyMaker:
+    """A sqlite study on ``synth_data`` with fake trials whose artifacts we upload ourselves."""
+
+    def __init__(self, tmp_path: Path, data: Path) -> None:
+        self.db = tmp_path / "s.db"
+        self.storage = f"sqlite:///{self.db}"
+        self.art = tmp_path / "art"
+        self.out = tmp_path / "out" / "submission.csv"
+        self.store = artifacts.open_store(self.art)
+        self.study = optuna.create_study(study_name="t", storage=self.storage,
+                                         direction="maximize")
+        for key, value in (("data_dir", str(data)), ("n_folds", N_FOLDS), ("fold_seed", 3)):
+            self.study.set_user_attr(key, value)
+        table = load_train_table(data)
+        self.labels = table["label"].to_numpy()
+        folds = person_folds(table, N_FOLDS, seed=3)
+        self.fps = {"data_fingerprint": data_fingerprint(table),
+                    "folds_fingerprint": folds_fingerprint(folds)}
+        self.eval_ids = load_eval_table(data)["ImageID"].tolist()
+        answers = pd.read_csv(data / "eval_answers.csv", dtype={"ImageID": str})
+        self.answers = answers.set_index("ImageID")["ans"].loc[self.eval_ids].to_numpy()
+
+    def add(self, oof: np.ndarray, ev: np.ndarray | None, **attrs) -> int:
+        trial = self.study.ask()
+        for key, value in {**self.fps, "fold_f1": [0.5] * N_FOLDS, **attrs}.items():
+            trial.set_user_attr(key, value)
+        artifacts.save_array(trial, self.store, "oof", oof)
+        if ev is not None:
+            artifacts.save_array(trial, self.store, "eval", ev)
+        self.study.tell(trial, macro_f1(self.labels, oof.argmax(axis=1)))
+        return trial.number
+
+    def add_pair(self) -> None:
+        """Two complementary trials (OOF and eval alike)."""
+        for k, (oof, ev) in enumerate(zip(complementary(self.labels, 0),
+                                          complementary(self.answers, 10), strict=True)):
+            self.add(oof, ev, fold_f1=[0.4 + k / 10] * N_FOLDS)
+
+    def cli(self, *extra: str) -> int:
+        return main(["--study", "t", "--storage", self.storage, "--artifacts", str(self.art),
+                     "--out", str(self.out), *extra])
+
+
+@pytest.fixture
+def maker(tmp_path, synth_data) -> StudyMaker:
+    return StudyMaker(tmp_path, synth_data)
+
+
+def test_cli_writes_submission_and_beats_best_single(maker, synth_data, capsys):
+    maker.add_pair()
+    weak = member(maker.labels, maker.labels % 3 == 0, 7)  # a worse third trial
+    maker.add(weak, member(maker.answers, maker.answers % 3 == 0, 8))
+    assert maker.cli("--size", "6") == 0
+    printed = capsys.readouterr().out
+    assert "cross-fitted" in printed and "eval answers" in printed
+
+    info = pd.read_csv(synth_data / "eval" / "info.csv", dtype={"ImageID": str})
+    sub = pd.read_csv(maker.out, dtype={"ImageID": str})
+    assert sub["ImageID"].tolist() == info["ImageID"].tolist()
+    assert sub["ImageID"].is_unique
+    assert pd.api.types.is_integer_dtype(sub["ans"]) and sub["ans"].between(0, 17).all()
+
+    report = json.loads(maker.out.with_suffix(".json").read_text())
+    assert sum(m["weight"] for m in report["members"]) == pytest.approx(1.0)
+    assert {m["trial"] for m in report["members"]} == {0, 1}
+    fig = report["figures"]
+    assert fig["ensemble_eval_f1"] > fig["best_single_eval_f1"] + 0.2
+    assert fig["ensemble_eval_f1"] == pytest.approx(macro_f1(maker.answers, sub["ans"]))
+    assert fig["ensemble_cross_fitted_f1"] > fig["best_single_oof_f1"]
+    assert fig["ensemble_oof_f1_in_sample"] >= fig["ensemble_cross_fitted_f1"]
+
+
+def test_cli_skips_trials_without_all_folds(maker, capsys):
+    maker.add_pair()
+    perfect = member(maker.labels, np.ones(len(maker.labels), bool), 3)
+    maker.add(perfect, perfect[: len(maker.eval_ids)], fold_f1=[1.0])  # one fold only
+    assert maker.cli() == 0
+    assert "skipped 1 complete trial(s) without all 4 folds" in capsys.readouterr().out
+    members = json.loads(maker.out.with_suffix(".json").read_text())["members"]
+    assert 2 not in {m["trial"] for m in members}
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_cli_refuses_without_complete_trial(maker, capsys):
+    trial = maker.study.ask()
+    maker.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    assert maker.cli() == 2
+    assert "no complete trial" in one_line_error(capsys)
+    assert not maker.out.exists()
+
+
+def test_cli_refuses_missing_eval_probabilities(maker, capsys):
+    maker.add_pair()
+    number = maker.add(member(maker.labels, maker.labels < 5, 4), None)
+    assert maker.cli() == 2
+    assert f"trial {number} has no eval probabilities" in one_line_error(capsys)
+    assert not maker.out.exists()
+
+
+@pytest.mark.parametrize("attr,what", [("data_fingerprint", "data"),
+                                       ("folds_fingerprint", "folds")])
+def test_cli_refuses_mixed_data_or_folds(maker, capsys, attr, what):
+    maker.add_pair()
+    a, _ = complementary(maker.labels)
+    number = maker.add(a, a[: len(maker.eval_ids)], **{attr: "0123456789abcdef"})
+    assert maker.cli() == 2
+    err = one_line_error(capsys)
+    assert f"different {what}" in err
+    assert f"0123456789abcdef: trials {number}" in err and "trials 0, 1" in err
+    assert not maker.out.exists()
+
+
+def test_cli_refuses_when_data_changed_since_the_trials(maker, capsys):
+    a, b = complementary(maker.labels)
+    for p in (a, b):
+        maker.add(p, p[: len(maker.eval_ids)], data_fingerprint="feedfacefeedface")
+    assert maker.cli() == 2
+    assert "now gives" in one_line_error(capsys)
+
+
+def test_cli_refuses_unknown_study_or_storage(maker, tmp_path, capsys):
+    assert main(["--study", "nope", "--storage", maker.storage]) == 2
+    assert "no study named 'nope'" in one_line_error(capsys)
+    missing = tmp_path / "missing.db"
+    assert main(["--study", "t", "--storage", f"sqlite:///{missing}"]) == 2
+    assert "does not exist" in one_line_error(capsys)
+    assert not missing.exists()
