@@ -156,10 +156,11 @@ def add_margin(boxes: np.ndarray, sizes: np.ndarray, margin: float) -> np.ndarra
     w = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)[:, 1]
     dx = (b[:, 2] - b[:, 0]) * margin
     dy = (b[:, 3] - b[:, 1]) * margin
-    x1 = np.clip(np.floor(b[:, 0] - dx), 0, w - 1)
-    y1 = np.clip(np.floor(b[:, 1] - dy), 0, h - 1)
-    x2 = np.clip(np.ceil(b[:, 2] + dx), x1 + 1, w)
-    y2 = np.clip(np.ceil(b[:, 3] + dy), y1 + 1, h)
+    eps = 1e-6  # normalized medians scaled back land a hair off whole pixels
+    x1 = np.clip(np.floor(b[:, 0] - dx + eps), 0, w - 1)
+    y1 = np.clip(np.floor(b[:, 1] - dy + eps), 0, h - 1)
+    x2 = np.clip(np.ceil(b[:, 2] + dx - eps), x1 + 1, w)
+    y2 = np.clip(np.ceil(b[:, 3] + dy - eps), y1 + 1, h)
     return np.stack([x1, y1, x2, y2], axis=1).astype(np.int64)
 
 

@@ -1,0 +1,179 @@
+"""The image cache: contents match the one preprocessing path, reuse reads no image, changes
+rebuild, and an interrupted build never leaves a cache that looks valid."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import core.faces as F
+from core.cache import ImageCache, build_cache, crop_resize, default_cache_root, main
+from core.dataset import load_eval_table, load_train_table
+from core.errors import DataError
+
+SIZE = (32, 24)
+
+
+@pytest.fixture(scope="module")
+def built(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> ImageCache:
+    root = tmp_path_factory.mktemp("cache_root")
+    return build_cache(synth_data, SIZE, cache_root=root, workers=1, progress=False)
+
+
+@pytest.fixture
+def copied(built: ImageCache, copy_of_synth: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the data and of the cache root (its face boxes stay valid: copies keep
+    sizes and mtimes), so tests that modify files skip face detection."""
+    root = Path(shutil.copytree(built.path.parent, tmp_path / "root"))
+    return copy_of_synth, root
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every image decode (in-process builds, workers=1)."""
+    calls: list[str] = []
+    real = F.read_rgb
+
+    def counting(path):
+        calls.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(F, "read_rgb", counting)
+    return calls
+
+
+def test_cache_holds_every_image_cropped_and_resized(built: ImageCache, synth_data: Path) -> None:
+    train, ev = load_train_table(synth_data), load_eval_table(synth_data)
+    assert built.images.shape == (len(train) + len(ev), *SIZE, 3)
+    assert built.images.dtype == np.uint8
+    assert built.index["file"].tolist() == train["file"].tolist() + ev["file"].tolist()
+    assert set(built.index["split"]) == {"train", "eval"}
+    assert set(built.index["box_source"]) <= set(F.BOX_SOURCES)
+    rows = built.rows(ev["file"].tolist()[::-1])
+    assert rows.tolist() == list(range(len(built) - 1, len(train) - 1, -1))
+    for r in (0, len(train) + 1):  # a train and an eval image, byte for byte
+        box = built.index.loc[r, ["x1", "y1", "x2", "y2"]].to_numpy()
+        want = crop_resize(F.read_rgb(synth_data / built.index.loc[r, "file"]), box, SIZE)
+        assert np.array_equal(built.images[r], want)
+    with pytest.raises(ValueError):
+        built.images[0, 0, 0, 0] = 1  # read-only: trials cannot corrupt the cache
+    with pytest.raises(DataError, match="nope.jpg"):
+        built.rows(["train/images/nope.jpg"])
+
+
+def test_reuse_opens_no_source_image(built: ImageCache, synth_data: Path, decodes: list[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(F, "get_detector", lambda s: pytest.fail("detector loaded on reuse"))
+    again = build_cache(synth_data, SIZE, cache_root=built.path.parent, workers=1,
+                        progress=False)
+    assert decodes == []
+    assert again.path == built.path
+    assert np.array_equal(again.images, built.images)
+
+
+def test_other_image_size_reuses_face_boxes(built: ImageCache, synth_data: Path,
+                                            decodes: list[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(F, "get_detector", lambda s: pytest.fail("faces detected twice"))
+    other = build_cache(synth_data, (20, 16), cache_root=built.path.parent, workers=1,
+                        progress=False)
+    assert other.path != built.path and other.images.shape[1:3] == (20, 16)
+    assert len(decodes) == len(built)  # one decode per image, for the crop
+    assert other.index[["x1", "y1", "x2", "y2", "box_source"]].equals(
+        built.index[["x1", "y1", "x2", "y2", "box_source"]])
+
+
+def test_touching_one_file_rebuilds(copied: tuple[Path, Path], decodes: list[str]) -> None:
+    data, root = copied
+    first = build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
+    n = len(first)
+    assert len(decodes) == n  # boxes came from the copied table: no detection decode
+    touched = data / first.index.loc[3, "file"]
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    decodes.clear()
+    second = build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
+    assert second.path == first.path
+    assert len(decodes) == n + 1  # the touched file is detected again, then all are cropped
+    assert decodes[0] == str(touched)
+    decodes.clear()
+    build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
+    assert decodes == []
+
+
+def test_error_mid_build_leaves_no_cache(copied: tuple[Path, Path],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    data, root = copied
+    real, calls = F.read_rgb, []
+
+    def failing(path):
+        calls.append(path)
+        if len(calls) == 100:
+            raise OSError("disk on fire")
+        return real(path)
+
+    before = sorted(root.iterdir())
+    monkeypatch.setattr(F, "read_rgb", failing)
+    with pytest.raises(OSError, match="disk on fire"):
+        build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
+    assert sorted(root.iterdir()) == before  # no new folder, complete or not
+    monkeypatch.setattr(F, "read_rgb", real)
+    cache = build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
+    assert cache.images[:].any(axis=(1, 2, 3)).all()
+
+
+def test_killed_build_leaves_no_valid_looking_cache(copied: tuple[Path, Path]) -> None:
+    """SIGKILL mid-build (no cleanup can run): the half-written folder is never opened as a
+    cache, and the next build succeeds and removes it."""
+    data, root = copied
+    before = set(root.iterdir())
+    script = textwrap.dedent(f"""
+        import os, signal
+        import core.faces as F
+        from core.cache import build_cache
+        real, n = F.read_rgb, [0]
+        def dying(path):
+            n[0] += 1
+            if n[0] == 150:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(path)
+        F.read_rgb = dying
+        build_cache({str(data)!r}, {SIZE!r}, cache_root={str(root)!r}, workers=1, progress=False)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    leftovers = sorted(set(root.iterdir()) - before)
+    assert len(leftovers) == 1 and ".tmp-" in leftovers[0].name  # the killed build's folder
+    with pytest.raises(DataError, match="not a complete image cache"):
+        ImageCache.open(leftovers[0])
+    cache = build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
+    assert cache.images[:].any(axis=(1, 2, 3)).all()
+    assert not leftovers[0].exists()
+
+
+def test_parallel_build_equals_in_process(built: ImageCache, copied: tuple[Path, Path]) -> None:
+    data, root = copied
+    par = build_cache(data, SIZE, cache_root=root, workers=2, progress=False)
+    assert np.array_equal(par.images, built.images)
+
+
+def test_cli_and_default_root(built: ImageCache, synth_data: Path, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch,
+                              capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.delenv("MASK_SEARCH_CACHE", raising=False)
+    assert default_cache_root(synth_data) == synth_data / ".mask_search_cache"
+    monkeypatch.setenv("MASK_SEARCH_CACHE", str(built.path.parent))
+    assert default_cache_root(synth_data) == built.path.parent
+    assert main(["--data", str(synth_data), "--height", "32", "--width", "24"]) == 0
+    assert str(built.path) in capsys.readouterr().out  # prebuilt cache found through the env
+    assert main(["--data", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err

@@ -1,0 +1,151 @@
+"""Face boxes on real photos (package-shipped), the margin, and the fallback order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import skimage.data
+from matplotlib import cbook
+from PIL import Image
+
+from core.errors import DataError
+from core.faces import (
+    CENTER_BOX,
+    FaceSettings,
+    add_margin,
+    get_detector,
+    read_rgb,
+    resolve_boxes,
+)
+
+CANVAS_HW = (512, 384)  # the competition's images: 384 wide, 512 high
+
+
+def astronaut() -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Head and shoulders of skimage's astronaut, and its face box found by looking at it
+    (x1, y1, x2, y2 in the returned crop: hairline to chin, ear to ear)."""
+    return skimage.data.astronaut()[0:300, 100:350], (80, 62, 170, 175)
+
+
+def grace_hopper() -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """matplotlib's grace_hopper.jpg (512x600) and its face box found by looking at it."""
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        return np.asarray(Image.open(f).convert("RGB")), (168, 125, 362, 338)
+
+
+def paste(photo: np.ndarray, face: tuple[int, ...], scale: float, at: tuple[int, int]
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """The photo scaled by ``scale`` with its top-left corner at (x, y) on a gray 384x512
+    canvas, and where its face box lands."""
+    canvas = np.full((*CANVAS_HW, 3), 120, np.uint8)
+    h, w = photo.shape[:2]
+    small = np.asarray(Image.fromarray(photo).resize((round(w * scale), round(h * scale))))
+    x, y = at
+    sh, sw = min(small.shape[0], CANVAS_HW[0] - y), min(small.shape[1], CANVAS_HW[1] - x)
+    canvas[y:y + sh, x:x + sw] = small[:sh, :sw]
+    return canvas, np.asarray(face, float) * scale + (x, y, x, y)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])
+    return inter / (area - inter)
+
+
+SCENES = {
+    "astronaut": (astronaut, 1.0, (70, 120)),
+    "grace_hopper": (grace_hopper, 0.7, (20, 60)),
+}
+
+
+@pytest.mark.parametrize("name", list(SCENES))
+def test_face_found_where_it_was_pasted(name: str) -> None:
+    photo_fn, scale, at = SCENES[name]
+    img, truth = paste(*photo_fn(), scale, at)
+    det = get_detector(FaceSettings()).detect([img])[0]
+    assert det[4] >= 0.9, f"{name}: no face at probability 0.9 (got {det[4]})"
+    assert iou(det[:4], truth) >= 0.5, f"{name}: box {det[:4].round()} vs face {truth}"
+
+
+def test_batch_of_mixed_sizes_and_a_blank_image() -> None:
+    """Batches group images by size; a blank image gets no face, the others keep theirs."""
+    (g_img, g_box), (a_img, a_box) = (paste(*grace_hopper(), 0.7, (20, 60)),
+                                      paste(*astronaut(), 1.0, (70, 120)))
+    a_wide = np.zeros((300, 600, 3), np.uint8)  # another size in the same call
+    a_wide[:, 100:350] = astronaut()[0][:, :]
+    blank = np.full_like(g_img, 200)
+    det = get_detector(FaceSettings()).detect([blank, g_img, a_wide, a_img])
+    assert np.isnan(det[0]).all()
+    assert iou(det[1, :4], g_box) >= 0.5 and iou(det[3, :4], a_box) >= 0.5
+    assert iou(det[2, :4], np.add(astronaut()[1], (100, 0, 100, 0))) >= 0.5
+
+
+def _table(boxes: list[tuple | None], w: int = 100, h: int = 200) -> pd.DataFrame:
+    rows = [(w, h, *(b if b else (np.nan,) * 5)) for b in boxes]
+    return pd.DataFrame(rows, columns=["width", "height", "x1", "y1", "x2", "y2", "prob"])
+
+
+def test_fallback_order_person_then_dataset_then_center() -> None:
+    s = FaceSettings(margin=0.0, min_prob=0.9)
+    det = _table([(10, 20, 50, 80, 0.99), (20, 40, 60, 100, 0.95),  # person a: found twice
+                  None,  # person a: missed -> median of a's boxes
+                  (30, 30, 70, 90, 0.5),  # person b: below min_prob counts as missed
+                  None])  # eval image (no person) -> data set median
+    out = resolve_boxes(det, s, ["a", "a", "a", "b", None])
+    assert out["box_source"].tolist() == ["mtcnn", "mtcnn", "person", "dataset", "dataset"]
+    assert out.loc[2, ["x1", "y1", "x2", "y2"]].tolist() == [15, 30, 55, 90]
+    assert out.loc[4, ["x1", "y1", "x2", "y2"]].tolist() == [15, 30, 55, 90]
+    none = resolve_boxes(_table([None, (1, 1, 9, 9, 0.2)]), s, ["a", "a"])
+    assert none["box_source"].tolist() == ["center", "center"]
+    cx1, cy1, cx2, cy2 = CENTER_BOX
+    assert none.loc[0, ["x1", "y1", "x2", "y2"]].tolist() == [
+        round(cx1 * 100), round(cy1 * 200), round(cx2 * 100), round(cy2 * 200)]
+
+
+def test_fallback_boxes_scale_with_image_size() -> None:
+    """Medians are taken on normalized boxes: a missed image twice as big gets twice the box."""
+    det = _table([(10, 20, 50, 80, 0.99), None])
+    det.loc[1, ["width", "height"]] = (200, 400)
+    out = resolve_boxes(det, FaceSettings(margin=0.0), ["a", "a"])
+    assert out.loc[1, ["x1", "y1", "x2", "y2"]].tolist() == [20, 40, 100, 160]
+
+
+def test_margin_grows_and_clips() -> None:
+    b = add_margin(np.array([[10.0, 10, 30, 50], [0, 0, 100, 200]]), np.array([[200, 100]] * 2),
+                   0.25)
+    assert b[0].tolist() == [5, 0, 35, 60]  # 5 px each side in x, 10 in y (clipped at 0)
+    assert b[1].tolist() == [0, 0, 100, 200]
+
+
+def test_blank_photo_gets_fallback_box_and_flag() -> None:
+    """End to end: a blank image next to a found face takes the data set's median box."""
+    img, _ = paste(*grace_hopper(), 0.7, (20, 60))
+    blank = np.full_like(img, 30)
+    s = FaceSettings()
+    det = get_detector(s).detect([img, blank])
+    table = _table([tuple(det[0]), None], w=384, h=512)
+    out = resolve_boxes(table, s, [None, None])
+    assert out["box_source"].tolist() == ["mtcnn", "dataset"]
+    assert out.loc[0, ["x1", "y1", "x2", "y2"]].tolist() == out.loc[1, ["x1", "y1", "x2",
+                                                                       "y2"]].tolist()
+
+
+def test_read_rgb_converts_gray_and_rgba(tmp_path) -> None:
+    Image.fromarray(np.full((4, 5), 77, np.uint8)).save(tmp_path / "g.png")
+    Image.fromarray(np.full((4, 5, 4), 90, np.uint8)).save(tmp_path / "a.png")
+    assert read_rgb(tmp_path / "g.png").shape == (4, 5, 3)
+    assert read_rgb(tmp_path / "a.png").shape == (4, 5, 3)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="bad.jpg"):
+        read_rgb(tmp_path / "bad.jpg")
+
+
+def test_settings_validate() -> None:
+    with pytest.raises(DataError, match="min_prob"):
+        FaceSettings(min_prob=1.5)
+    assert "device" not in FaceSettings().key()
+    assert FaceSettings(margin=0.1).detection_key() == FaceSettings().detection_key()
+    assert FaceSettings(detect_size=200).detection_key() != FaceSettings().detection_key()
