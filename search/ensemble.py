@@ -183,26 +183,22 @@ class Candidate:
     eval: np.ndarray = field(repr=False)
 
 
-def _open_study(name: str, storage: str):
+def _open_study(name: str, url: str):
+    """Load study ``name`` without creating anything: a missing SQLite file is an error."""
     import optuna
 
-    if storage.startswith("sqlite:///"):
-        db = Path(storage[len("sqlite:///"):])
-        if not db.is_file():  # optuna would create an empty database and then say "not found"
-            raise DataError(f"storage {storage}: database file {db} does not exist")
-    if storage.endswith((".log", ".journal", ".jsonl")) and "://" not in storage:
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+    from search.storage import open_storage, study_names
 
-        if not Path(storage).is_file():
-            raise DataError(f"storage {storage}: journal file does not exist")
-        storage_obj = JournalStorage(JournalFileBackend(storage))
-    else:
-        storage_obj = storage
+    if url.startswith("sqlite:///"):
+        db = Path(url[len("sqlite:///"):])
+        if not db.is_file():  # opening it would create an empty database
+            raise DataError(f"storage {url}: database file {db} does not exist")
+    storage = open_storage(url)
     try:
-        return optuna.load_study(study_name=name, storage=storage_obj)
+        return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        raise DataError(f"storage {storage}: no study named {name!r}") from None
+        known = ", ".join(study_names(storage)) or "none"
+        raise DataError(f"storage {url}: no study named {name!r} (studies: {known})") from None
 
 
 def rank_trials(study, top: int) -> tuple[list, list[str]]:
@@ -296,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "a .json with members and figures is written next to it")
     p.add_argument("--storage", help="Optuna storage URL or journal file "
                                      "(default sqlite:///runs/<study>.db)")
-    p.add_argument("--artifacts", default="runs/artifacts",
+    p.add_argument("--artifacts",
                    help="artifact store: folder or s3://bucket/prefix (default runs/artifacts)")
     p.add_argument("--data", help="data folder (default: the study's user attr data_dir)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -307,11 +303,13 @@ def run(args: argparse.Namespace) -> dict:
     """The whole command; returns the JSON payload it wrote."""
     from core.dataset import data_fingerprint, load_eval_table, load_train_table
     from core.splits import folds_fingerprint, person_folds
+    from search import paths
     from search.artifacts import open_store
 
     if args.top < 1 or args.size < 1:
         raise DataError("--top and --size must be >= 1")
-    storage = args.storage or f"sqlite:///runs/{args.study}.db"
+    paths.check_study_name(args.study)
+    storage = args.storage or paths.default_storage_url(args.study)
     study = _open_study(args.study, storage)
     pool, notes = rank_trials(study, args.top)
 
@@ -336,7 +334,8 @@ def run(args: argparse.Namespace) -> dict:
                             "fold settings changed); their rows would not match the labels")
     eval_table = load_eval_table(data_dir)
     labels = table["label"].to_numpy(dtype=np.int64)
-    cands = load_candidates(pool, open_store(args.artifacts), len(table), len(eval_table))
+    store = open_store(args.artifacts or paths.default_artifacts_dir())
+    cands = load_candidates(pool, store, len(table), len(eval_table))
 
     oofs = [c.oof for c in cands]
     weights = greedy_select(oofs, labels, args.size)
@@ -355,7 +354,7 @@ def run(args: argparse.Namespace) -> dict:
         figures["ensemble_eval_f1"] = macro_f1(answers, submission)
         figures["best_single_eval_f1"] = macro_f1(answers, cands[0].eval.argmax(axis=1))
 
-    out = Path(args.out or Path("runs") / args.study / "submission.csv")
+    out = Path(args.out or paths.study_dir(args.study) / "submission.csv")
     payload = {
         "study": args.study,
         "storage": storage,
