@@ -1,0 +1,296 @@
+"""The Optuna objective: trial -> config (from the study) -> k-fold training -> macro F1.
+
+Why it looks like this:
+- Folds are fixed per study (``person_folds`` with the study's seed), so every trial's
+  out-of-fold (OOF) predictions line up row for row and can be ensembled later.
+- Pruning: one value per epoch of each fold at step ``fold * epochs + epoch``, so a step means
+  the same thing in every trial and Median/Halving/Hyperband compare like with like; with
+  ``per_fold=True`` (the Wilcoxon pruner) one value per fold at step ``fold``. A step is never
+  reported twice (that is checked, not hoped).
+- The objective value is macro F1 over all OOF predictions together against the TRUE labels.
+- Each fold's results are saved the moment the fold ends (its OOF slice, eval probabilities,
+  checkpoint, and the user attr ``fold_done_<k>``), so a retried trial can resume from its
+  finished folds and an interrupted one loses at most the running fold.
+- Data (tables, folds, image caches) is loaded once per process in ``StudyData``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from sklearn.metrics import confusion_matrix, f1_score
+
+from core.cache import ImageCache, build_cache
+from core.config import TrainConfig
+from core.dataset import data_fingerprint, load_eval_table, load_train_table, training_targets
+from core.engine import FoldResult, fit_fold, macro_f1, predict
+from core.labels import CLASS_NAMES, NUM_CLASSES
+from core.splits import folds_fingerprint, person_folds
+from search import artifacts
+
+#: Artifact names (user attr ``artifact_<name>`` holds the id; see ``search.artifacts``).
+OOF, EVAL, CONFUSION, CLASS_F1 = "oof", "eval", "confusion", "class_f1"
+DEFAULT_KEEP_CHECKPOINTS = 10
+
+
+def checkpoint_name(fold: int) -> str:
+    """Artifact name of fold ``fold``'s best-epoch ``state_dict`` (``torch.save`` file)."""
+    return f"checkpoint_fold{fold}"
+
+
+def oof_fold_name(fold: int) -> str:
+    """Artifact name of fold ``fold``'s validation probabilities (rows of that fold, in order)."""
+    return f"oof_fold{fold}"
+
+
+def eval_fold_name(fold: int) -> str:
+    """Artifact name of fold ``fold``'s model's eval probabilities."""
+    return f"eval_fold{fold}"
+
+
+def fold_done_attr(fold: int) -> str:
+    """User attr set (to a small summary dict) once fold ``fold`` is saved."""
+    return f"fold_done_{fold}"
+
+
+@dataclass
+class StudyData:
+    """Everything a trial reads from disk, loaded once per process and shared by all trials."""
+
+    data_dir: Path
+    table: pd.DataFrame
+    eval_table: pd.DataFrame
+    folds: np.ndarray
+    faces: Any = None  # core.faces.FaceSettings, or None for the cache's default
+    progress: bool = False
+    _caches: dict[tuple[int, int], ImageCache] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_folds(self) -> int:
+        return int(self.folds.max()) + 1
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The TRUE classes (threshold 60): what validation and the objective score against."""
+        return self.table["label"].to_numpy(np.int64)
+
+    def cache(self, image_size: tuple[int, int]) -> ImageCache:
+        """The image cache at ``image_size`` (built on first use, then kept open)."""
+        key = (int(image_size[0]), int(image_size[1]))
+        if key not in self._caches:
+            kwargs = {} if self.faces is None else {"faces": self.faces}
+            self._caches[key] = build_cache(self.data_dir, key, progress=self.progress, **kwargs)
+        return self._caches[key]
+
+    def train_rows(self, image_size: tuple[int, int]) -> np.ndarray:
+        return self.cache(image_size).rows(self.table["file"].tolist())
+
+    def eval_images(self, image_size: tuple[int, int]) -> np.ndarray:
+        cache = self.cache(image_size)
+        return cache.images[cache.rows(self.eval_table["file"].tolist())]
+
+
+def load_study_data(data_dir: str | Path, corrections: str | Path | None, n_folds: int,
+                    fold_seed: int, faces: Any = None, progress: bool = False) -> StudyData:
+    """Read the tables and make the study's fixed folds (caches come lazily per image size)."""
+    data_dir = Path(data_dir)
+    table = load_train_table(data_dir, corrections)
+    return StudyData(data_dir=data_dir, table=table, eval_table=load_eval_table(data_dir),
+                     folds=person_folds(table, n_folds=n_folds, seed=fold_seed), faces=faces,
+                     progress=progress)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def confusion_png(labels: np.ndarray, pred: np.ndarray, path: Path, title: str) -> None:
+    """Row-normalized 18x18 confusion matrix (true rows, predicted columns) as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in any thread
+
+    cm = confusion_matrix(labels, pred, labels=list(range(NUM_CLASSES)))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig = Figure(figsize=(9, 8), dpi=80)
+    ax = fig.add_subplot()
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(NUM_CLASSES), CLASS_NAMES, rotation=90, fontsize=7)
+    ax.set_yticks(range(NUM_CLASSES), CLASS_NAMES, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i, j in zip(*np.nonzero(cm), strict=True):
+        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
+                color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+def class_f1(labels: np.ndarray, pred: np.ndarray) -> dict[str, float | None]:
+    """F1 per class name; None for a class absent from both truth and predictions."""
+    present = set(np.unique(labels)) | set(np.unique(pred))
+    scores = f1_score(labels, pred, labels=list(range(NUM_CLASSES)), average=None,
+                      zero_division=0)
+    return {name: (float(scores[c]) if c in present else None)
+            for c, name in enumerate(CLASS_NAMES)}
+
+
+class Objective:
+    """Callable for ``study.optimize``. ``fit``/``predict_fn`` are injectable for tests."""
+
+    def __init__(self, study_module: ModuleType, data: StudyData, store: Any, *,
+                 epochs: int | None = None, device: str | None = None, per_fold: bool = False,
+                 progress: bool = False, fit: Callable[..., FoldResult] = fit_fold,
+                 predict_fn: Callable[..., np.ndarray] = predict) -> None:
+        self.study_module, self.data, self.store = study_module, data, store
+        self.epochs, self.device, self.per_fold, self.progress = epochs, device, per_fold, progress
+        self.fit, self.predict = fit, predict_fn
+
+    def config(self, trial: optuna.Trial) -> TrainConfig:
+        """The study's space, with the run's fixed epochs/device; validated."""
+        cfg = self.study_module.space(trial)
+        if self.epochs is not None:
+            cfg.epochs = int(self.epochs)
+            cfg.warmup_epochs = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0) * 0.5)
+        if self.device is not None:
+            cfg.device = self.device
+        return cfg.validate()
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        cfg = self.config(trial)
+        data = self.data
+        labels = data.labels
+        trial.set_user_attr("config", cfg.to_dict())
+        trial.set_user_attr("data_fingerprint", data_fingerprint(data.table))
+        trial.set_user_attr("folds_fingerprint", folds_fingerprint(data.folds))
+        rows = data.train_rows(cfg.image_size)
+        images = data.cache(cfg.image_size).images
+        eval_images = data.eval_images(cfg.image_size)
+        targets = training_targets(data.table, cfg.age_threshold)
+
+        oof = np.zeros((len(labels), NUM_CLASSES), np.float32)
+        eval_sum = np.zeros((len(eval_images), NUM_CLASSES), np.float64)
+        fold_f1: list[float] = []
+        speeds: list[float] = []
+        reported: set[int] = set()
+        epochs_trained = 0
+
+        def report(value: float, step: int) -> bool:
+            if step in reported:
+                raise RuntimeError(f"trial {trial.number}: step {step} reported twice")
+            reported.add(step)
+            trial.report(value, step)
+            return trial.should_prune()
+
+        for k in range(data.n_folds):
+            val = data.folds == k
+            tr_idx, val_idx = rows[~val], rows[val]
+
+            def on_epoch(epoch: int, val_f1: float, k: int = k) -> bool:
+                if self.per_fold or not math.isfinite(val_f1):
+                    return False
+                return report(val_f1, k * cfg.epochs + epoch)
+
+            result = self.fit(cfg, images[tr_idx], targets[~val], images[val_idx], labels[val],
+                              on_epoch=on_epoch, progress=self.progress)
+            epochs_trained += len(result.history)
+            speeds += [h["images_per_s"] for h in result.history if "images_per_s" in h]
+            trial.set_user_attr("epochs_trained", epochs_trained)
+            if result.diverged:
+                self._drop_checkpoints(trial, k)
+                trial.set_user_attr("pruned_because", f"diverged in fold {k} "
+                                    f"(non-finite loss or predictions, lr={cfg.lr:g})")
+                raise optuna.TrialPruned(f"diverged in fold {k}")
+            if result.stopped_early:
+                self._drop_checkpoints(trial, k)
+                trial.set_user_attr("pruned_because", f"pruner at fold {k}, epoch "
+                                    f"{len(result.history) - 1}")
+                raise optuna.TrialPruned(f"pruned in fold {k}")
+
+            eval_probs = self.predict(result.state_dict, cfg, eval_images).astype(np.float32)
+            self._save_fold(trial, k, result, eval_probs)
+            oof[val] = result.val_probs
+            eval_sum += eval_probs
+            fold_f1.append(float(result.best_f1))
+            trial.set_user_attr("fold_f1", fold_f1)
+            if self.per_fold and report(float(result.best_f1), k):
+                self._drop_checkpoints(trial, k + 1)
+                trial.set_user_attr("pruned_because", f"pruner after fold {k}")
+                raise optuna.TrialPruned(f"pruned after fold {k}")
+
+        value = macro_f1(labels, oof)
+        trial.set_user_attr("images_per_s", float(np.mean(speeds)) if speeds else 0.0)
+        self._save_trial(trial, labels, oof, (eval_sum / data.n_folds).astype(np.float32), value)
+        return value
+
+    def _save_fold(self, trial: optuna.Trial, k: int, result: FoldResult,
+                   eval_probs: np.ndarray) -> None:
+        artifacts.save_array(trial, self.store, oof_fold_name(k), result.val_probs)
+        artifacts.save_array(trial, self.store, eval_fold_name(k), eval_probs)
+        with tempfile.TemporaryDirectory(prefix="mask_search_ckpt_") as tmp:
+            path = Path(tmp) / f"trial{trial.number}_fold{k}.pt"
+            _atomic_torch_save(result.state_dict, path)
+            artifacts.save_file(trial, self.store, checkpoint_name(k), path)
+        trial.set_user_attr(fold_done_attr(k), {
+            "f1": float(result.best_f1), "best_epoch": int(result.best_epoch),
+            "epochs": len(result.history)})
+
+    def _save_trial(self, trial: optuna.Trial, labels: np.ndarray, oof: np.ndarray,
+                    eval_probs: np.ndarray, value: float) -> None:
+        artifacts.save_array(trial, self.store, OOF, oof)
+        artifacts.save_array(trial, self.store, EVAL, eval_probs)
+        pred = oof.argmax(axis=1)
+        with tempfile.TemporaryDirectory(prefix="mask_search_plots_") as tmp:
+            png = Path(tmp) / f"confusion_trial{trial.number}.png"
+            confusion_png(labels, pred, png,
+                          f"trial {trial.number}: out-of-fold macro F1 {value:.4f}")
+            artifacts.save_file(trial, self.store, CONFUSION, png)
+            js = Path(tmp) / f"class_f1_trial{trial.number}.json"
+            js.write_text(json.dumps(class_f1(labels, pred), indent=1))
+            artifacts.save_file(trial, self.store, CLASS_F1, js)
+
+    def _drop_checkpoints(self, trial: optuna.Trial, folds: int) -> None:
+        """A pruned trial is never ensembled: its finished folds' checkpoints go now."""
+        for k in range(folds):
+            artifacts.remove_artifact(trial, self.store, checkpoint_name(k))
+
+
+class CheckpointRetention:
+    """Study callback: keep fold checkpoints only for the best ``keep`` COMPLETE trials.
+
+    Probabilities stay for every complete trial (they are small and the ensemble ranks on them);
+    checkpoints are what fills a disk. Removing an already-removed checkpoint is a no-op, so
+    every worker may run this after each of its trials.
+    """
+
+    def __init__(self, store: Any, keep: int = DEFAULT_KEEP_CHECKPOINTS) -> None:
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}")
+        self.store, self.keep = store, keep
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state != TrialState.COMPLETE:
+            return
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        ranked = sorted(done, key=lambda t: (-t.value, t.number))
+        for t in ranked[self.keep:]:
+            for name in t.user_attrs:
+                if name.startswith(artifacts.ATTR_PREFIX + "checkpoint_fold"):
+                    artifacts.remove_artifact(t, self.store, name[len(artifacts.ATTR_PREFIX):])

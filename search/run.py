@@ -1,0 +1,245 @@
+"""CLI: create or resume a study and run trials until it has N finished ones.
+
+``python -m search.run --study demo --trials 20``. ``--trials N`` is the total the study ends
+with (complete + pruned), not "N more": rerunning after a crash or Ctrl-C continues to N and
+never repeats finished work. The folds, data folder and epochs are fixed when the study is
+created (stored as study user attrs); a rerun that asks for different ones is refused, since
+its trials would not be comparable. Expected problems print one line and exit 2 (``--debug``
+shows the traceback); Ctrl-C marks the running trial FAIL (Optuna does that), prints the
+summary and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+import optuna
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from core.config import ConfigError
+from core.errors import DataError
+from search import paths
+from search.artifacts import open_store
+from search.objective import (
+    DEFAULT_KEEP_CHECKPOINTS,
+    CheckpointRetention,
+    Objective,
+    load_study_data,
+)
+from search.storage import open_storage
+from studies import STUDIES, get_study
+
+PRUNERS = ("median", "hyperband", "halving", "wilcoxon", "none")
+SAMPLERS = ("tpe", "random", "gp")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+#: Study user attrs that fix what a trial means; a rerun may not change them.
+FIXED_ATTRS = ("n_folds", "fold_seed", "data_dir", "epochs")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = positive_int(text) if text.strip() != "0" else 0
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m search.run", description=__doc__.split("\n")[0])
+    p.add_argument("--study", required=True, help=f"study name, one of: {', '.join(STUDIES)}")
+    p.add_argument("--trials", type=positive_int, required=True,
+                   help="finished (complete + pruned) trials the study should end with")
+    p.add_argument("--data", help="data folder (default: the study's; mask: $MASK_DATA)")
+    p.add_argument("--storage", help="sqlite:///FILE, postgresql://..., or FILE.log (journal); "
+                                     "default sqlite:///runs/<study>.db")
+    p.add_argument("--artifacts", help="artifact folder or s3://bucket/prefix "
+                                       "(default runs/artifacts)")
+    p.add_argument("--timeout", type=positive_float, help="stop starting trials after SECONDS")
+    p.add_argument("--pruner", choices=PRUNERS, default="median")
+    p.add_argument("--sampler", choices=SAMPLERS, default="tpe")
+    p.add_argument("--seed", type=int, help="sampler seed (default: random)")
+    p.add_argument("--folds", type=positive_int,
+                   help="folds (fixed when the study is created; default the study's)")
+    p.add_argument("--epochs", type=positive_int,
+                   help="epochs per fold (fixed when the study is created; default the study's)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--keep-checkpoints", type=non_negative_int, default=DEFAULT_KEEP_CHECKPOINTS,
+                   help="keep fold checkpoints of the best K complete trials (default %(default)s)")
+    p.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
+    return p
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(name: str, n_steps: int, n_folds: int,
+                n_startup_trials: int = 3) -> optuna.pruners.BasePruner:
+    """``n_steps`` = folds * epochs: the last step any trial reports (epoch mode)."""
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_steps,
+                                              reduction_factor=3)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if name == "wilcoxon":
+        return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=min(2, n_folds))
+    return optuna.pruners.NopPruner()
+
+
+def _fixed_settings(study: optuna.Study, wanted: dict, given: set[str]) -> dict:
+    """Store the study's fixed settings on creation; on resume, refuse changed ones.
+
+    Settings the user did not pass on the command line are taken from the study, so
+    ``--trials 30`` alone resumes a study created with ``--folds 3 --data X``.
+    """
+    stored = study.user_attrs
+    if "n_folds" not in stored:
+        for key, value in wanted.items():
+            study.set_user_attr(key, value)
+        return dict(wanted)
+    settled = dict(wanted)
+    for key in FIXED_ATTRS:
+        if key not in stored:
+            continue
+        if key in given and stored[key] != wanted[key]:
+            flag = {"n_folds": "--folds", "data_dir": "--data", "epochs": "--epochs"}.get(key, key)
+            raise ConfigError(
+                f"study {study.study_name!r} was created with {key}={stored[key]!r}; "
+                f"{flag} {wanted[key]!r} would make its trials incomparable "
+                "(use a new --study name, or drop the flag)")
+        settled[key] = stored[key]
+    return settled
+
+
+def count(study: optuna.Study, states: Sequence[TrialState]) -> int:
+    return len(study.get_trials(deepcopy=False, states=tuple(states)))
+
+
+def summary(study: optuna.Study, seconds: float, trials_asked: int) -> str:
+    """The short table printed at the end (also after Ctrl-C)."""
+    n = {s: count(study, (s,)) for s in (TrialState.COMPLETE, TrialState.PRUNED,
+                                         TrialState.FAIL)}
+    lines = [f"study      {study.study_name}",
+             f"trials     {n[TrialState.COMPLETE]} complete, {n[TrialState.PRUNED]} pruned, "
+             f"{n[TrialState.FAIL]} failed ({n[TrialState.COMPLETE] + n[TrialState.PRUNED]} "
+             f"finished of {trials_asked} asked)"]
+    if n[TrialState.COMPLETE]:
+        best = study.best_trial
+        lines.append(f"best       trial {best.number}: macro F1 {best.value:.4f}")
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in best.params.items())
+        lines.append(f"params     {params}")
+    else:
+        lines.append("best       none yet (no complete trial)")
+    lines.append(f"wall time  {seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def resolve_data(module: ModuleType, data: str | None) -> Path:
+    path = Path(data) if data else module.default_data(paths.runs_dir())
+    if not path.is_dir():
+        raise DataError(f"data folder {str(path)!r} does not exist")
+    return path.resolve()
+
+
+def run(args: argparse.Namespace) -> int:
+    name = paths.check_study_name(args.study)
+    module = get_study(name)
+    storage_url = args.storage or paths.default_storage_url(name)
+    storage = open_storage(storage_url)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
+                                load_if_exists=True, sampler=make_sampler(args.sampler, args.seed))
+    given = {k for k, flag in (("n_folds", args.folds), ("data_dir", args.data),
+                               ("epochs", args.epochs)) if flag is not None}
+    if "data_dir" in study.user_attrs and args.data is None:
+        data_dir = Path(study.user_attrs["data_dir"])
+    else:
+        data_dir = resolve_data(module, args.data)
+    corrections = module.corrections(data_dir)
+    wanted = {
+        "n_folds": args.folds or module.FOLDS,
+        "fold_seed": module.FOLD_SEED,
+        "data_dir": str(data_dir),
+        "epochs": args.epochs or module.EPOCHS,
+        "corrections": str(corrections) if corrections else None,
+        "study_module": module.__name__,
+    }
+    fixed = _fixed_settings(study, wanted, given)
+    data_dir = Path(fixed["data_dir"])
+    if not data_dir.is_dir():
+        raise DataError(f"data folder {str(data_dir)!r} (stored on study {name!r}) does not exist")
+    n_folds, epochs = int(fixed["n_folds"]), int(fixed["epochs"])
+    study.pruner = make_pruner(args.pruner, n_folds * epochs, n_folds)
+
+    t0 = time.perf_counter()
+    finished = count(study, FINISHED)
+    if finished >= args.trials:
+        print(f"study {name!r} already has {finished} finished trials (asked {args.trials}); "
+              "nothing to do")
+        print(summary(study, time.perf_counter() - t0, args.trials))
+        return 0
+    print(f"study {name!r}: {finished} finished, running until {args.trials} "
+          f"({storage_url})", flush=True)
+    data = load_study_data(data_dir, fixed["corrections"], n_folds, int(fixed["fold_seed"]),
+                           faces=getattr(module, "FACES", None), progress=args.progress)
+    store = open_store(args.artifacts or paths.default_artifacts_dir())
+    objective = Objective(module, data, store, epochs=epochs, device=args.device,
+                          per_fold=args.pruner == "wilcoxon", progress=args.progress)
+    callbacks = [MaxTrialsCallback(args.trials, states=FINISHED),
+                 CheckpointRetention(store, keep=args.keep_checkpoints)]
+    interrupted = False
+    try:
+        study.optimize(objective, n_trials=args.trials - finished, timeout=args.timeout,
+                       callbacks=callbacks, gc_after_trial=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: the running trial is marked FAIL; rerun the same command to "
+              "continue", file=sys.stderr)
+    print(summary(study, time.perf_counter() - t0, args.trials), flush=True)
+    return 130 if interrupted else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, DataError) as e:
+        if args.debug or os.environ.get("MASK_SEARCH_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
