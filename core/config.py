@@ -32,6 +32,7 @@ class TrainConfig:
 
     backbone: str = "resnet18"  # any timm.create_model name
     pretrained: bool = False
+    pretrained_file: str = ""  # local weights (.safetensors/.pth) used when pretrained; "" = hub
     image_size: tuple[int, int] = (128, 96)  # (height, width), for train, val and predict alike
     head: str = "single"
     drop_rate: float = 0.0
@@ -62,7 +63,7 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     num_workers: int = 0  # DataLoader workers; 0 = in process
     tta: bool = True  # horizontal-flip test-time augmentation in predict
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, never read by core
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form user notes; core ignores it
 
     def validate(self) -> TrainConfig:
         """Raise ``ConfigError`` naming the first bad field; return self when all is well."""

@@ -17,9 +17,6 @@ from torch import nn
 from core.config import ConfigError, TrainConfig
 from core.labels import NUM_AGE, NUM_CLASSES, NUM_GENDER, NUM_MASK
 
-#: key in ``TrainConfig.extra`` naming a local weights file (.safetensors / .pth) for the backbone
-PRETRAINED_FILE_KEY = "pretrained_file"
-
 
 class MultiHeadNet(nn.Module):
     """Backbone features -> mask (3), gender (2), age (3) linear heads -> 18-way log-probs.
@@ -54,7 +51,7 @@ def _pretrained_help(backbone: str) -> str:
         f"pretrained weights for backbone '{backbone}' could not be loaded (no network or not "
         f"in the cache). Fix: run once with internet to fill the Hugging Face cache "
         f"(HF_HOME, default ~/.cache/huggingface), or put a local weights file in the config "
-        f"as extra={{'{PRETRAINED_FILE_KEY}': '/path/to/weights.safetensors'}} (passed to timm "
+        f"as pretrained_file='/path/to/weights.safetensors' (passed to timm "
         f"as pretrained_cfg_overlay=dict(file=...)), or set pretrained=False"
     )
 
@@ -71,10 +68,10 @@ def create_model(cfg: TrainConfig) -> nn.Module:
         raise ConfigError(f"config field 'backbone': '{cfg.backbone}' is not a timm model name")
     num_out = NUM_CLASSES if cfg.head == "single" else NUM_MASK + NUM_GENDER + NUM_AGE
     kwargs: dict = {"num_classes": num_out, "drop_rate": cfg.drop_rate}
-    weights_file = cfg.extra.get(PRETRAINED_FILE_KEY) if cfg.pretrained else None
+    weights_file = cfg.pretrained_file if cfg.pretrained else None
     if weights_file:
         if not Path(weights_file).is_file():
-            raise ConfigError(f"config extra '{PRETRAINED_FILE_KEY}': no such file {weights_file}")
+            raise ConfigError(f"config field 'pretrained_file': no such file {weights_file}")
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file)}
     try:
         net = timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)

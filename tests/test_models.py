@@ -84,10 +84,10 @@ def test_pretrained_from_local_file(monkeypatch, tmp_path):
     weights = tmp_path / "test_resnet.pth"
     torch.save(source.state_dict(), weights)
     cfg = TrainConfig(backbone="test_resnet", pretrained=True, head="multi",
-                      extra={"pretrained_file": str(weights)})
+                      pretrained_file=str(weights))
     model = create_model(cfg)
     torch.testing.assert_close(model.backbone.conv1[0].weight, source.conv1[0].weight)
 
-    cfg.extra["pretrained_file"] = str(tmp_path / "missing.pth")
+    cfg.pretrained_file = str(tmp_path / "missing.pth")
     with pytest.raises(ConfigError, match="missing.pth"):
         create_model(cfg)
