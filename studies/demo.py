@@ -19,7 +19,7 @@ FOLD_SEED = 0
 EPOCHS = 4
 PEOPLE, EVAL_PEOPLE, SYNTH_SEED = 120, 24, 0
 SYNTH_SIZE = (64, 48)  # (height, width) of the generated photos
-BACKBONES = ("resnet10t", "mobilenetv3_small_050", "test_efficientnet")
+BACKBONES = ("test_resnet", "test_efficientnet", "resnet10t")
 IMAGE_SIZES = {"48x32": (48, 32), "64x48": (64, 48)}
 
 

@@ -1,0 +1,70 @@
+"""CLI: ``python -m search.dashboard --study NAME`` opens optuna-dashboard on a study.
+
+It finds the study's storage and artifact folder the same way ``search.run`` does, so one name
+is enough, and binds to 127.0.0.1 unless ``--host`` says otherwise (the dashboard can edit
+studies and has no login).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from core.config import ConfigError
+from core.errors import DataError
+from search import paths
+from search.artifacts import open_store
+from search.storage import open_storage, study_names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m search.dashboard",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--study", required=True, help="study name (finds runs/<study>.db)")
+    p.add_argument("--storage", help="storage URL (default sqlite:///runs/<study>.db)")
+    p.add_argument("--artifacts", help="artifact folder (default runs/artifacts)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    name = paths.check_study_name(args.study)
+    url = args.storage or paths.default_storage_url(name)
+    if not args.storage and not paths.runs_dir().joinpath(f"{name}.db").is_file():
+        raise ConfigError(f"no storage for study {name!r} at {url} (run search.run first, or "
+                          "pass --storage)")
+    storage = open_storage(url)
+    known = study_names(storage)
+    if name not in known:
+        raise ConfigError(f"study {name!r} is not in {url}; studies there: "
+                          f"{', '.join(known) or 'none'}")
+    store = open_store(args.artifacts or paths.default_artifacts_dir())
+    from optuna_dashboard import run_server  # deferred: importing it costs a second
+
+    print(f"optuna-dashboard for study {name!r}: http://{args.host}:{args.port}/dashboard "
+          "(Ctrl-C to stop)", flush=True)
+    try:
+        run_server(storage, host=args.host, port=args.port, artifact_store=store)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, DataError, OSError) as e:
+        if args.debug or os.environ.get("MASK_SEARCH_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
