@@ -240,7 +240,7 @@ def _encode(img: Image.Image, ext: str) -> bytes:
     if ext == ".png":
         img.save(buf, format="PNG", compress_level=PNG_COMPRESS)
     else:
-        img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+        img.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)  # 4:4:4: crisp small cues
     return buf.getvalue()
 
 
@@ -251,39 +251,42 @@ def _assign_ids_and_traps(people: list[Person], rng: np.random.Generator
     Traps: a person truly male written as female (fixed by folder), one truly female written as
     male whose id has a ``-1`` suffix (fixed by id, like ``001498-1``), one whose ``normal`` and
     ``incorrect_mask`` photos are swapped, one with an age typo (digits swapped or +10), and one
-    id shared by two people of different gender. At least one .jpeg and one .png folder.
+    id shared by two people (different folder names). At least one .jpeg and one .png folder.
     """
     n = len(people)
     ids = np.cumsum(rng.integers(1, 4, n)) + int(rng.integers(0, 300))
     people = [replace(p, id=f"{int(i):06d}", written_gender=p.gender, written_age=p.age)
               for p, i in zip(people, ids, strict=True)]
     order = rng.permutation(n).tolist()
-    used: set[int] = set()
 
-    def pick(cond) -> int:
-        k = next(i for i in order if i not in used and cond(people[i]))
-        used.add(k)
+    def pick(cond, exclude: set[int]) -> int:
+        k = next(i for i in order if i not in exclude and cond(people[i]))
+        exclude.add(k)
         return k
 
-    fixes: list[tuple[str, str, str]] = []
-    k = pick(lambda p: p.gender == 0)
-    people[k] = replace(people[k], written_gender=1)
-    fixes.append((people[k].folder, "gender", GENDER_NAMES[0]))
-    k = pick(lambda p: p.gender == 1)
-    people[k] = replace(people[k], id=people[k].id + "-1", written_gender=0)
-    fixes.append((people[k].id, "gender", GENDER_NAMES[1]))
-    k = pick(lambda p: True)
-    people[k] = replace(people[k], swap_normal_incorrect=True)
-    fixes.append((people[k].folder, "mask_swap", "incorrect_mask:normal"))
-    k = pick(lambda p: p.age < OLDEST)
-    typo = int(str(people[k].age)[::-1])
-    if typo == people[k].age or not 18 <= typo <= OLDEST:
-        typo = people[k].age + 10 if people[k].age < 45 else people[k].age - 20
-    people[k] = replace(people[k], written_age=typo)
-    fixes.append((people[k].id, "age", str(people[k].age)))
-    a = pick(lambda p: True)
-    b = pick(lambda p: p.written_gender != people[a].written_gender)
+    used: set[int] = set()
+    f2m = pick(lambda p: p.gender == 0, used)
+    people[f2m] = replace(people[f2m], written_gender=1)
+    m2f = pick(lambda p: p.gender == 1, used)
+    people[m2f] = replace(people[m2f], id=people[m2f].id + "-1", written_gender=0)
+    swap = pick(lambda p: True, used)
+    people[swap] = replace(people[swap], swap_normal_incorrect=True)
+    aged = pick(lambda p: p.age < OLDEST, used)
+    age = people[aged].age
+    typo = int(str(age)[::-1])
+    if typo == age or not 18 <= typo <= OLDEST:
+        typo = age + 10 if age < 45 else age - 20
+    people[aged] = replace(people[aged], written_age=typo)
+    # the shared id may not be one a correction targets by id (it would hit both folders)
+    free = {m2f, aged}
+    a = pick(lambda p: True, free)
+    b = pick(lambda p: (p.written_gender, p.written_age) != (people[a].written_gender,
+                                                           people[a].written_age), free)
     people[b] = replace(people[b], id=people[a].id)
+    fixes = [(people[f2m].folder, "gender", GENDER_NAMES[0]),
+             (people[m2f].id, "gender", GENDER_NAMES[1]),
+             (people[swap].folder, "mask_swap", "incorrect_mask:normal"),
+             (people[aged].id, "age", str(age))]
     # mixed extensions: at least one .jpeg and one .png folder
     for ext in (".jpeg", ".png"):
         if not any(p.ext == ext for p in people):
