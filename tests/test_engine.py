@@ -1,0 +1,237 @@
+"""core.engine: a fold trains, is scored honestly (true labels, no augmentation), repeats exactly.
+
+Images come straight from the synthetic data (PIL decode + resize), not the cache, so these tests
+depend on the engine's contract only. A timm test model at 48x32 keeps them to seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import f1_score
+
+import core.augment as augment
+import core.engine as engine
+from core.config import TrainConfig
+from core.dataset import load_train_table, training_targets
+from core.labels import decode
+from core.splits import person_folds
+from core.train_fold import main as train_fold_main
+from core.train_fold import parse_set
+
+SIZE = (48, 32)  # (height, width)
+BACKBONE = "test_efficientnet"  # timm's tiny test net: resnet18 is ~15x slower on the CPU
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two threads on two busy cores are several times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(synth_data: Path) -> dict:
+    table = load_train_table(synth_data)  # planted label errors stay: a little label noise
+    images = np.stack([
+        np.asarray(Image.open(synth_data / f).convert("RGB").resize(SIZE[::-1], Image.BILINEAR))
+        for f in table["file"]
+    ])
+    folds = person_folds(table, n_folds=4, seed=0)
+    return {"table": table, "images": images, "tr": folds != 0, "va": folds == 0}
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(backbone=BACKBONE, image_size=SIZE, epochs=2, batch_size=16, lr=3e-3,
+                aug_strength=0.0, tta=False, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _digest(img: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(img).tobytes()).hexdigest()
+
+
+class _Counting:
+    """Wraps an Albumentations transform and records a digest of every image it sees."""
+
+    def __init__(self, inner, seen: list[str]):
+        self.inner, self.seen = inner, seen
+
+    def __call__(self, **kw):
+        self.seen.append(_digest(kw["image"]))
+        return self.inner(**kw)
+
+
+@pytest.fixture(scope="module")
+def trained(data: dict) -> dict:
+    """One real fold: threshold 57, augmentation on; spies on the transforms and the F1 truth."""
+    t, tr, va = data["table"], data["tr"], data["va"]
+    cfg = _cfg(epochs=10, lr=5e-3, age_threshold=57, aug_strength=0.3, class_weights="inverse")
+    spy = {"train": [], "eval": [], "f1_truth": []}
+    real_f1 = engine.macro_f1
+
+    def f1_spy(y_true, probs):
+        spy["f1_truth"].append(np.array(y_true))
+        return real_f1(y_true, probs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "macro_f1", f1_spy)
+        mp.setattr(engine, "train_transform",
+                   lambda c: _Counting(augment.train_transform(c), spy["train"]))
+        mp.setattr(engine, "eval_transform",
+                   lambda c: _Counting(augment.eval_transform(c), spy["eval"]))
+        result = engine.fit_fold(cfg, data["images"][tr], training_targets(t, 57)[tr],
+                                 data["images"][va], t["label"].to_numpy()[va], progress=False)
+    return {"cfg": cfg, "result": result, "spy": spy}
+
+
+def test_learns_every_factor_above_majority_baseline(data: dict, trained: dict):
+    result = trained["result"]
+    y = data["table"]["label"].to_numpy()[data["va"]]
+    pred = result.val_probs.argmax(axis=1)
+    for name, truth, guess in zip(("mask", "gender", "age"), decode(y), decode(pred),
+                                  strict=True):
+        majority = np.full_like(truth, np.bincount(truth).argmax())
+        baseline = f1_score(truth, majority, average="macro")
+        got = f1_score(truth, guess, average="macro")
+        assert got > baseline + 0.1, f"{name}: macro F1 {got:.3f} vs majority {baseline:.3f}"
+    assert result.best_f1 == max(h["val_f1"] for h in result.history)
+    assert result.history[result.best_epoch]["val_f1"] == result.best_f1
+
+
+def test_training_loss_falls(trained: dict):
+    losses = [h["train_loss"] for h in trained["result"].history]
+    assert len(losses) == trained["cfg"].epochs
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(h["images_per_s"] > 0 for h in trained["result"].history)
+
+
+def test_validation_scored_on_true_labels_whatever_the_threshold(data: dict, trained: dict):
+    t, va = data["table"], data["va"]
+    true = t["label"].to_numpy()[va]
+    relabeled = training_targets(t, 57)[va]
+    assert (true != relabeled).any(), "precondition: the validation fold holds ages 57..59"
+    truths = trained["spy"]["f1_truth"]
+    assert len(truths) == trained["cfg"].epochs
+    for y in truths:
+        np.testing.assert_array_equal(y, true)
+
+
+def test_augmentation_never_touches_validation(data: dict, trained: dict):
+    imgs, tr, va = data["images"], data["tr"], data["va"]
+    train_set = {_digest(i) for i in imgs[tr]}
+    val_set = {_digest(i) for i in imgs[va]}
+    seen_train, seen_eval = trained["spy"]["train"], trained["spy"]["eval"]
+    epochs, batch = trained["cfg"].epochs, trained["cfg"].batch_size
+    assert set(seen_train) <= train_set and not set(seen_train) & val_set
+    assert len(seen_train) == epochs * (tr.sum() // batch) * batch  # ragged tail dropped
+    assert set(seen_eval) == val_set and len(seen_eval) == epochs * va.sum()
+
+
+def test_predict_reproduces_best_epoch_and_is_deterministic(data: dict, trained: dict):
+    cfg, result = trained["cfg"], trained["result"]
+    val = data["images"][data["va"]]
+    probs = engine.predict(result.state_dict, cfg, val)
+    assert probs.dtype == np.float32 and probs.shape == (len(val), 18)
+    np.testing.assert_allclose(probs, result.val_probs, atol=1e-5)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # strength-1 augmentation in the config must not leak into prediction
+    strong = _cfg(aug_strength=1.0, mix="cutmix", mix_prob=1.0)
+    np.testing.assert_array_equal(engine.predict(result.state_dict, strong, val),
+                                  engine.predict(result.state_dict, strong, val))
+
+
+def test_flip_tta_is_symmetric(data: dict, trained: dict):
+    cfg, sd = trained["cfg"], trained["result"].state_dict
+    val = data["images"][data["va"]][:20]
+    with_tta = engine.predict(sd, cfg, val, tta=True)
+    np.testing.assert_allclose(with_tta, engine.predict(sd, cfg, val[:, :, ::-1], tta=True),
+                               atol=1e-5)
+    assert not np.allclose(with_tta, engine.predict(sd, cfg, val, tta=False), atol=1e-5)
+
+
+def _small(data: dict, n_train: int = 64, n_val: int = 24):
+    t = data["table"]
+    tr, va = np.flatnonzero(data["tr"])[:n_train], np.flatnonzero(data["va"])[:n_val]
+    y = t["label"].to_numpy()
+    return data["images"][tr], y[tr], data["images"][va], y[va]
+
+
+def test_same_seed_same_result_on_cpu(data: dict):
+    args = _small(data)
+    cfg = _cfg(aug_strength=1.0, mix="cutmix", mix_prob=0.5, warmup_epochs=0.5)
+    a = engine.fit_fold(cfg, *args, progress=False)
+    b = engine.fit_fold(cfg, *args, progress=False)
+    c = engine.fit_fold(_cfg(aug_strength=1.0, mix="cutmix", mix_prob=0.5, warmup_epochs=0.5,
+                             seed=1), *args, progress=False)
+    assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+    np.testing.assert_array_equal(a.val_probs, b.val_probs)
+    for k, v in a.state_dict.items():
+        assert torch.equal(v, b.state_dict[k]), k
+    assert [h["train_loss"] for h in a.history] != [h["train_loss"] for h in c.history]
+
+
+def test_on_epoch_true_stops_now(data: dict):
+    calls = []
+
+    def prune(epoch: int, f1: float) -> bool:
+        calls.append((epoch, f1))
+        return True
+
+    r = engine.fit_fold(_cfg(epochs=3), *_small(data), on_epoch=prune, progress=False)
+    assert r.stopped_early and not r.diverged
+    assert len(calls) == 1 and len(r.history) == 1 and r.best_epoch == 0
+    assert calls[0] == (0, r.best_f1) and r.state_dict
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_absurd_lr_ends_the_fold_without_crashing(data: dict, optimizer: str):
+    r = engine.fit_fold(_cfg(lr=1e6, optimizer=optimizer, scheduler="none"), *_small(data),
+                        progress=False)
+    assert r.diverged, r.history
+    assert r.history[-1]["diverged"]
+    if r.best_epoch < 0:  # diverged before the first validation: nothing worth keeping
+        assert r.state_dict == {} and np.allclose(r.val_probs, 1 / 18)
+
+
+def test_schedules_warm_up_then_follow_their_shape():
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    steps = 10
+
+    def lrs(**kw) -> list[float]:
+        cfg = _cfg(epochs=4, lr=1.0, **kw)
+        opt = engine.make_optimizer(cfg, p)
+        sched = engine.make_scheduler(cfg, opt, steps)
+        out = []
+        for _ in range(cfg.epochs * steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    cos = lrs(scheduler="cosine", warmup_epochs=0.5)  # 5 warmup steps
+    assert cos[:5] == sorted(cos[:5]) and cos[0] < 0.25 and cos[5] == pytest.approx(1.0)
+    assert cos[5:] == sorted(cos[5:], reverse=True) and cos[-1] < 0.01
+    step = lrs(scheduler="step", step_every=2, step_gamma=0.1)
+    assert step[0] == step[19] == 1.0 and step[20] == step[39] == pytest.approx(0.1)
+    one = lrs(scheduler="onecycle", warmup_epochs=1)
+    assert max(one) == pytest.approx(1.0) and int(np.argmax(one)) in (steps - 1, steps)
+    assert one[0] < 0.1 and one[-1] < 0.01
+
+
+def test_train_fold_cli_parses_sets_and_fails_in_one_line(tmp_path: Path, capsys):
+    assert parse_set(["lr=3e-4", "backbone=resnet18", "image_size=[96, 64]", "tta=false"]) == {
+        "lr": 3e-4, "backbone": "resnet18", "image_size": [96, 64], "tta": False}
+    assert train_fold_main(["--data", str(tmp_path / "absent")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "absent" in err
+    assert train_fold_main(["--data", str(tmp_path), "--set", "lr=-1"]) == 2
+    assert "lr" in capsys.readouterr().err
