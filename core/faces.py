@@ -41,12 +41,12 @@ class FaceSettings:
     """How faces are found and cropped; part of the image cache key.
 
     ``min_face_size`` is in pixels of the downscaled copy (MTCNN's image pyramid starts there):
-    20 px at a 160 px longer side is a face about 1/8 of the image, much smaller than the faces
+    20 px at a 192 px longer side is a face about 1/10 of the image, much smaller than the faces
     in this data set. ``margin`` is the fraction of the box width/height added on each side.
     ``batch_size`` and ``device`` change speed only, not results, so they are not in the key.
     """
 
-    detect_size: int = 160
+    detect_size: int = 192
     margin: float = 0.2
     min_prob: float = 0.9
     min_face_size: int = 20
