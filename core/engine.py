@@ -99,7 +99,7 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _worker_init(worker_id: int) -> None:
+def seed_worker(worker_id: int) -> None:
     """Give each DataLoader worker its own seed, derived from the loader's seeded generator.
 
     Albumentations keeps its own random state (global seeds do not reach it), and every worker
@@ -136,7 +136,7 @@ def make_loader(
         pin_memory=device.startswith("cuda"),
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_worker_init if workers > 0 else None,
+        worker_init_fn=seed_worker if workers > 0 else None,
         generator=generator,
     )
 
@@ -193,7 +193,8 @@ def _autocast(device: str, cfg: TrainConfig):
                           enabled=bool(cfg.amp) and device.startswith("cuda"))
 
 
-def _memory_format(device: str, cfg: TrainConfig) -> torch.memory_format:
+def memory_format_for(device: str, cfg: TrainConfig) -> torch.memory_format:
+    """channels_last on CUDA when ``cfg.channels_last`` (faster convolutions with AMP)."""
     if cfg.channels_last and device.startswith("cuda"):
         return torch.channels_last
     return torch.contiguous_format
@@ -204,7 +205,7 @@ def _predict_loader(
     model: nn.Module, loader: DataLoader, cfg: TrainConfig, device: str, tta: bool
 ) -> np.ndarray:
     model.eval()
-    fmt = _memory_format(device, cfg)
+    fmt = memory_format_for(device, cfg)
     out = []
     for x, _ in loader:
         x = x.to(device, non_blocking=True, memory_format=fmt)
@@ -236,7 +237,7 @@ def predict(
     else:
         model = create_model(cfg)
         model.load_state_dict(model_or_state_dict)
-    model = model.to(device, memory_format=_memory_format(device, cfg))
+    model = model.to(device, memory_format=memory_format_for(device, cfg))
     _check_size(images, cfg, "images")
     loader = make_loader(images, None, eval_transform(cfg), batch_size or cfg.batch_size, cfg,
                          train=False, device=device)
@@ -249,6 +250,40 @@ def _check_size(images: np.ndarray, cfg: TrainConfig, name: str) -> None:
         raise ConfigError(f"config field 'image_size': {name} are {tuple(images.shape[1:3])} "
                           f"(h, w) but the config says {tuple(cfg.image_size)}; build the cache "
                           f"at the config's size")
+
+
+def train_step(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    device: str,
+    mix_rng: np.random.Generator | None = None,
+) -> torch.Tensor:
+    """One optimizer step on a CPU batch; returns the loss as a detached device scalar.
+
+    Shared by ``fit_fold`` and ``bench/train.py`` so the benchmark times the real step. No
+    ``.item()`` here: a host sync every step would stall the GPU pipeline.
+    """
+    x = x.to(device, non_blocking=True, memory_format=memory_format_for(device, cfg))
+    y = y.to(device, non_blocking=True)
+    target = y
+    if cfg.mix != "none" and cfg.mix_prob > 0:
+        x, target = mix_batch(x, y, cfg, mix_rng)
+    with _autocast(device, cfg):
+        outputs = model(x)
+    loss = criterion(outputs.float(), target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach()
 
 
 def fit_fold(
@@ -276,9 +311,8 @@ def fit_fold(
         raise ValueError("fit_fold needs at least one training and one validation image")
 
     device = cfg.resolved_device()
-    fmt = _memory_format(device, cfg)
     seed_everything(cfg.seed)
-    model = create_model(cfg).to(device, memory_format=fmt)
+    model = create_model(cfg).to(device, memory_format=memory_format_for(device, cfg))
     criterion = build_loss(cfg, train_targets).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     train_loader = make_loader(train_images, train_targets, train_transform(cfg), cfg.batch_size,
@@ -288,7 +322,6 @@ def fit_fold(
     steps = len(train_loader)
     scheduler = make_scheduler(cfg, optimizer, steps)
     mix_rng = np.random.default_rng(cfg.seed)
-    mixing = cfg.mix != "none" and cfg.mix_prob > 0
 
     history: list[dict[str, Any]] = []
     best_f1, best_epoch = 0.0, -1
@@ -304,21 +337,8 @@ def fit_fold(
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not progress, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
-            x = x.to(device, non_blocking=True, memory_format=fmt)
-            y = y.to(device, non_blocking=True)
-            target = y
-            if mixing:
-                x, target = mix_batch(x, y, cfg, mix_rng)
-            with _autocast(device, cfg):
-                outputs = model(x)
-            loss = criterion(outputs.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * len(x)
+            loss_sum += train_step(model, criterion, optimizer, scheduler, x, y, cfg, device,
+                                   mix_rng) * len(x)
             seen += len(x)
             if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
                 running = loss_sum.item() / seen
