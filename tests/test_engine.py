@@ -235,3 +235,16 @@ def test_train_fold_cli_parses_sets_and_fails_in_one_line(tmp_path: Path, capsys
     assert err.startswith("error:") and "\n" not in err and "absent" in err
     assert train_fold_main(["--data", str(tmp_path), "--set", "lr=-1"]) == 2
     assert "lr" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_fold_cli_runs_one_fold_end_to_end(synth_data: Path, tmp_path: Path, capsys,
+                                                 monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MASK_SEARCH_CACHE", str(tmp_path / "cache"))  # keep synth_data intact
+    rc = train_fold_main(["--data", str(synth_data), "--fold", "1", "--folds", "4", "--quiet",
+                          "--set", f"backbone={BACKBONE}", "--set", "image_size=[48, 32]",
+                          "--set", "epochs=1", "--set", "batch_size=32", "--set", "device=cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "epoch 1: val macro F1" in out and "best val macro F1" in out
+    assert any((tmp_path / "cache").iterdir())
