@@ -179,7 +179,12 @@ def run(args: argparse.Namespace) -> int:
     storage_url = args.storage or paths.default_storage_url(name)
     storage = open_storage(storage_url)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                                load_if_exists=True, sampler=make_sampler(args.sampler, args.seed))
+                                load_if_exists=True)
+    # Offset by the trials already there: a resumed run with the same --seed must not replay
+    # the first run's suggestions (a seeded sampler in a fresh process starts over).
+    started = len(study.get_trials(deepcopy=False)) - count(study, (TrialState.WAITING,))
+    seed = None if args.seed is None else args.seed + started
+    study.sampler = make_sampler(args.sampler, seed)
     given = {k for k, flag in (("n_folds", args.folds), ("data_dir", args.data),
                                ("epochs", args.epochs)) if flag is not None}
     if "data_dir" in study.user_attrs and args.data is None:
