@@ -6,8 +6,11 @@ holds ``images.npy`` (N, h, w, 3) RGB, ``index.csv`` (file, split, person, box, 
 ``manifest.json`` (key, the source files' names/sizes/mtimes, shape). It is built under a
 temporary name and renamed when complete, so a killed build never looks valid; it is reused
 when the key and the source files match (checked with ``os.stat`` only, no image is opened) and
-rebuilt when they differ. Face boxes do not depend on the image size: raw detections live in a
-separate table next to the caches and are reused by every image size (see ``core.faces``).
+rebuilt when they differ. An image that cannot be decoded (empty, truncated, not an image,
+unreadable) stops the build with one ``DataError`` listing every such file, found in the
+first decoding pass, before any cache folder exists. Face boxes do not depend on the image
+size: raw detections live in a separate table next to the caches and are reused by every image
+size (see ``core.faces``).
 """
 
 from __future__ import annotations
@@ -64,10 +67,13 @@ class ImageCache:
         man = path / "manifest.json"
         if not man.is_file():
             raise DataError(f"{path}: not a complete image cache (no manifest.json)")
-        manifest = json.loads(man.read_text())
-        images = np.load(path / "images.npy", mmap_mode="r")
-        index = pd.read_csv(path / "index.csv", dtype={"file": str, "person": str},
-                            keep_default_na=False, na_values={"prob": [""]})
+        try:
+            manifest = json.loads(man.read_text())
+            images = np.load(path / "images.npy", mmap_mode="r")
+            index = pd.read_csv(path / "index.csv", dtype={"file": str, "person": str},
+                                keep_default_na=False, na_values={"prob": [""]})
+        except (OSError, ValueError) as e:  # pandas' and json's parse errors are ValueErrors
+            raise DataError(f"{path}: damaged image cache ({e}); delete the folder") from None
         if len(index) != len(images) or list(images.shape) != manifest["shape"]:
             raise DataError(f"{path}: index.csv has {len(index)} rows, images.npy "
                             f"{images.shape}, manifest {manifest['shape']}; delete the folder")
@@ -105,7 +111,15 @@ def source_listing(data_dir: str | Path) -> pd.DataFrame:
         ev = load_eval_table(data_dir)
         parts.append(pd.DataFrame({"file": ev["file"], "split": "eval", "person": ""}))
     listing = pd.concat(parts, ignore_index=True)
-    stats = [os.stat(data_dir / f) for f in listing["file"]]
+    stats, bad = [], []
+    for f in listing["file"]:
+        try:
+            stats.append(os.stat(data_dir / f))
+        except OSError as e:  # a dangling link, a folder we may not enter
+            bad.append((f, "permission denied" if isinstance(e, PermissionError)
+                        else f"cannot read ({e.strerror or e})"))
+    if bad:
+        raise bad_images_error(data_dir, bad)
     listing["size"] = np.array([s.st_size for s in stats], dtype=np.int64)
     listing["mtime_ns"] = np.array([s.st_mtime_ns for s in stats], dtype=np.int64)
     return listing
@@ -126,10 +140,17 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core already; nested threads only contend
 
 
-def _small_copies(paths: list[str], detect_size: int) -> list[tuple[np.ndarray, tuple[int, int]]]:
-    out = []
+def _small_copies(paths: list[str], detect_size: int
+                  ) -> list[tuple[np.ndarray, tuple[int, int]] | str]:
+    """Downscaled copy and full (h, w) per path, or the reason it cannot be decoded: every bad
+    file of a chunk is reported, not just the first."""
+    out: list[tuple[np.ndarray, tuple[int, int]] | str] = []
     for p in paths:
-        img = F.read_rgb(p)
+        try:
+            img = F.read_rgb(p)
+        except F.BadImageError as e:
+            out.append(e.reason)
+            continue
         out.append((F.downscale(img, detect_size), img.shape[:2]))
     return out
 
@@ -142,13 +163,39 @@ def crop_resize(img: np.ndarray, box: Sequence[int], size: tuple[int, int]) -> n
 
 
 def _crop_chunk(npy: str, start: int, paths: list[str], boxes: np.ndarray,
-                size: tuple[int, int]) -> int:
-    """Decode, crop and resize ``paths`` into rows ``start..`` of the memmap at ``npy``."""
+                size: tuple[int, int]) -> tuple[int, list[tuple[int, str]]]:
+    """Decode, crop and resize ``paths`` into rows ``start..`` of the memmap at ``npy``; return
+    the count and (row, reason) of each file that could not be decoded."""
     out = np.load(npy, mmap_mode="r+")
+    bad = []
     for i, (p, box) in enumerate(zip(paths, boxes, strict=True)):
-        out[start + i] = crop_resize(F.read_rgb(p), box, size)
+        try:
+            out[start + i] = crop_resize(F.read_rgb(p), box, size)
+        except F.BadImageError as e:
+            bad.append((start + i, e.reason))
     out.flush()
-    return len(paths)
+    return len(paths), bad
+
+
+#: How many bad files one error message lists (a wholly broken copy would list thousands).
+MAX_LISTED = 50
+
+
+def bad_images_error(data_dir: Path, bad: Sequence[tuple[str, str]]) -> DataError:
+    """One error for every undecodable image found in a pass: (file, reason) pairs.
+
+    Nothing is skipped, train or eval: a training image that cannot be decoded almost always
+    means a broken copy (skipping it would silently change the data and the folds), and the
+    submission needs a row for every eval image.
+    """
+    counts = pd.Series([r for _, r in bad]).value_counts()
+    summary = ", ".join(f"{n} {r}" for r, n in counts.items())
+    lines = [f"  {f}: {r}" for f, r in bad[:MAX_LISTED]]
+    if len(bad) > MAX_LISTED:
+        lines.append(f"  ... and {len(bad) - MAX_LISTED} more")
+    return DataError(f"{data_dir}: {len(bad)} image file(s) cannot be used ({summary}); no cache "
+                     f"was written. Copy them again from the original data, then rerun:\n"
+                     + "\n".join(lines))
 
 
 def _chunks(n: int, size: int = CHUNK) -> Iterator[slice]:
@@ -189,24 +236,40 @@ def _detections(listing: pd.DataFrame, data_dir: Path, faces: F.FaceSettings, ta
     keep = saved.merge(listing[["file", "size", "mtime_ns"]], on=["file", "size", "mtime_ns"])
     todo = listing.loc[~listing["file"].isin(keep["file"]), "file"].tolist()
     if todo:
-        detector = F.get_detector(faces)
+        detector = None  # loaded on the first decodable image (seconds; none if all are bad)
         rows = listing.set_index("file").loc[todo, ["size", "mtime_ns"]]
         found = np.full((len(todo), 5), np.nan)
         sizes = np.zeros((len(todo), 2), dtype=np.int64)
+        ok = np.ones(len(todo), dtype=bool)
+        bad: list[tuple[str, str]] = []
         slices = list(_chunks(len(todo), max(faces.batch_size, 1)))
         paths = [[str(data_dir / f) for f in todo[s]] for s in slices]
         with tqdm(total=len(todo), desc="face boxes", disable=not progress, unit="img") as bar:
             for s, res in zip(slices, runner.map(_small_copies, paths,
                                                  [faces.detect_size] * len(paths)), strict=True):
-                sizes[s] = [hw for _, hw in res]
-                found[s] = detector.detect_small([im for im, _ in res], sizes[s].tolist())
+                good = [k for k, r in enumerate(res) if not isinstance(r, str)]
+                for k, r in enumerate(res):
+                    if isinstance(r, str):
+                        ok[s.start + k] = False
+                        bad.append((todo[s.start + k], r))
+                if good:
+                    detector = detector or F.get_detector(faces)
+                    idx = [s.start + k for k in good]
+                    sizes[idx] = [res[k][1] for k in good]
+                    found[idx] = detector.detect_small([res[k][0] for k in good],
+                                                       sizes[idx].tolist())
                 bar.update(s.stop - s.start)
         new = pd.DataFrame({"file": todo, "size": rows["size"].to_numpy(),
                             "mtime_ns": rows["mtime_ns"].to_numpy(), "width": sizes[:, 1],
                             "height": sizes[:, 0]})
         new[[*F.BOX_COLUMNS, "prob"]] = found
-        keep = pd.concat([keep, new], ignore_index=True) if len(keep) else new
-        F.save_detections(keep, table)
+        new = new[ok]
+        if len(new):  # the good files' boxes are kept even when some files are bad
+            keep = pd.concat([keep, new], ignore_index=True) if len(keep) else new
+            F.save_detections(keep, table)
+        if bad:
+            order = {f: i for i, f in enumerate(listing["file"])}
+            raise bad_images_error(data_dir, sorted(bad, key=lambda b: order[b[0]]))
     return keep.set_index("file").loc[listing["file"]].reset_index()
 
 
@@ -253,9 +316,15 @@ def build_cache(data_dir: str | Path, image_size: tuple[int, int] = (128, 96),
     sources = [[f, int(s), int(m)] for f, s, m in
                zip(listing["file"], listing["size"], listing["mtime_ns"], strict=True)]
     if (final / "manifest.json").is_file():
-        manifest = json.loads((final / "manifest.json").read_text())
+        try:
+            manifest = json.loads((final / "manifest.json").read_text())
+        except (OSError, ValueError):
+            manifest = {}  # unreadable: rebuild it
         if manifest.get("key") == key and manifest.get("sources") == sources:
-            return ImageCache.open(final)
+            try:
+                return ImageCache.open(final)
+            except DataError:
+                pass  # damaged after it was built (e.g. images.npy cut short): rebuild
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(root, name)
     if workers is None:
@@ -277,12 +346,17 @@ def build_cache(data_dir: str | Path, image_size: tuple[int, int] = (128, 96),
         box_arr = boxes[list(F.BOX_COLUMNS)].to_numpy()
         files = [str(data_dir / f) for f in listing["file"]]
         n = len(slices)
+        bad: list[tuple[int, str]] = []
         with tqdm(total=len(listing), desc=f"cache {h}x{w}", disable=not progress,
                   unit="img") as bar:
-            for done in runner.map(_crop_chunk, [str(npy)] * n, [s.start for s in slices],
-                                   [files[s] for s in slices], [box_arr[s] for s in slices],
-                                   [(h, w)] * n):
+            for done, chunk_bad in runner.map(_crop_chunk, [str(npy)] * n,
+                                              [s.start for s in slices],
+                                              [files[s] for s in slices],
+                                              [box_arr[s] for s in slices], [(h, w)] * n):
+                bad.extend(chunk_bad)
                 bar.update(done)
+        if bad:  # files changed after their boxes were found (same size and mtime)
+            raise bad_images_error(data_dir, [(listing["file"].iat[i], r) for i, r in sorted(bad)])
         index = listing[["file", "split", "person"]].copy()
         index[list(F.BOX_COLUMNS)] = box_arr
         index["prob"] = det["prob"].to_numpy()

@@ -277,16 +277,20 @@ def load_eval_table(data_dir: str | Path) -> pd.DataFrame:
         raise DataError(f"{csv} line {_line(ids.index[ids == ''][0])}: empty 'ImageID'")
     dup = ids.duplicated()
     if dup.any():
-        raise DataError(f"{csv} line {_line(ids.index[dup][0])}: ImageID "
-                        f"{ids[dup].iloc[0]!r} is listed twice")
+        first = ids[dup].iloc[0]
+        lines = ", ".join(str(_line(i)) for i in ids.index[ids == first][:6])
+        raise DataError(f"{csv}: ImageID {first!r} is listed more than once (lines {lines}); "
+                        f"the submission needs each image once")
     images_dir = data_dir / "eval" / "images"
-    present = set(os.listdir(images_dir)) if images_dir.is_dir() else set()
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir}: folder not found ({csv} lists {len(ids)} images there)")
+    present = set(os.listdir(images_dir))
     absent = ~ids.isin(present)
     if absent.any():
-        first = ids[absent].iloc[0]
-        raise DataError(f"{csv} line {_line(ids.index[absent][0])}: image {first!r} is listed "
-                        f"but {images_dir / first} does not exist ({int(absent.sum())} of "
-                        f"{len(ids)} listed images are absent)")
+        shown = ", ".join(f"{name!r} (line {_line(i)})" for i, name in ids[absent][:5].items())
+        more = f" and {int(absent.sum()) - 5} more" if absent.sum() > 5 else ""
+        raise DataError(f"{csv}: {int(absent.sum())} of {len(ids)} listed image(s) are not in "
+                        f"{images_dir}: {shown}{more}")
     return pd.DataFrame({"ImageID": ids.to_numpy(),
                          "file": ("eval/images/" + ids).to_numpy()})
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -76,15 +77,87 @@ class FaceSettings:
         return hashlib.sha1(raw.encode()).hexdigest()[:12]
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to uint8 RGB (H, W, 3); grayscale and RGBA become RGB.
+class BadImageError(DataError):
+    """An image file that cannot be used. ``reason`` is short and stable ("truncated JPEG",
+    "empty file", "not an image", "permission denied", ...) so a build can list every bad file
+    in one message instead of stopping at the first."""
 
-    ``np.fromfile`` + ``imdecode`` also works for non-ASCII paths; EXIF rotation is applied.
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_EOI = b"\xff\xd9"
+
+
+def _read_bytes(path: str | Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except PermissionError:
+        raise BadImageError(path, "permission denied") from None
+    except FileNotFoundError:
+        raise BadImageError(path, "file not found") from None
+    except IsADirectoryError:
+        raise BadImageError(path, "a folder, not an image file") from None
+    except OSError as e:
+        raise BadImageError(path, f"cannot read ({e.strerror or e})") from None
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """Whether a JPEG that decoded has all its data: it ends with the EOI marker, or (trailing
+    bytes after EOI, which some cameras write) PIL decodes it fully without complaint.
+
+    OpenCV 4 decodes a cut-off JPEG into a partly gray image with only a log line; PIL with
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` off (its default) raises instead.
     """
-    data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if data.rstrip(b"\x00\r\n ").endswith(JPEG_EOI):
+        return True
+    from PIL import Image  # deferred: only for the rare JPEG with bytes after its end
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return True
+
+
+def _undecodable_reason(data: bytes) -> str:
+    """Why bytes that OpenCV could not decode are not an image, from their first/last bytes."""
+    if data.startswith(JPEG_MAGIC):
+        return "corrupt JPEG" if data.rstrip(b"\x00\r\n ").endswith(JPEG_EOI) else \
+            "truncated JPEG"
+    if data.startswith(PNG_MAGIC):
+        return "corrupt PNG" if b"IEND" in data[-16:] else "truncated PNG"
+    head = data[:512]
+    if b"\x00" not in head:
+        try:
+            head.decode("utf-8")
+            return "not an image (a text file)"
+        except UnicodeDecodeError:
+            pass
+    return "not an image (unknown format)"
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Decode an image file to uint8 RGB (H, W, 3); grayscale, RGBA (alpha dropped), palette
+    and 16-bit images become 8-bit RGB, EXIF rotation is applied.
+
+    Raises ``BadImageError`` for an empty, unreadable, truncated or non-image file: a partial
+    decode must never reach the cache as if it were the photo.
+    """
+    data = _read_bytes(path)
+    if not data:
+        raise BadImageError(path, "empty file")
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:
-        raise DataError(f"cannot decode image {path}")
+        raise BadImageError(path, _undecodable_reason(data))
+    if data.startswith(JPEG_MAGIC) and not _jpeg_complete(data):
+        raise BadImageError(path, "truncated JPEG")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -214,10 +287,24 @@ def load_detections(path: Path) -> pd.DataFrame:
         raise DataError(f"face box table {path} is unreadable ({e}); delete it to redetect") from e
 
 
+def _remove_stale_temp_files(path: Path) -> None:
+    """Delete temp files of detection-table writes whose process is gone (a SIGKILL leaves one)."""
+    for f in path.parent.glob(f"{path.name}.*.tmp"):
+        try:
+            os.kill(int(f.name[len(path.name) + 1:].split(".", 1)[0]), 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            continue
+
+
 def save_detections(table: pd.DataFrame, path: Path) -> None:
-    """Write the detection table atomically (temp file + os.replace)."""
+    """Write the detection table atomically (temp file named with our pid + os.replace): a crash
+    or kill mid-write leaves the previous table intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    _remove_stale_temp_files(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp",
+                               dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="") as f:
             table[list(DETECTION_COLUMNS)].to_csv(f, index=False)
