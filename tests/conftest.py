@@ -1,7 +1,9 @@
 """Shared fixtures: one synthetic data set per test session, and hand-written tiny layouts.
 
 ``synth_data`` is generated once (it costs seconds); tests that modify files take
-``copy_of_synth`` instead, a fresh copy per test.
+``copy_of_synth`` instead, a fresh copy per test. ``synth_cache`` is its image cache, built once
+(face detection costs seconds); ``copy_of_cache_root`` copies its root, whose face-box table stays
+valid for ``copy_of_synth`` (copies keep sizes and mtimes), so builds on the copy detect nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from core.labels import IMAGE_STEMS
 SYNTH_PEOPLE = 40
 SYNTH_EVAL_PEOPLE = 8
 SYNTH_SIZE = (64, 48)  # (height, width)
+CACHE_SIZE = (32, 24)  # (height, width) of ``synth_cache``
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +38,21 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def copy_of_synth(synth_data: Path, tmp_path: Path) -> Path:
     """A private copy of ``synth_data`` that a test may break."""
     return Path(shutil.copytree(synth_data, tmp_path / "synth"))
+
+
+@pytest.fixture(scope="session")
+def synth_cache(synth_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``core.cache.build_cache`` of ``synth_data`` at ``CACHE_SIZE``, in-process. Do not modify."""
+    from core.cache import build_cache
+
+    root = tmp_path_factory.mktemp("cache_root")
+    return build_cache(synth_data, CACHE_SIZE, cache_root=root, workers=1, progress=False)
+
+
+@pytest.fixture
+def copy_of_cache_root(synth_cache, tmp_path: Path) -> Path:
+    """A private copy of ``synth_cache``'s root (its caches and face-box table)."""
+    return Path(shutil.copytree(synth_cache.path.parent, tmp_path / "cache_root"))
 
 
 #: (id, gender, race, age, folder) rows: an id with a -1 suffix, one id used by two people.

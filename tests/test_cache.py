@@ -4,7 +4,6 @@ rebuild, and an interrupted build never leaves a cache that looks valid."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,22 +17,19 @@ import core.faces as F
 from core.cache import ImageCache, build_cache, crop_resize, default_cache_root, main
 from core.dataset import load_eval_table, load_train_table
 from core.errors import DataError
-
-SIZE = (32, 24)
-
-
-@pytest.fixture(scope="module")
-def built(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> ImageCache:
-    root = tmp_path_factory.mktemp("cache_root")
-    return build_cache(synth_data, SIZE, cache_root=root, workers=1, progress=False)
+from tests.conftest import CACHE_SIZE as SIZE
 
 
 @pytest.fixture
-def copied(built: ImageCache, copy_of_synth: Path, tmp_path: Path) -> tuple[Path, Path]:
+def built(synth_cache: ImageCache) -> ImageCache:
+    return synth_cache
+
+
+@pytest.fixture
+def copied(copy_of_synth: Path, copy_of_cache_root: Path) -> tuple[Path, Path]:
     """A private copy of the data and of the cache root (its face boxes stay valid: copies keep
     sizes and mtimes), so tests that modify files skip face detection."""
-    root = Path(shutil.copytree(built.path.parent, tmp_path / "root"))
-    return copy_of_synth, root
+    return copy_of_synth, copy_of_cache_root
 
 
 @pytest.fixture
