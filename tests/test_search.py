@@ -157,6 +157,7 @@ def test_a_rerun_with_other_folds_is_refused(demo_run, tiny: Path, capsys) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Fixed parameter lr:UserWarning")  # absurd on purpose
 def test_diverging_trial_is_pruned(demo_run, tmp_path: Path) -> None:
     study = optuna.create_study(direction="maximize")
     study.enqueue_trial({**FAST, "lr": 1e6})

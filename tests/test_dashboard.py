@@ -1,0 +1,114 @@
+"""``python -m search.dashboard`` serves the study and its artifacts (HTTP API and a real browser).
+
+The study here is made directly through Optuna and ``search.artifacts`` (no training): what is
+tested is that our command wires the storage and the artifact store into optuna-dashboard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+from search import artifacts
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = "dash_study"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("dash")
+    url, art = f"sqlite:///{root / 'dash.db'}", root / "artifacts"
+    study = optuna.create_study(study_name=STUDY, storage=url, direction="maximize")
+    store = artifacts.open_store(art)
+    trial = study.ask()
+    oof = np.random.default_rng(0).random((5, 18)).astype(np.float32)
+    artifacts.save_array(trial, store, "oof", oof)
+    study.tell(trial, 0.5)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search.dashboard", "--study", STUDY, "--storage", url,
+         "--artifacts", str(art), "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            get(base + "/api/meta")
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"dashboard did not start: {proc.communicate()[0][-2000:]}")
+            time.sleep(0.3)
+    yield base, oof, root
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_api_lists_the_study_and_serves_the_trials_artifact(server) -> None:
+    base, oof, root = server
+    studies = json.loads(get(base + "/api/studies"))["study_summaries"]
+    ours = [s for s in studies if s["study_name"] == STUDY]
+    assert len(ours) == 1
+    sid = ours[0]["study_id"]
+    detail = json.loads(get(f"{base}/api/studies/{sid}"))
+    trial = detail["trials"][0]
+    names = [a["filename"] for a in trial["artifacts"]]
+    assert names == ["oof.npy"]
+    blob = get(f"{base}/artifacts/{sid}/{trial['trial_id']}/{trial['artifacts'][0]['artifact_id']}")
+    (root / "got.npy").write_bytes(blob)
+    np.testing.assert_array_equal(np.load(root / "got.npy"), oof)
+
+
+def test_dashboard_refuses_an_unknown_study(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    optuna.create_study(study_name="other", storage=url)
+    r = subprocess.run([sys.executable, "-m", "search.dashboard", "--study", "missing",
+                        "--storage", url, "--artifacts", str(tmp_path / "a")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: study 'missing' is not in {url}; studies there: other"]
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "chromium is needed for this test (.ci/run installs Debian's chromium)"
+    return found
+
+
+@pytest.mark.slow
+def test_a_real_browser_renders_the_study_name(server, tmp_path: Path) -> None:
+    base, _, _ = server
+    r = subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=8000", "--dump-dom", f"{base}/dashboard"],
+        capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert STUDY in r.stdout
