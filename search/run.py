@@ -33,7 +33,7 @@ from search.objective import (
     Objective,
     load_study_data,
 )
-from search.storage import open_storage
+from search.storage import open_storage, study_names
 from studies import STUDIES, get_study
 
 PRUNERS = ("median", "hyperband", "halving", "wilcoxon", "none")
@@ -178,6 +178,15 @@ def run(args: argparse.Namespace) -> int:
     module = get_study(name)
     storage_url = args.storage or paths.default_storage_url(name)
     storage = open_storage(storage_url)
+    given = {k for k, flag in (("n_folds", args.folds), ("data_dir", args.data),
+                               ("epochs", args.epochs)) if flag is not None}
+    # Find the data before creating anything: a missing folder must not leave an empty study.
+    stored = (optuna.load_study(study_name=name, storage=storage).user_attrs
+              if name in study_names(storage) else {})
+    if "data_dir" in stored and args.data is None:
+        data_dir = Path(stored["data_dir"])
+    else:
+        data_dir = resolve_data(module, args.data)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                 load_if_exists=True)
     # Offset by the trials already there: a resumed run with the same --seed must not replay
@@ -185,12 +194,6 @@ def run(args: argparse.Namespace) -> int:
     started = len(study.get_trials(deepcopy=False)) - count(study, (TrialState.WAITING,))
     seed = None if args.seed is None else args.seed + started
     study.sampler = make_sampler(args.sampler, seed)
-    given = {k for k, flag in (("n_folds", args.folds), ("data_dir", args.data),
-                               ("epochs", args.epochs)) if flag is not None}
-    if "data_dir" in study.user_attrs and args.data is None:
-        data_dir = Path(study.user_attrs["data_dir"])
-    else:
-        data_dir = resolve_data(module, args.data)
     corrections = module.corrections(data_dir)
     wanted = {
         "n_folds": args.folds or module.FOLDS,
