@@ -4,10 +4,12 @@ rebuild, and an interrupted build never leaves a cache that looks valid."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +175,58 @@ def test_cli_and_default_root(built: ImageCache, synth_data: Path, tmp_path: Pat
     assert str(built.path) in capsys.readouterr().out  # prebuilt cache found through the env
     assert main(["--data", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_cli_killed_mid_build_then_next_build_is_valid(copied: tuple[Path, Path],
+                                                      tmp_path: Path) -> None:
+    """``python -m core.cache`` SIGKILLed from outside once its progress bar has moved (decoding
+    slowed so the kill lands mid-build): no cache that looks valid; the next build makes one."""
+    data, root = copied
+    before = set(root.iterdir())
+    slow = ("import sys, time, core.faces as F\n"
+            "real = F.read_rgb\n"
+            "F.read_rgb = lambda p: (time.sleep(0.02), real(p))[1]\n"
+            "from core.cache import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", slow, "--data", str(data), "--cache-root", str(root),
+             "--workers", "1", "--height", str(SIZE[0]), "--width", str(SIZE[1])],
+            stdout=subprocess.DEVNULL, stderr=err, cwd=Path(__file__).parents[1])
+        try:
+            deadline = time.monotonic() + 60
+            while not re.search(r"cache 32x24: +\d+%.*\| *[1-9]\d*/", log.read_text()):
+                assert proc.poll() is None, f"build ended before the kill: {log.read_text()}"
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = sorted(set(root.iterdir()) - before)
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(f".images-{SIZE[0]}x{SIZE[1]}-")
+    assert ".tmp-" in leftovers[0].name and not (leftovers[0] / "manifest.json").exists()
+    half = np.load(leftovers[0] / "images.npy", mmap_mode="r")
+    filled = half.any(axis=(1, 2, 3))
+    assert filled.any() and not filled.all()  # killed with part of the images written
+    with pytest.raises(DataError, match="not a complete image cache"):
+        ImageCache.open(leftovers[0])
+    assert main(["--data", str(data), "--cache-root", str(root), "--workers", "1",
+                 "--height", str(SIZE[0]), "--width", str(SIZE[1])]) == 0
+    cache = build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
+    assert cache.images[:].any(axis=(1, 2, 3)).all()
+    assert not leftovers[0].exists()
+
+
+def test_damaged_cache_is_rebuilt_not_opened(copied: tuple[Path, Path]) -> None:
+    """A cache folder cut short after it was built (disk full, a bad copy) is rebuilt."""
+    data, root = copied
+    npy = build_cache(data, SIZE, cache_root=root, workers=1, progress=False).path / "images.npy"
+    with open(npy, "r+b") as f:
+        f.truncate(npy.stat().st_size // 2)
+    with pytest.raises(DataError, match="damaged image cache"):
+        ImageCache.open(npy.parent)
+    cache = build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
+    assert cache.images[:].any(axis=(1, 2, 3)).all()

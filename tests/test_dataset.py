@@ -102,6 +102,14 @@ def test_extra_columns_and_upper_case_suffixes_are_fine(tiny_layout):
     assert len(t) == 7 * len(TINY_PEOPLE) and "note" not in t.columns
 
 
+def test_extra_columns_in_info_csv_are_fine(tiny_layout):
+    root = tiny_layout()
+    csv = root / "eval" / "info.csv"
+    csv.write_text("\n".join(["ImageID,ans,note"] + [x + ",hi" for x in csv_rows(csv)[1:]]) + "\n")
+    e = load_eval_table(root)
+    assert list(e.columns) == ["ImageID", "file"] and len(e) == 3
+
+
 # --- a broken layout gives one clear error naming the file and field ----------------------
 
 
@@ -191,10 +199,63 @@ def break_eval_columns(root):
     return r"info\.csv: missing column\(s\) ImageID"
 
 
+def break_age_negative(root):
+    set_csv_cell(root / "train" / "train.csv", 2, "age", "-3")
+    return r"train\.csv line 4 \(folder '[^']+'\): 'age' -3 is outside"
+
+
+def break_age_fraction(root):
+    set_csv_cell(root / "train" / "train.csv", 0, "age", "45.5")
+    return r"train\.csv line 2 \(folder '[^']+'\): 'age' is not a whole number: '45\.5'"
+
+
+def break_age_empty(root):
+    set_csv_cell(root / "train" / "train.csv", 3, "age", "")
+    return r"train\.csv line 5 \(folder '[^']+'\): 'age' is not a whole number: ''"
+
+
+def break_eval_duplicate(root):
+    csv = root / "eval" / "info.csv"
+    lines = csv_rows(csv)
+    csv.write_text("\n".join(lines + [lines[1]]) + "\n")
+    name = lines[1].split(",")[0]
+    return (rf"info\.csv: ImageID '{name}' is listed more than once \(lines 2, {len(lines) + 1}\)")
+
+
+def break_eval_empty_file(root):
+    (root / "eval" / "info.csv").write_bytes(b"")
+    return r"info\.csv: file is empty"
+
+
+def break_eval_header_only(root):
+    (root / "eval" / "info.csv").write_text("ImageID,ans\n")
+    return r"info\.csv: has a header but no rows"
+
+
+def break_eval_missing_csv(root):
+    (root / "eval" / "info.csv").unlink()
+    return r"info\.csv: file not found"
+
+
+def break_eval_folder_missing(root):
+    shutil.rmtree(root / "eval" / "images")
+    return r"images: folder not found \(.*info\.csv lists 3 images there\)"
+
+
+def break_eval_all_absent(root):
+    names = [line.split(",")[0] for line in csv_rows(root / "eval" / "info.csv")[1:]]
+    for n in names:
+        (root / "eval" / "images" / n).unlink()
+    listed = ", ".join(f"'{n}' \\(line {k + 2}\\)" for k, n in enumerate(names))
+    return rf"info\.csv: 3 of 3 listed image\(s\) are not in .*images: {listed}$"
+
+
 BREAKS = [break_missing_csv, break_empty_csv, break_header_only, break_missing_columns,
-          break_age_text, break_age_range, break_gender, break_duplicate_row,
+          break_age_text, break_age_range, break_age_negative, break_age_fraction,
+          break_age_empty, break_gender, break_duplicate_row,
           break_missing_image, break_absent_folder, break_two_files_one_stem, break_eval_absent,
-          break_eval_columns]
+          break_eval_columns, break_eval_duplicate, break_eval_empty_file, break_eval_header_only,
+          break_eval_missing_csv, break_eval_folder_missing, break_eval_all_absent]
 
 
 @pytest.mark.parametrize("breaker", BREAKS, ids=lambda f: f.__name__.removeprefix("break_"))

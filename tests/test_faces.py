@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,11 +18,14 @@ from PIL import Image
 from core.errors import DataError
 from core.faces import (
     CENTER_BOX,
+    DETECTION_COLUMNS,
     FaceSettings,
     add_margin,
     get_detector,
+    load_detections,
     read_rgb,
     resolve_boxes,
+    save_detections,
 )
 
 CANVAS_HW = (512, 384)  # the competition's images: 384 wide, 512 high
@@ -149,3 +158,55 @@ def test_settings_validate() -> None:
     assert "device" not in FaceSettings().key()
     assert FaceSettings(margin=0.1).detection_key() == FaceSettings().detection_key()
     assert FaceSettings(detect_size=200).detection_key() != FaceSettings().detection_key()
+
+
+def _detections(n: int) -> pd.DataFrame:
+    rows = [(f"train/images/p{i}/mask1.jpg", 100 + i, 10**18 + i, 48, 64, 1.0, 2.0, 30.0, 40.0,
+             0.99) for i in range(n)]
+    return pd.DataFrame(rows, columns=list(DETECTION_COLUMNS))
+
+
+def test_detection_table_write_is_atomic_on_error(tmp_path, monkeypatch) -> None:
+    table = tmp_path / "boxes-x.csv"
+    save_detections(_detections(3), table)
+    original = table.read_bytes()
+
+    def crash(self, f, *args, **kwargs):
+        f.write("file,size\ntrain/images/p9/mask1.jpg,1")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_detections(_detections(5), table)
+    assert table.read_bytes() == original and sorted(tmp_path.iterdir()) == [table]
+    monkeypatch.undo()
+    assert load_detections(table).equals(_detections(3))
+
+
+def test_detection_table_survives_sigkill_mid_write(tmp_path) -> None:
+    """A kill between writing and renaming leaves the old table and a temp file, which the next
+    write removes (its process is gone)."""
+    table = tmp_path / "boxes-x.csv"
+    save_detections(_detections(3), table)
+    original = table.read_bytes()
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        import pandas as pd
+        from core.faces import save_detections
+        from tests.test_faces import _detections
+        def dying(self, f, *args, **kwargs):
+            f.write("file,size\\n")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        pd.DataFrame.to_csv = dying
+        save_detections(_detections(5), Path({str(table)!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).parents[1])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    temps = [p for p in tmp_path.iterdir() if p != table]
+    assert table.read_bytes() == original and len(temps) == 1 and temps[0].stat().st_size > 0
+    save_detections(_detections(4), table)
+    assert sorted(tmp_path.iterdir()) == [table]
+    assert load_detections(table).equals(_detections(4))
