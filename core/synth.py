@@ -6,8 +6,11 @@ corrections file, 61% female, 7% aged exactly 60, 5:1:1 mask kinds) but no one m
 real photos. Faces are drawn with PIL at varying position and scale on cluttered backgrounds,
 with cues a small CNN can learn even at 64x48:
 
-- mask: worn = mask over nose and mouth; incorrect = mask below the nose (nose visible) or on
-  the chin (mouth visible too); not worn = nose and mouth visible;
+- mask: a large surgical mask (white, light blue, blue or black: far from every skin tone) that
+  is worn = from just under the eyes over nose, mouth and chin; incorrect = pulled under the nose
+  (nose and dark nostrils fully visible) or, for a quarter of people, down to the chin (mouth
+  visible too); not worn = nose and open mouth visible. The gaps between the three are large
+  so the state shows at 48x32 face crops (``bench/synth_learnability.py`` measures it);
 - gender: long hair down to the shoulders (female) or a short cap (male);
 - age (continuous 18..60): hair turns gray and forehead/eye lines darken smoothly with age, so
   58 and 59 look almost like 60 and age-threshold relabeling matters.
@@ -59,8 +62,16 @@ SKIN: tuple[Color, ...] = ((241, 204, 178), (224, 183, 150), (198, 152, 118), (1
                            (232, 196, 160))
 HAIR: tuple[Color, ...] = ((20, 16, 14), (45, 30, 22), (70, 45, 30), (30, 26, 30), (95, 62, 38))
 GRAY: Color = (205, 205, 200)
-MASK_COLORS: tuple[Color, ...] = ((240, 240, 240), (120, 170, 220), (30, 30, 35), (210, 120, 150),
-                                  (90, 140, 90), (200, 190, 160), (70, 90, 160), (150, 60, 60))
+#: Surgical/cloth mask colours far from every skin tone: white, light blue, blue, black.
+MASK_COLORS: tuple[Color, ...] = ((244, 244, 244), (170, 210, 240), (90, 150, 215), (28, 28, 32))
+#: Top edge of the mask (face-relative, 0 = forehead, 1 = chin) per state: worn covers the nose
+#: up to just under the eyes; incorrect is pulled under the nose (nose fully visible) or down to
+#: the chin (mouth visible too). The gaps are large so the state shows at 48x32 face crops.
+MASK_TOP_WORN = 0.47
+MASK_TOP_UNDER_NOSE = 0.71
+MASK_TOP_CHIN = 0.87
+#: Share of people whose incorrect mask sits on the chin rather than under the nose.
+LOW_INCORRECT_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -136,7 +147,7 @@ def _people(n: int, rng: np.random.Generator) -> list[Person]:
             gray=float(np.clip(t ** 1.5 + rng.normal(0, 0.04), 0, 1)),
             cx=float(rng.uniform(0.40, 0.60)), cy=float(rng.uniform(0.40, 0.52)),
             fw=float(rng.uniform(0.40, 0.52)),
-            low_incorrect=bool(rng.random() < 0.4),
+            low_incorrect=bool(rng.random() < LOW_INCORRECT_SHARE),
             ext=EXTENSIONS[rng.choice(len(EXTENSIONS), p=EXT_WEIGHTS)],
         ))
     return out
@@ -212,22 +223,29 @@ def _draw(person: Person, mask_state: int, rng: np.random.Generator, size: tuple
         d.ellipse(box(u - 0.08, 0.39, u + 0.08, 0.47), fill=(250, 250, 250))
         d.ellipse(box(u - 0.04, 0.39, u + 0.04, 0.47), fill=(25, 20, 20))
         d.line((*P(u - 0.1, 0.345), *P(u + 0.1, 0.345)), fill=hair, width=lw)
-    # nose and mouth (covered below if a mask is worn)
-    d.polygon([P(0.5, 0.47), P(0.40, 0.65), P(0.60, 0.65)],
+    # nose with dark nostrils and an open mouth: high-contrast parts a mask hides or shows
+    d.polygon([P(0.5, 0.47), P(0.37, 0.66), P(0.63, 0.66)],
               fill=_mix(person.skin, (90, 50, 40), 0.6))
-    d.ellipse(box(0.32, 0.71, 0.68, 0.83), fill=(120, 20, 35))
-    d.line((*P(0.36, 0.77), *P(0.64, 0.77)), fill=(235, 225, 215), width=max(1, lw // 2))
+    for u in (0.44, 0.56):
+        d.ellipse(box(u - 0.04, 0.615, u + 0.04, 0.665), fill=(40, 20, 20))
+    d.ellipse(box(0.30, 0.71, 0.70, 0.84), fill=(120, 20, 35))
+    d.line((*P(0.35, 0.775), *P(0.65, 0.775)), fill=(235, 225, 215), width=max(1, lw // 2))
     if mask_state != 2:
         col = MASK_COLORS[rng.integers(len(MASK_COLORS))]
+        edge = _mix(col, (0, 0, 0), 0.45) if sum(col) > 200 else (150, 150, 155)
         if mask_state == 0:
-            top = 0.50
+            top = MASK_TOP_WORN
         else:
-            top = 0.80 if person.low_incorrect else 0.67
-        top += rng.uniform(-0.02, 0.02)
-        d.rounded_rectangle(box(0.08, top, 0.92, min(top + 0.5, 1.06)), radius=fw * 0.12,
-                            fill=col, outline=_mix(col, (0, 0, 0), 0.3), width=lw)
-        for u in (0.0, 1.0):
-            d.line((*P(0.08 if u == 0 else 0.92, top + 0.05), *P(u, 0.42)), fill=col, width=lw)
+            top = MASK_TOP_CHIN if person.low_incorrect else MASK_TOP_UNDER_NOSE
+        top += rng.uniform(-0.015, 0.015)
+        bottom = max(top + 0.4, 1.12)  # a lowered mask hangs over the chin and neck
+        d.rounded_rectangle(box(-0.06, top, 1.06, bottom), radius=fw * 0.1, fill=col,
+                            outline=edge, width=lw)
+        for k in (1, 2):  # pleats
+            v = top + (bottom - top) * k / 3
+            d.line((*P(0.08, v), *P(0.92, v)), fill=edge, width=max(1, lw // 2))
+        for u in (0.0, 1.0):  # ear loops
+            d.line((*P(u, top + 0.04), *P(u, 0.42)), fill=edge, width=max(1, lw // 2))
     # light and sensor noise
     arr = np.asarray(img, dtype=np.float32) * rng.uniform(0.8, 1.15)
     arr += rng.normal(0, rng.uniform(2, 8), arr.shape).astype(np.float32)

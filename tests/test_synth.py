@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from core.labels import GENDER_CODES, IMAGE_STEMS, MASK_BY_STEM, NUM_CLASSES, decode
-from core.synth import generate, main
+from core.synth import MASK_COLORS, generate, main
 
 SIZE = (64, 48)  # (height, width)
 FOLDER = re.compile(r"^(?P<id>\d{6}(-\d)?)_(?P<gender>male|female)_(?P<race>\w+)_(?P<age>\d+)$")
@@ -252,3 +252,30 @@ def test_mask_cue_mouth_shows_only_without_mask(large: Path) -> None:
     normal, worn = np.array(shown).T
     assert np.mean(normal >= 8) > 0.95, "the mouth shows without a mask"
     assert np.mean(worn >= 8) < 0.2, "a worn mask hides it (background clutter aside)"
+
+
+def _mask_pixels(path: Path) -> int:
+    """Pixels of any mask colour, allowing the photo's global brightness factor (0.8..1.15)."""
+    with Image.open(path) as im:
+        px = np.asarray(im.convert("RGB"), np.float32)
+    best = np.full(px.shape[:2], np.inf, np.float32)
+    for col in MASK_COLORS:
+        c = np.asarray(col, np.float32)
+        k = np.clip((px * c).sum(-1) / (c * c).sum(), 0.8, 1.15)
+        best = np.minimum(best, np.linalg.norm(px - k[..., None] * c, axis=-1))
+    return int((best < 25).sum())
+
+
+def test_mask_states_differ_clearly_in_covered_area(large: Path) -> None:
+    """Worn covers the most of the face, incorrect (lowered) clearly less, normal none.
+
+    Background clutter can hold mask-like colours, so compare per person and by median: the
+    three states must be far enough apart that a small CNN learns them at 48x32.
+    """
+    counts = np.array([[_mask_pixels(next(f.glob(f"{s}.*"))) for s in
+                        ("mask1", "incorrect_mask", "normal")]
+                       for f in sorted((large / "train" / "images").iterdir())])
+    worn, incorrect, normal = np.median(counts, axis=0)
+    assert worn > 1.25 * incorrect and incorrect > 1.4 * normal, (worn, incorrect, normal)
+    assert np.mean(counts[:, 0] > counts[:, 1]) > 0.7
+    assert np.mean(counts[:, 1] > counts[:, 2]) > 0.7
