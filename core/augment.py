@@ -22,6 +22,7 @@ from albumentations.pytorch import ToTensorV2  # noqa: E402
 
 from core.config import ConfigError, TrainConfig  # noqa: E402
 from core.labels import NUM_CLASSES  # noqa: E402
+from core.losses import soft_targets  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -95,16 +96,6 @@ def _numpy_rng(rng: torch.Generator | np.random.Generator | None) -> np.random.G
     return np.random.default_rng(seed)
 
 
-def _soft(y: torch.Tensor) -> torch.Tensor:
-    """Hard int class indices (N,) or soft (N, 18) -> float32 soft targets (N, 18)."""
-    if y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8) and y.ndim == 1:
-        return torch.nn.functional.one_hot(y.long(), NUM_CLASSES).float()
-    if y.ndim == 2 and y.shape[1] == NUM_CLASSES:
-        return y.float()
-    raise ValueError(f"targets must be class indices (N,) or soft (N, {NUM_CLASSES}); "
-                     f"got shape {tuple(y.shape)} dtype {y.dtype}")
-
-
 def mix_batch(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -117,7 +108,7 @@ def mix_batch(
     float32 whose rows sum to 1, so the loss has one path. Deterministic given ``rng`` (a
     ``torch.Generator`` on the CPU, or a numpy Generator). ``x`` is not modified in place.
     """
-    y_soft = _soft(y).to(x.device)
+    y_soft = soft_targets(y, NUM_CLASSES).to(x.device)
     if cfg.mix == "none" or cfg.mix_prob <= 0 or x.shape[0] < 2:
         return x, y_soft
     np_rng = _numpy_rng(rng)
