@@ -11,6 +11,10 @@ Why it looks like this:
 - Each fold's results are saved the moment the fold ends (its OOF slice, eval probabilities,
   checkpoint, and the user attr ``fold_done_<k>``), so a retried trial can resume from its
   finished folds and an interrupted one loses at most the running fold.
+- A retry of a trial whose worker died (``RetryHeartbeatStaleTrialCallback``, or the journal
+  reaper in ``search.workers``) inherits the dead trial's user attrs; when its config and data
+  are the same, it reuses those finished folds (probabilities, checkpoint, reported values) and
+  trains only the rest. ``resumed_folds`` lists the reused ones.
 - Data (tables, folds, image caches) is loaded once per process in ``StudyData``.
 """
 
@@ -37,9 +41,11 @@ from core.cache import ImageCache, build_cache
 from core.config import TrainConfig
 from core.dataset import data_fingerprint, load_eval_table, load_train_table, training_targets
 from core.engine import FoldResult, fit_fold, macro_f1, predict
+from core.errors import DataError
 from core.labels import CLASS_NAMES, NUM_CLASSES
 from core.splits import folds_fingerprint, person_folds
 from search import artifacts
+from search.workers import retried_from
 
 #: Artifact names (user attr ``artifact_<name>`` holds the id; see ``search.artifacts``).
 OOF, EVAL, CONFUSION, CLASS_F1 = "oof", "eval", "confusion", "class_f1"
@@ -173,10 +179,44 @@ class Objective:
             cfg.device = self.device
         return cfg.validate()
 
+    def resumable(self, trial: optuna.Trial, cfg: TrainConfig) -> dict[int, dict]:
+        """Finished folds a retried trial inherited (fold -> ``fold_done`` summary), if usable.
+
+        Only when the config (device aside) and the data and folds are the ones those folds were
+        trained with; otherwise the retry starts over.
+        """
+        if retried_from(trial) is None:
+            return {}
+        attrs = trial.user_attrs
+
+        def same(config: dict | None) -> bool:
+            return config is not None and {**config, "device": None} == {
+                **cfg.to_dict(), "device": None}
+
+        if not (same(attrs.get("config"))
+                and attrs.get("data_fingerprint") == data_fingerprint(self.data.table)
+                and attrs.get("folds_fingerprint") == folds_fingerprint(self.data.folds)):
+            return {}
+        return {k: attrs[fold_done_attr(k)] for k in range(self.data.n_folds)
+                if isinstance(attrs.get(fold_done_attr(k)), dict)}
+
+    def _load_fold(self, trial: optuna.Trial, k: int,
+                   n_val: int, n_eval: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """A finished fold's saved (oof slice, eval probs); None when gone or the wrong shape."""
+        try:
+            val = artifacts.load_array(trial, self.store, oof_fold_name(k))
+            ev = artifacts.load_array(trial, self.store, eval_fold_name(k))
+        except DataError:
+            return None
+        if val.shape != (n_val, NUM_CLASSES) or ev.shape != (n_eval, NUM_CLASSES):
+            return None
+        return val, ev
+
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.config(trial)
         data = self.data
         labels = data.labels
+        done = self.resumable(trial, cfg)
         trial.set_user_attr("config", cfg.to_dict())
         trial.set_user_attr("data_fingerprint", data_fingerprint(data.table))
         trial.set_user_attr("folds_fingerprint", folds_fingerprint(data.folds))
@@ -191,6 +231,8 @@ class Objective:
         speeds: list[float] = []
         reported: set[int] = set()
         epochs_trained = 0
+        resumed: list[int] = []
+        trial.set_user_attr("epochs_trained", 0)  # a retry inherits the dead trial's count
 
         def report(value: float, step: int) -> bool:
             if step in reported:
@@ -202,6 +244,20 @@ class Objective:
         for k in range(data.n_folds):
             val = data.folds == k
             tr_idx, val_idx = rows[~val], rows[val]
+            saved = (self._load_fold(trial, k, int(val.sum()), len(eval_images))
+                     if k in done else None)
+            if saved is not None:  # a retry: this fold finished before its worker died
+                oof[val] = saved[0]
+                eval_sum += saved[1]
+                fold_f1.append(float(done[k]["f1"]))
+                # Re-report what the pruner saw then (it already let these steps pass).
+                values = [done[k]["f1"]] if self.per_fold else done[k].get("curve", [])
+                for e, v in enumerate(values):
+                    if math.isfinite(v):
+                        report(float(v), k if self.per_fold else k * cfg.epochs + e)
+                resumed.append(k)
+                trial.set_user_attr("resumed_folds", resumed)
+                continue
 
             def on_epoch(epoch: int, val_f1: float, k: int = k) -> bool:
                 if self.per_fold or not math.isfinite(val_f1):
@@ -250,7 +306,8 @@ class Objective:
             artifacts.save_file(trial, self.store, checkpoint_name(k), path)
         trial.set_user_attr(fold_done_attr(k), {
             "f1": float(result.best_f1), "best_epoch": int(result.best_epoch),
-            "epochs": len(result.history)})
+            "epochs": len(result.history),
+            "curve": [float(h["val_f1"]) for h in result.history]})
 
     def _save_trial(self, trial: optuna.Trial, labels: np.ndarray, oof: np.ndarray,
                     eval_probs: np.ndarray, value: float) -> None:

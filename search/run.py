@@ -7,6 +7,12 @@ created (stored as study user attrs); a rerun that asks for different ones is re
 its trials would not be comparable. Expected problems print one line and exit 2 (``--debug``
 shows the traceback); Ctrl-C marks the running trial FAIL (Optuna does that), prints the
 summary and exits 130.
+
+Many workers: ``--workers N`` starts N processes on the CPU (cores shared equally), ``--gpus
+0,1,2,3`` one process per GPU (``CUDA_VISIBLE_DEVICES``); several machines run the same command
+against one PostgreSQL ``--storage``. Workers claim trials through ``search.workers``, so the
+study still ends with exactly ``--trials`` finished trials, and a dead worker's trial is failed
+and retried from its finished folds.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from pathlib import Path
 from types import ModuleType
 
 import optuna
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from core.config import ConfigError
@@ -33,7 +38,14 @@ from search.objective import (
     Objective,
     load_study_data,
 )
-from search.storage import open_storage, study_names
+from search.storage import (
+    DEFAULT_GRACE_S,
+    DEFAULT_HEARTBEAT_S,
+    DEFAULT_MAX_RETRY,
+    open_storage,
+    study_names,
+)
+from search.workers import claim_lock, launch, run_worker, worker_envs
 from studies import STUDIES, get_study
 
 PRUNERS = ("median", "hyperband", "halving", "wilcoxon", "none")
@@ -56,6 +68,14 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     value = positive_int(text) if text.strip() != "0" else 0
     return value
+
+
+def gpu_list(text: str) -> list[str]:
+    gpus = [g.strip() for g in text.split(",") if g.strip()]
+    if not gpus or not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct GPU numbers like 0,1,2,3, got {text!r}")
+    return gpus
 
 
 def positive_float(text: str) -> float:
@@ -89,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--keep-checkpoints", type=non_negative_int, default=DEFAULT_KEEP_CHECKPOINTS,
                    help="keep fold checkpoints of the best K complete trials (default %(default)s)")
+    many = p.add_mutually_exclusive_group()
+    many.add_argument("--workers", type=positive_int, default=1,
+                      help="worker processes on the CPU, sharing its cores (default 1)")
+    many.add_argument("--gpus", type=gpu_list,
+                      help="one worker process per GPU, e.g. 0,1,2,3 (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--heartbeat-interval", type=positive_int, default=DEFAULT_HEARTBEAT_S,
+                   help="SQLite/PostgreSQL: seconds between a running trial's heartbeats "
+                        "(default %(default)s)")
+    p.add_argument("--grace-period", type=positive_int, default=DEFAULT_GRACE_S,
+                   help="seconds without a heartbeat before a trial counts as dead, is marked "
+                        "FAIL and retried (default %(default)s)")
+    p.add_argument("--max-retry", type=non_negative_int, default=DEFAULT_MAX_RETRY,
+                   help="retries of a trial whose worker died (default %(default)s)")
+    p.add_argument("--worker-id", type=non_negative_int, help=argparse.SUPPRESS)
     p.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
     return p
@@ -173,11 +207,30 @@ def resolve_data(module: ModuleType, data: str | None) -> Path:
     return path.resolve()
 
 
-def run(args: argparse.Namespace) -> int:
+def child_argv(argv: Sequence[str], worker_id: int, gpu: bool) -> list[str]:
+    """A worker's command line: the parent's, without --workers/--gpus, plus its id."""
+    out: list[str] = []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        if token in ("--workers", "--gpus"):
+            skip = True
+            continue
+        if token.startswith(("--workers=", "--gpus=")):
+            continue
+        out.append(token)
+    return [*out, "--worker-id", str(worker_id), *(["--device", "cuda"] if gpu else [])]
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     name = paths.check_study_name(args.study)
     module = get_study(name)
     storage_url = args.storage or paths.default_storage_url(name)
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, heartbeat_interval=args.heartbeat_interval,
+                           grace_period=args.grace_period, max_retry=args.max_retry)
+    worker = args.worker_id is not None
     given = {k for k, flag in (("n_folds", args.folds), ("data_dir", args.data),
                                ("epochs", args.epochs)) if flag is not None}
     # Find the data before creating anything: a missing folder must not leave an empty study.
@@ -190,9 +243,11 @@ def run(args: argparse.Namespace) -> int:
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                 load_if_exists=True)
     # Offset by the trials already there: a resumed run with the same --seed must not replay
-    # the first run's suggestions (a seeded sampler in a fresh process starts over).
+    # the first run's suggestions (a seeded sampler in a fresh process starts over); workers
+    # started together see the same count, so each also gets its own offset.
     started = len(study.get_trials(deepcopy=False)) - count(study, (TrialState.WAITING,))
-    seed = None if args.seed is None else args.seed + started
+    seed = (None if args.seed is None
+            else args.seed + started + 7919 * (args.worker_id or 0))
     study.sampler = make_sampler(args.sampler, seed)
     corrections = module.corrections(data_dir)
     wanted = {
@@ -213,35 +268,50 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     finished = count(study, FINISHED)
     if finished >= args.trials:
-        print(f"study {name!r} already has {finished} finished trials (asked {args.trials}); "
-              "nothing to do")
-        print(summary(study, time.perf_counter() - t0, args.trials))
+        if not worker:
+            print(f"study {name!r} already has {finished} finished trials (asked {args.trials}); "
+                  "nothing to do")
+            print(summary(study, time.perf_counter() - t0, args.trials))
         return 0
-    print(f"study {name!r}: {finished} finished, running until {args.trials} "
-          f"({storage_url})", flush=True)
+    n_workers = len(args.gpus) if args.gpus else args.workers
+    if not worker:
+        print(f"study {name!r}: {finished} finished, running until {args.trials} "
+              f"({storage_url}{f', {n_workers} workers' if n_workers > 1 else ''})", flush=True)
+    if n_workers > 1 and not worker:
+        codes = launch([child_argv(argv, i, bool(args.gpus)) for i in range(n_workers)],
+                       worker_envs(args.gpus, n_workers))
+        print(summary(study, time.perf_counter() - t0, args.trials), flush=True)
+        if any(c in (130, -2) for c in codes):
+            return 130
+        if count(study, FINISHED) >= args.trials:
+            return 0
+        return next((c for c in codes if c > 0), 1)
     data = load_study_data(data_dir, fixed["corrections"], n_folds, int(fixed["fold_seed"]),
                            faces=getattr(module, "FACES", None), progress=args.progress)
     store = open_store(args.artifacts or paths.default_artifacts_dir())
     objective = Objective(module, data, store, epochs=epochs, device=args.device,
                           per_fold=args.pruner == "wilcoxon", progress=args.progress)
-    callbacks = [MaxTrialsCallback(args.trials, states=FINISHED),
-                 CheckpointRetention(store, keep=args.keep_checkpoints)]
+    callbacks = [CheckpointRetention(store, keep=args.keep_checkpoints)]
     interrupted = False
     try:
-        study.optimize(objective, n_trials=args.trials - finished, timeout=args.timeout,
-                       callbacks=callbacks, gc_after_trial=True)
+        run_worker(study, objective, args.trials, lock=claim_lock(storage, storage_url, name),
+                   callbacks=callbacks, timeout=args.timeout, max_retry=args.max_retry,
+                   poll_s=min(2.0, float(args.heartbeat_interval)))
     except KeyboardInterrupt:
         interrupted = True
-        print("\ninterrupted: the running trial is marked FAIL; rerun the same command to "
-              "continue", file=sys.stderr)
-    print(summary(study, time.perf_counter() - t0, args.trials), flush=True)
+        if not worker:
+            print("\ninterrupted: the running trial is marked FAIL; rerun the same command to "
+                  "continue", file=sys.stderr)
+    if not worker:
+        print(summary(study, time.perf_counter() - t0, args.trials), flush=True)
     return 130 if interrupted else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(args, argv)
     except (ConfigError, DataError) as e:
         if args.debug or os.environ.get("MASK_SEARCH_DEBUG"):
             raise

@@ -254,7 +254,7 @@ def test_two_processes_share_one_sqlite_study(tiny: Path, tmp_path: Path) -> Non
         assert "locked" not in err
     trials = optuna.load_study(study_name="demo", storage=url).trials
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) >= 2
+    assert len(finished) == 2  # --trials is the total, also with several processes
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.FAIL)]
     assert len({t.number for t in trials}) == len(trials)
 

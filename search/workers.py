@@ -1,0 +1,328 @@
+"""Many workers on one study: claiming trials without overshoot, reaping dead workers, launching.
+
+Why not ``study.optimize``: with several processes, "check the count, then ask" races, and a
+study asked for N trials ends with up to N + workers - 1. Here a worker claims a trial under a
+study-wide lock (PostgreSQL advisory lock; a lock file next to an SQLite or journal file):
+it counts finished + RUNNING trials and asks only while that is below N. A worker that finds
+all slots taken by RUNNING trials waits instead of leaving, because a running trial may die and
+need a retry. So the study ends with exactly N finished trials.
+
+Dead workers: with RDB storages Optuna's heartbeats find them (``fail_stale_trials``, called
+here before every claim) and ``RetryHeartbeatStaleTrialCallback`` queues a retry. The journal
+storage has no heartbeats, so each trial records its owner (host, pid, process start time) in
+the user attr ``worker``; a RUNNING trial whose owner process on THIS host is gone is failed and
+re-queued the same way. Owners on other hosts cannot be checked: the journal is for one machine.
+Retries are claimed before other waiting trials, and resume from their finished folds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import hashlib
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import optuna
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+from optuna.trial import FrozenTrial, TrialState
+
+from search.storage import journal_path
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+OWNER_ATTR = "worker"
+RETRY_OF = "failed_trial"  # system attr written by RetryHeartbeatStaleTrialCallback
+#: Under Optuna's logger, so trial lines look like Optuna's and follow its verbosity.
+log = optuna.logging.get_logger("optuna.mask_search")
+
+
+# -- who owns a trial ------------------------------------------------------------------------
+
+def _start_time(pid: int) -> str | None:
+    """Process start time (Linux /proc), so a reused pid is not mistaken for the owner."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_record() -> dict:
+    """This process as a trial owner: host name, pid, start time."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+
+
+def owner_alive(owner: dict | None) -> bool | None:
+    """True/False for an owner on this host; None when it cannot be told (other host, no attr)."""
+    if not owner or owner.get("host") != socket.gethostname():
+        return None
+    pid = int(owner["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    started = owner.get("start")
+    return started is None or _start_time(pid) in (None, started)
+
+
+def retried_from(trial: FrozenTrial | optuna.Trial) -> int | None:
+    """The number of the trial this one retries (the first of the chain), or None."""
+    if isinstance(trial, optuna.Trial):  # a running Trial has no system_attrs of its own
+        trial = trial.storage.get_trial(trial._trial_id)  # noqa: SLF001
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return Retry.retried_trial_number(trial)
+
+
+# -- reaping dead workers ----------------------------------------------------------------------
+
+def heartbeats_on(storage: BaseStorage) -> bool:
+    return isinstance(storage, RDBStorage) and storage.get_heartbeat_interval() is not None
+
+
+def reap(study: optuna.Study, max_retry: int | None) -> list[int]:
+    """Fail (and queue a retry of) RUNNING trials whose worker is dead; their numbers.
+
+    RDB storages with heartbeats: Optuna's stale-heartbeat check. Otherwise: owner pid check
+    on this host.
+    """
+    storage = study._storage  # noqa: SLF001  (Optuna's own helpers take the study)
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if heartbeats_on(storage):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        return sorted(t.number for t in study.get_trials(deepcopy=False,
+                                                          states=(TrialState.FAIL,))
+                      if t.number in before)
+    failed = []
+    retry = _retry_callback(max_retry)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if owner_alive(t.user_attrs.get(OWNER_ATTR)) is not False:
+            continue
+        try:
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:
+            continue
+        failed.append(t.number)
+        retry(study, storage.get_trial(t._trial_id))
+    return failed
+
+
+def _retry_callback(max_retry: int | None) -> Retry:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return Retry(max_retry=max_retry)
+
+
+# -- the study-wide claim lock -----------------------------------------------------------------
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _pg_lock(storage: RDBStorage, key: int) -> Iterator[None]:
+    """Session advisory lock; a killed holder's connection closes and the lock goes with it."""
+    from sqlalchemy import text
+
+    with storage.engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
+
+
+def claim_lock(storage: BaseStorage, url: str,
+               study_name: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the lock every worker of ``study_name`` takes to claim a trial."""
+    journal = journal_path(url)
+    if isinstance(storage, JournalStorage) and journal is not None:
+        path = journal.with_name(f"{journal.name}.{study_name}.claim")
+        return lambda: _file_lock(path)
+    if isinstance(storage, RDBStorage):
+        backend = storage.engine.url.get_backend_name()
+        database = storage.engine.url.database or ""
+        if backend == "postgresql":
+            digest = hashlib.sha256(f"mask-search:{study_name}".encode()).digest()
+            key = int.from_bytes(digest[:8], "big", signed=True)
+            return lambda: _pg_lock(storage, key)
+        if backend == "sqlite" and database and database != ":memory:":
+            path = Path(database).with_name(f"{Path(database).name}.{study_name}.claim")
+            return lambda: _file_lock(path)
+    lock = threading.Lock()  # one process (in-memory storages, other backends): a plain lock
+    return lambda: lock
+
+
+# -- one worker's loop -------------------------------------------------------------------------
+
+def _claim_waiting_retry(study: optuna.Study) -> optuna.Trial | None:
+    """Start a queued retry (oldest first) before any other waiting trial: it has work saved."""
+    storage = study._storage  # noqa: SLF001
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if RETRY_OF not in t.system_attrs:
+            continue
+        try:
+            if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                return optuna.Trial(study, t._trial_id)
+        except UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def claim(study: optuna.Study, n_total: int, lock: Callable[[], contextlib.AbstractContextManager],
+          max_retry: int | None) -> optuna.Trial | bool:
+    """A started trial, True (all slots RUNNING: wait), or False (N finished: stop)."""
+    with lock():
+        reaped = reap(study, max_retry)
+        if reaped:
+            log.warning("trial(s) %s: worker gone, marked FAIL and queued for retry", reaped)
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if finished >= n_total:
+            return False
+        if finished + running >= n_total:
+            return True
+        with warnings.catch_warnings():  # we beat ourselves (``_Heartbeat``), as optimize does
+            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
+            trial = _claim_waiting_retry(study) or study.ask()
+        trial.set_user_attr(OWNER_ATTR, owner_record())
+        return trial
+
+
+class _Heartbeat:
+    """Records the trial's heartbeat every interval in a thread (what ``optimize`` does)."""
+
+    def __init__(self, storage: BaseStorage, trial_id: int) -> None:
+        self.storage, self.trial_id = storage, trial_id
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Heartbeat:
+        if heartbeats_on(self.storage):
+            interval = self.storage.get_heartbeat_interval()  # type: ignore[attr-defined]
+            self.storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+
+            def beat() -> None:
+                while not self.stop.wait(interval):
+                    self.storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+
+            self.thread = threading.Thread(target=beat, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def run_one(study: optuna.Study, trial: optuna.Trial,
+            objective: Callable[[optuna.Trial], float]) -> FrozenTrial:
+    """Run and tell one claimed trial. Exceptions (and Ctrl-C) mark it FAIL and propagate."""
+    with _Heartbeat(study._storage, trial._trial_id):  # noqa: SLF001
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned as e:
+            frozen = study.tell(trial, state=TrialState.PRUNED)
+            log.info("trial %d pruned. %s", trial.number, e)
+            return frozen
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+    if value is None or not math.isfinite(value):
+        log.warning("trial %d failed: objective returned %r", trial.number, value)
+        return study.tell(trial, state=TrialState.FAIL)
+    frozen = study.tell(trial, value)
+    log.info("trial %d finished with value %.4f", trial.number, value)
+    return frozen
+
+
+def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_total: int, *,
+               lock: Callable[[], contextlib.AbstractContextManager],
+               callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+               timeout: float | None = None, max_retry: int | None = None,
+               poll_s: float = 2.0) -> int:
+    """Claim and run trials until the study has ``n_total`` finished ones (or ``timeout``).
+
+    Returns the number of trials this worker ran.
+    """
+    t0, ran = time.monotonic(), 0
+    while timeout is None or time.monotonic() - t0 < timeout:
+        got = claim(study, n_total, lock, max_retry)
+        if got is False:
+            break
+        if got is True:
+            time.sleep(poll_s)
+            continue
+        frozen = run_one(study, got, objective)
+        ran += 1
+        for callback in callbacks:
+            callback(study, frozen)
+        gc.collect()
+    return ran
+
+
+# -- the parent: one process per GPU or per CPU share -------------------------------------------
+
+def worker_envs(gpus: Sequence[str] | None, workers: int) -> list[dict[str, str]]:
+    """Environment overrides per worker: one GPU each, or an equal share of the CPU cores."""
+    if gpus:
+        return [{"CUDA_VISIBLE_DEVICES": g} for g in gpus]
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    cpu = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    return [dict(cpu) for _ in range(workers)]
+
+
+def launch(argvs: Sequence[Sequence[str]], envs: Sequence[dict[str, str]]) -> list[int]:
+    """Start ``python -m search.run ARGV`` per worker, wait for all; their exit codes.
+
+    Workers run in their own sessions, so Ctrl-C reaches them once, through this parent:
+    it forwards SIGINT/SIGTERM, then waits for them to mark their trials and exit.
+    """
+    procs = [subprocess.Popen([sys.executable, "-m", "search.run", *argv],
+                              env={**os.environ, **env}, start_new_session=True)
+             for argv, env in zip(argvs, envs, strict=True)]
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGINT if signum == signal.SIGINT else signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = []
+        for i, p in enumerate(procs):
+            code = p.wait()
+            if code < 0:
+                print(f"worker {i} (pid {p.pid}) was killed by signal {-code}", file=sys.stderr)
+            codes.append(code)
+        return codes
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
