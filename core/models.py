@@ -56,6 +56,73 @@ def _pretrained_help(backbone: str) -> str:
     )
 
 
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = (str(error).strip().splitlines() or [""])[0]
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _weights_source(backbone: str) -> tuple[bool, list[str]]:
+    """(weights already on disk, hosts they would come from) for timm's default tag.
+
+    Mirrors timm's order (Hugging Face Hub first, else the URL into torch's hub cache) closely
+    enough to answer "can this run without a network?"; unknown layouts answer (True, []) so
+    that timm itself decides.
+    """
+    from urllib.parse import urlparse
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    pcfg = timm.models.get_pretrained_cfg(backbone)
+    if pcfg is None:
+        return True, []
+    if pcfg.hf_hub_id:
+        repo = pcfg.hf_hub_id.split("@")[0]
+        names = [pcfg.hf_hub_filename] if pcfg.hf_hub_filename else [
+            "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+        for name in names:
+            if isinstance(huggingface_hub.try_to_load_from_cache(repo, name), str):
+                return True, []
+        return False, [urlparse(constants.ENDPOINT).hostname or "huggingface.co"]
+    if pcfg.url:
+        cached = Path(torch.hub.get_dir(), "checkpoints", Path(urlparse(pcfg.url).path).name)
+        return cached.is_file(), [urlparse(pcfg.url).hostname or ""]
+    return True, []
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """One TCP connect to ``host:443``: seconds instead of the hub client's minute of retries."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_weights_available(cfg: TrainConfig) -> None:
+    """Raise ``ConfigError`` (with the fix) when ``cfg`` asks for hub weights that cannot be had.
+
+    Cheap: reads the local caches and, only when the weights are not there, tries one connect.
+    ``HF_HUB_OFFLINE=1`` without cached weights fails here without any network access.
+    """
+    if not cfg.pretrained or cfg.pretrained_file:
+        return
+    from huggingface_hub import constants
+
+    cached, hosts = _weights_source(cfg.backbone)
+    if cached or not hosts:
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"{_pretrained_help(cfg.backbone)} (HF_HUB_OFFLINE is set and the "
+                          "weights are not in the cache)")
+    if not any(_reachable(h) for h in hosts):
+        raise ConfigError(f"{_pretrained_help(cfg.backbone)} (not in the cache, and "
+                          f"{', '.join(hosts)} cannot be reached)")
+
+
 def create_model(cfg: TrainConfig) -> nn.Module:
     """The network for ``cfg``: logits (N, 18) for head="single", log-probs for head="multi".
 
@@ -73,12 +140,13 @@ def create_model(cfg: TrainConfig) -> nn.Module:
         if not Path(weights_file).is_file():
             raise ConfigError(f"config field 'pretrained_file': no such file {weights_file}")
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file)}
+    check_weights_available(cfg)
     try:
         net = timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
     except Exception as e:  # hub/network/cache errors come in many types; all mean "no weights"
         if not cfg.pretrained:
             raise
-        raise ConfigError(f"{_pretrained_help(cfg.backbone)} ({type(e).__name__}: {e})") from e
+        raise ConfigError(f"{_pretrained_help(cfg.backbone)} ({_first_line(e)})") from e
     if cfg.head == "multi":
         return MultiHeadNet(net)
     net.multi_head = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,16 @@ def run(args: argparse.Namespace) -> float:
     from core.cache import build_cache
     from core.dataset import load_train_table, training_targets
     from core.engine import fit_fold
+    from core.models import check_weights_available
     from core.splits import person_folds
 
     cfg = build_config(args.config, args.set or [])
     if not 0 <= args.fold < args.folds:
         raise ConfigError(f"--fold must be in 0..{args.folds - 1}, got {args.fold}")
+    # Before the minutes of reading and caching: weights that cannot be had fail now.
+    check_weights_available(cfg)
+    if not Path(args.data).is_dir():
+        raise DataError(f"data folder {str(args.data)!r} does not exist")
     table = load_train_table(args.data, corrections=args.corrections)
     folds = person_folds(table, n_folds=args.folds, seed=args.seed)
     cache = build_cache(args.data, image_size=tuple(cfg.image_size),
@@ -98,10 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one TrainConfig field (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
     args = p.parse_args(argv)
     try:
         run(args)
     except (DataError, ConfigError) as e:
+        if args.debug or os.environ.get("MASK_SEARCH_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -48,8 +48,57 @@ class _PrefixedStore:
         self._store.remove(self._key(artifact_id))
 
 
+class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
+    """``FileSystemArtifactStore`` whose writes are all-or-nothing.
+
+    Optuna's store copies straight into the final file, and ``upload_artifact`` records the
+    artifact on the trial *before* copying, so a kill mid-upload would leave a truncated file
+    under a recorded id (the dashboard would serve it; a reader would trust it). Here the bytes
+    go to ``.<id>.<pid>.tmp`` in the same folder, are fsynced, and only then renamed to the id:
+    the id either names the whole file or nothing (``ArtifactNotFound``). Temps left by killed
+    processes are removed by the next write.
+    """
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        final = self._get_filepath(artifact_id)
+        remove_dead_temps(final.parent)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(content_body, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_dead_temps(folder: Path, name: str = "*") -> None:
+    """Delete ``.<name>.<pid>.tmp`` files in ``folder`` whose writing process is gone (killed)."""
+    for tmp in Path(folder).glob(f".{name}.*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit(".", 2)[1])
+        except (IndexError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            tmp.unlink(missing_ok=True)
+
+
 def open_store(path_or_url: str | Path) -> ArtifactStore:
-    """A folder -> ``FileSystemArtifactStore`` (folder created); ``s3://bucket[/prefix]`` -> S3.
+    """A folder -> ``AtomicFileSystemArtifactStore`` (created); ``s3://bucket[/prefix]`` -> S3.
+
+    S3 uploads are atomic per object already (an object appears whole or not at all).
 
     The folder is what ``optuna-dashboard --artifact-dir`` takes. For S3-compatible services
     set ``AWS_ENDPOINT_URL`` and the usual credentials in the environment (boto3 reads them).
@@ -73,7 +122,7 @@ def open_store(path_or_url: str | Path) -> ArtifactStore:
     if path.exists() and not path.is_dir():
         raise DataError(f"artifact store {text!r} is a file, not a folder")
     path.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(path)
+    return AtomicFileSystemArtifactStore(path)
 
 
 def attr_name(name: str) -> str:

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,14 +135,24 @@ def cross_fitted_f1(
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``.<name>.<pid>.tmp`` next to ``path``, fsync, rename: readers see old or new.
+
+    A SIGKILL mid-write leaves the previous file intact plus a temp, which the next write of
+    the same file removes (its pid is dead).
+    """
+    from search.artifacts import remove_dead_temps
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_dead_temps(path.parent, path.name)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w", newline="") as f:
+        with open(tmp, "w", newline="") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -402,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(args)
     except (DataError, ConfigError) as e:
-        if args.debug:
+        if args.debug or os.environ.get("MASK_SEARCH_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

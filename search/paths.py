@@ -25,7 +25,8 @@ def runs_dir() -> Path:
 
 def check_study_name(name: str) -> str:
     """Return ``name`` when it is safe inside file names; else one-line ``ConfigError``."""
-    if not _NAME.match(name or "") or ".." in name:
+    # fullmatch, not match: "$" would let a trailing newline through ("demo\n.db").
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise ConfigError(
             f"study name {name!r}: use letters, digits, '.', '_' or '-' (no '/', no '..'), "
             "at most 100 characters"
