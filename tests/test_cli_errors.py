@@ -1,0 +1,210 @@
+"""Configuration mistakes give one ``error: ...`` line and exit 2 from every CLI; ``--debug``
+shows the traceback.
+
+Most cases call ``main(argv)`` in-process (fast); one subprocess checks what a user really sees
+on the terminal, and one checks that pretrained weights asked for offline fail at once, with
+the fix, without touching the network.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+
+import core.train_fold
+import search.dashboard
+import search.ensemble
+import search.run
+from core.config import ConfigError, TrainConfig
+from core.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_DOWN = "postgresql://postgres@127.0.0.1:1/x"  # port 1: nothing listens, refused at once
+
+CLIS: dict[str, Callable[[list[str]], int]] = {
+    "run": search.run.main,
+    "ensemble": search.ensemble.main,
+    "dashboard": search.dashboard.main,
+    "train_fold": core.train_fold.main,
+}
+
+
+@pytest.fixture(autouse=True)
+def runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private runs folder, and a working directory where a stray ./runs would show up."""
+    monkeypatch.setenv("MASK_SEARCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv("MASK_SEARCH_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "runs"
+
+
+def one_error(capfd: pytest.CaptureFixture, code: int) -> str:
+    """The single error line of a failed command (asserting exit 2 and no traceback)."""
+    out, err = capfd.readouterr()
+    assert code == 2, (out, err)
+    assert "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    return path
+
+
+# (cli, argv, words the one line must contain); {tmp} is the test's tmp_path.
+CASES = [
+    ("run", ["--study", "nope", "--trials", "1"], ["unknown study 'nope'", "demo", "mask"]),
+    ("run", ["--study", "../escape", "--trials", "1"], ["study name", "'../escape'"]),
+    ("run", ["--study", "/etc/passwd", "--trials", "1"], ["study name"]),
+    ("run", ["--study", "demo", "--trials", "1", "--data", "{tmp}/no_such_dir"],
+     ["no_such_dir", "does not exist"]),
+    ("run", ["--study", "demo", "--trials", "1", "--storage", "foo://bar"],
+     ["foo://bar", "unknown scheme"]),
+    ("run", ["--study", "demo", "--trials", "1", "--storage", "postgres://u@h/db"],
+     ["postgresql://"]),
+    ("run", ["--study", "demo", "--trials", "1", "--storage", "sqlite:///{tmp}/a_file/x.db"],
+     ["storage", "a_file"]),
+    ("run", ["--study", "demo", "--trials", "1", "--storage", PG_DOWN],
+     ["127.0.0.1:1", "refused"]),
+    ("ensemble", ["--study", "nope"], ["nope.db", "does not exist"]),
+    ("ensemble", ["--study", "../x"], ["study name"]),
+    ("ensemble", ["--study", "demo", "--top", "0"], ["--top"]),
+    ("ensemble", ["--study", "demo", "--storage", "foo://bar"], ["unknown scheme"]),
+    ("ensemble", ["--study", "demo", "--storage", PG_DOWN], ["127.0.0.1:1", "refused"]),
+    ("dashboard", ["--study", "nope"], ["nope", "search.run first"]),
+    ("dashboard", ["--study", "../x"], ["study name"]),
+    ("dashboard", ["--study", "demo", "--storage", "foo://bar"], ["unknown scheme"]),
+    ("dashboard", ["--study", "demo", "--storage", PG_DOWN], ["127.0.0.1:1", "refused"]),
+    ("dashboard", ["--study", "demo", "--storage", "sqlite:///{tmp}/a_file/x.db"],
+     ["storage", "a_file"]),
+    ("train_fold", ["--data", "{tmp}/no_such_dir"], ["no_such_dir", "does not exist"]),
+    ("train_fold", ["--data", "{tmp}", "--set", "backbone=no_such_net"],
+     ["backbone", "no_such_net", "timm"]),
+    ("train_fold", ["--data", "{tmp}", "--set", "lr=-1"], ["'lr'"]),
+    ("train_fold", ["--data", "{tmp}", "--fold", "7"], ["--fold"]),
+    ("train_fold", ["--data", "{tmp}", "--set", "nonsense"], ["key=value"]),
+]
+
+
+@pytest.mark.parametrize(("cli", "argv", "words"), CASES,
+                         ids=[f"{c}:{' '.join(a)[:60]}" for c, a, _ in CASES])
+def test_expected_problem_is_one_line_and_exit_2(cli, argv, words, tmp_path, capfd):
+    a_file(tmp_path)
+    line = one_error(capfd, CLIS[cli]([a.replace("{tmp}", str(tmp_path)) for a in argv]))
+    for word in words:
+        assert word in line
+
+
+def test_missing_data_leaves_no_study(tmp_path, runs, capfd):
+    """A typo in --data must not create the study: the rerun with the right path starts clean."""
+    one_error(capfd, search.run.main(["--study", "demo", "--trials", "1", "--data",
+                                      str(tmp_path / "typo")]))
+    db = runs / "demo.db"
+    if db.exists():
+        assert optuna.get_all_study_summaries(f"sqlite:///{db}") == []
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_trials_must_be_a_positive_number(value, capfd):
+    with pytest.raises(SystemExit) as exit_info:
+        search.run.main(["--study", "demo", "--trials", value])
+    assert exit_info.value.code == 2
+    out, err = capfd.readouterr()
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # argparse: usage, then the one error line
+    assert "--trials" in last and value in last
+
+
+def test_unknown_backbone_in_a_study_space_is_one_line(synth_data, monkeypatch, capfd):
+    """A study space naming a backbone timm does not have: the first trial stops the run with
+    one line (the trial is recorded as FAIL), not Optuna's logged traceback."""
+    monkeypatch.setattr("studies.demo.BACKBONES", ("resnet_typo",))
+    code = search.run.main(["--study", "demo", "--trials", "1", "--data", str(synth_data),
+                            "--folds", "2", "--epochs", "1", "--device", "cpu"])
+    out, err = capfd.readouterr()
+    assert code == 2, (out, err)
+    assert "Traceback" not in out + err
+    assert err.strip().splitlines()[-1].startswith("error: config field 'backbone'")
+    assert "resnet_typo" in err
+
+
+def test_pretrained_without_cache_and_without_network_fails_fast(tmp_path, monkeypatch):
+    """Weights not in an (empty) cache and the hub unreachable: ConfigError with the fix in
+    well under a second, and the hub client is never asked (it would retry for a minute)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from core.models import create_model
+
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    def must_not_download(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("socket.create_connection", no_network)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", must_not_download)
+    monkeypatch.setattr("timm.models._hub.hf_hub_download", must_not_download, raising=False)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        create_model(TrainConfig(backbone="resnet18", pretrained=True))
+    assert time.perf_counter() - t0 < 2
+    msg = str(e.value)
+    assert "resnet18" in msg and "pretrained_file=" in msg and "cannot be reached" in msg
+    assert "\n" not in msg
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_terminal_sees_exactly_one_line(runs):
+    env = {"MASK_SEARCH_RUNS": str(runs)}
+    plain = run_cli(["-m", "search.run", "--study", "nope", "--trials", "1"], env)
+    assert plain.returncode == 2
+    assert plain.stdout == ""
+    assert plain.stderr.splitlines() == [
+        "error: unknown study 'nope'; known studies: demo, mask"]
+
+
+@pytest.mark.parametrize("cli", ["run", "ensemble", "dashboard", "train_fold"])
+def test_debug_lets_the_exception_through(cli, tmp_path, monkeypatch):
+    """``--debug`` (or MASK_SEARCH_DEBUG=1) re-raises, so Python prints the traceback."""
+    argv = {"run": ["--study", "nope", "--trials", "1"], "ensemble": ["--study", "nope"],
+            "dashboard": ["--study", "nope"],
+            "train_fold": ["--data", str(tmp_path), "--set", "backbone=no_such_net"]}[cli]
+    with pytest.raises((ConfigError, DataError)):
+        CLIS[cli]([*argv, "--debug"])
+    monkeypatch.setenv("MASK_SEARCH_DEBUG", "1")
+    with pytest.raises((ConfigError, DataError)):
+        CLIS[cli](argv)
+
+
+def test_pretrained_offline_cli_names_the_fix_without_network(tmp_path):
+    """HF_HUB_OFFLINE=1 and an empty Hugging Face cache: core.train_fold stops before reading
+    any data, with one line saying how to get weights."""
+    t0 = time.perf_counter()
+    done = run_cli(["-m", "core.train_fold", "--data", str(tmp_path), "--set", "pretrained=true",
+                    "--set", "backbone=resnet18"],
+                   {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    seconds = time.perf_counter() - t0
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: pretrained weights for backbone "
+                                                   "'resnet18'")
+    assert "pretrained_file=" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+    assert seconds < 60  # interpreter + torch import; the hub client's retries take longer
