@@ -112,3 +112,41 @@ def test_a_real_browser_renders_the_study_name(server, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert STUDY in r.stdout
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of LISTEN sockets on ``port``, from /proc/net/tcp{,6} (Linux)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(addr)
+    return found
+
+
+def test_server_listens_on_loopback_only(server) -> None:
+    """No --host: the socket is bound to 127.0.0.1 (0100007F), not 0.0.0.0 or ::, so other
+    machines cannot reach a dashboard that can edit studies and has no login."""
+    base, _, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    assert listening_addresses(port) == {"0100007F"}
+
+
+def test_host_flag_reaches_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna_dashboard
+
+    from search import dashboard
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    optuna.create_study(study_name=STUDY, storage=url)
+    seen = []
+    monkeypatch.setattr(optuna_dashboard, "run_server",
+                        lambda storage, host, port, artifact_store: seen.append((host, port)))
+    base = ["--study", STUDY, "--storage", url, "--artifacts", str(tmp_path / "a")]
+    assert dashboard.main(base) == 0
+    assert dashboard.main([*base, "--host", "0.0.0.0", "--port", "9999"]) == 0
+    assert seen == [("127.0.0.1", 8080), ("0.0.0.0", 9999)]
