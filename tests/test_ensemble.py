@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +14,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+from optuna.artifacts.exceptions import ArtifactNotFound
 
 from core.dataset import data_fingerprint, load_eval_table, load_train_table
 from core.errors import DataError
@@ -295,3 +300,114 @@ def test_cli_refuses_unknown_study_or_storage(maker, tmp_path, capsys):
     assert main(["--study", "t", "--storage", f"sqlite:///{missing}"]) == 2
     assert "does not exist" in one_line_error(capsys)
     assert not missing.exists()
+
+
+# ----------------------------------------------------------------------------- interrupted work
+
+
+def temps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob(".*.tmp"))
+
+
+def test_default_output_goes_inside_runs(maker, tmp_path, monkeypatch, capsys):
+    """Without --out the files go to runs/<study>/ (--out is the user's explicit path)."""
+    monkeypatch.setenv("MASK_SEARCH_RUNS", str(tmp_path / "runs"))
+    maker.add_pair()
+    assert main(["--study", "t", "--storage", maker.storage, "--artifacts",
+                 str(maker.art)]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs" / "t").iterdir()) == [
+        "submission.csv", "submission.json"]
+
+
+def test_crash_mid_write_keeps_the_previous_files(maker, monkeypatch, capsys):
+    """An error after the new bytes are written but before the rename: old files intact, whole,
+    and no temp left behind."""
+    maker.add_pair()
+    assert maker.cli() == 0
+    before = {p.name: p.read_bytes() for p in maker.out.parent.iterdir()}
+    maker.add_pair()  # the next result differs (four trials)
+
+    def crash(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", crash)
+    with pytest.raises(OSError, match="No space"):
+        maker.cli("--top", "2")
+    after = {p.name: p.read_bytes() for p in maker.out.parent.iterdir()}
+    assert after == before
+
+
+KILLER = """
+import os, sys, time
+import search.ensemble
+def stall(fd):  # the new bytes are in the temp file; stop here until killed
+    print("WRITING", flush=True)
+    time.sleep(120)
+os.fsync = stall
+sys.exit(search.ensemble.main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_during_writing_leaves_the_previous_submission(maker, capsys):
+    """SIGKILL while the submission is being written: the previous submission and JSON are
+    untouched, and the next run removes the dead process's temp and writes new files."""
+    maker.add_pair()
+    assert maker.cli("--size", "1") == 0
+    before = {p.name: p.read_bytes() for p in maker.out.parent.iterdir()}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLER, "--study", "t", "--storage", maker.storage,
+         "--artifacts", str(maker.art), "--out", str(maker.out)],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "WRITING", proc.stderr.read()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert temps(maker.out.parent) == [f".submission.csv.{proc.pid}.tmp"]  # killed mid-write
+    assert {p.name: p.read_bytes() for p in maker.out.parent.iterdir()
+            if not p.name.endswith(".tmp")} == before
+    assert maker.cli() == 0  # --size 20 now: a different report
+    assert temps(maker.out.parent) == []
+    assert maker.out.with_suffix(".json").read_bytes() != before["submission.json"]
+
+
+class BreaksAfter:
+    """A reader that yields ``n`` bytes, then fails (a dying upload source)."""
+
+    def __init__(self, data: bytes, n: int) -> None:
+        self.data, self.n, self.pos = data, n, 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self.pos >= self.n:
+            raise OSError("connection reset")
+        chunk = self.data[self.pos:self.n]
+        self.pos = self.n
+        return chunk
+
+
+def test_interrupted_artifact_upload_leaves_no_artifact(tmp_path):
+    """Optuna records an artifact's id before copying the bytes; an upload that dies half-way
+    must leave that id pointing at nothing (not at a truncated file a reader would trust)."""
+    store = artifacts.open_store(tmp_path / "art")
+    with pytest.raises(OSError, match="reset"):
+        store.write("a1", BreaksAfter(b"x" * 1000, 400))
+    with pytest.raises(ArtifactNotFound):
+        store.open_reader("a1")
+    assert list((tmp_path / "art").iterdir()) == []
+    store.write("a1", io.BytesIO(b"whole"))
+    with store.open_reader("a1") as r:
+        assert r.read() == b"whole"
+
+
+def test_temps_of_killed_uploads_are_removed_by_the_next_write(tmp_path):
+    art = tmp_path / "art"
+    store = artifacts.open_store(art)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    (art / f".a1.{int(dead.stdout)}.tmp").write_bytes(b"half")  # a SIGKILLed upload's temp
+    alive = art / f".a2.{os.getpid()}.tmp"  # an upload still running in a live process
+    alive.write_bytes(b"in progress")
+    store.write("b", io.BytesIO(b"ok"))
+    assert sorted(p.name for p in art.iterdir()) == [alive.name, "b"]
