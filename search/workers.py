@@ -50,12 +50,18 @@ log = optuna.logging.get_logger("optuna.mask_search")
 
 # -- who owns a trial ------------------------------------------------------------------------
 
-def _start_time(pid: int) -> str | None:
-    """Process start time (Linux /proc), so a reused pid is not mistaken for the owner."""
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (Linux), or None."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def _start_time(pid: int) -> str | None:
+    """Process start time (Linux /proc), so a reused pid is not mistaken for the owner."""
+    fields = _stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
 
 
 def owner_record() -> dict:
@@ -74,6 +80,9 @@ def owner_alive(owner: dict | None) -> bool | None:
         return False
     except PermissionError:
         return True
+    fields = _stat(pid)
+    if fields and fields[0] in ("Z", "X"):  # killed, not yet waited for by its parent
+        return False
     started = owner.get("start")
     return started is None or _start_time(pid) in (None, started)
 
@@ -316,13 +325,17 @@ def launch(argvs: Sequence[Sequence[str]], envs: Sequence[dict[str, str]]) -> li
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        codes = []
-        for i, p in enumerate(procs):
-            code = p.wait()
-            if code < 0:
-                print(f"worker {i} (pid {p.pid}) was killed by signal {-code}", file=sys.stderr)
-            codes.append(code)
-        return codes
+        codes: dict[int, int] = {}
+        while len(codes) < len(procs):  # poll all, so a dead worker is reported (and reaped) now
+            for i, p in enumerate(procs):
+                if i in codes or (code := p.poll()) is None:
+                    continue
+                codes[i] = code
+                if code < 0:
+                    print(f"worker {i} (pid {p.pid}) was killed by signal {-code}",
+                          file=sys.stderr, flush=True)
+            time.sleep(0.2)
+        return [codes[i] for i in range(len(procs))]
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)

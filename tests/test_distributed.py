@@ -1,0 +1,251 @@
+"""Several workers on one study, against a real PostgreSQL server and the journal file storage.
+
+The kill tests start ``search.run --workers 3`` on a tiny demo study, SIGKILL one worker after
+its trial finished a fold, and check what users rely on: the study still ends with exactly
+``--trials`` finished trials, the dead trial is FAIL and its retry COMPLETE, resumed from the
+folds that had finished (same artifact ids, fewer epochs trained), and every artifact loads.
+
+PostgreSQL: ``$MASK_SEARCH_PG_URL`` (``.ci/run`` starts a server), else the server is started
+with ``.ci/postgres.sh``; if neither works the tests FAIL, they never skip. Each test session
+gets a fresh database, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+
+from core.labels import NUM_CLASSES
+from search import artifacts
+from search.objective import (
+    EVAL,
+    OOF,
+    checkpoint_name,
+    eval_fold_name,
+    fold_done_attr,
+    load_study_data,
+    oof_fold_name,
+)
+from search.run import main
+from search.storage import open_storage
+from search.workers import OWNER_ATTR, claim, claim_lock, reap, retried_from
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"backbone": "test_resnet", "image_size": "48x32", "loss": "ce", "lr": 3e-3,
+        "class_weights": "none", "age_threshold": 60}
+FOLDS, EPOCHS, TRIALS, WORKERS = 3, 2, 4, 3
+
+
+def _start_postgres() -> str:
+    """Start the throw-away server of ``.ci/postgres.sh``; its URL, or pytest.fail."""
+    script = ROOT / ".ci" / "postgres.sh"
+    proc = subprocess.run(["bash", "-c", f'source "{script}" && start_postgres >&2 && '
+                                         'echo "$MASK_SEARCH_PG_URL"'],
+                          capture_output=True, text=True, timeout=120)
+    url = proc.stdout.strip()
+    if proc.returncode != 0 or not url:
+        pytest.fail("no PostgreSQL: MASK_SEARCH_PG_URL is unset and .ci/postgres.sh could not "
+                    f"start one: {proc.stderr.strip()[-500:]}")
+    return url
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A fresh, empty database on the test server (dropped at the end)."""
+    import psycopg
+
+    server = os.environ.get("MASK_SEARCH_PG_URL") or _start_postgres()
+    base = make_url(server)
+    name = f"mask_test_{uuid.uuid4().hex[:12]}"
+    dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield base.set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny synthetic data with its 48x32 cache built once (workers then only read it)."""
+    from core.cache import build_cache
+    from core.synth import generate
+
+    data = Path(generate(tmp_path_factory.mktemp("dist") / "data", people=24, eval_people=4,
+                         seed=0, size=(48, 36)))
+    build_cache(data, (48, 32), workers=1, progress=False)
+    return data
+
+
+def _start_workers(url: str, art: Path, data: Path, *extra: str) -> subprocess.Popen:
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="demo", storage=storage, direction="maximize")
+    for _ in range(TRIALS):
+        study.enqueue_trial(FAST)
+    argv = ["--study", "demo", "--storage", url, "--artifacts", str(art), "--data", str(data),
+            "--trials", str(TRIALS), "--folds", str(FOLDS), "--epochs", str(EPOCHS),
+            "--pruner", "none", "--seed", "0", "--workers", str(WORKERS), *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "search.run", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_mid_trial(proc: subprocess.Popen, storage) -> FrozenTrial:
+    """SIGKILL the worker of a RUNNING trial that finished fold 0 but not its last fold."""
+    study = optuna.load_study(study_name="demo", storage=storage)
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and proc.poll() is None:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            attrs = t.user_attrs
+            if fold_done_attr(0) in attrs and fold_done_attr(FOLDS - 1) not in attrs:
+                os.kill(int(attrs[OWNER_ATTR]["pid"]), signal.SIGKILL)
+                return study._storage.get_trial(t._trial_id)
+        time.sleep(0.1)
+    out, err = proc.communicate(timeout=60) if proc.poll() is not None else ("", "")
+    pytest.fail(f"no running trial with a finished fold was seen: {err[-2000:]}")
+
+
+def _check_kill_run(proc: subprocess.Popen, storage, art: Path, data: Path) -> None:
+    try:
+        killed = _kill_mid_trial(proc, storage)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # a hang: SIGTERM reaches the workers through the parent
+            proc.terminate()
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert "killed by signal 9" in err
+
+    trials = optuna.load_study(study_name="demo", storage=storage).trials
+    numbers = [t.number for t in trials]
+    assert len(set(numbers)) == len(numbers)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == TRIALS  # exactly N, no overshoot, although a worker died
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)
+                and retried_from(t) is not None]
+    dead = trials[killed.number]
+    assert dead.state == TrialState.FAIL
+
+    retries = [t for t in trials if retried_from(t) == killed.number]
+    assert len(retries) == 1
+    retry = retries[0]
+    assert retry.state == TrialState.COMPLETE
+    assert retry.params == dead.params
+    # resumed from the folds that had finished: their artifacts are the dead trial's own
+    done = [k for k in range(FOLDS) if fold_done_attr(k) in killed.user_attrs]
+    assert done and done == list(range(len(done))) and len(done) < FOLDS
+    assert retry.user_attrs["resumed_folds"] == done
+    for k in done:
+        for name in (oof_fold_name(k), eval_fold_name(k), checkpoint_name(k)):
+            assert retry.user_attrs[artifacts.attr_name(name)] == \
+                dead.user_attrs[artifacts.attr_name(name)]
+    assert retry.user_attrs["epochs_trained"] == (FOLDS - len(done)) * EPOCHS
+    assert sorted(retry.intermediate_values) == list(range(FOLDS * EPOCHS))
+    assert len(retry.user_attrs["fold_f1"]) == FOLDS
+
+    table = load_study_data(data, data / "corrections.csv", FOLDS, 0)
+    store = artifacts.open_store(art)
+    for t in trials:
+        if t.state != TrialState.COMPLETE:
+            continue
+        oof = artifacts.load_array(t, store, OOF)
+        assert oof.shape == (len(table.table), NUM_CLASSES)
+        np.testing.assert_allclose(oof.sum(axis=1), 1, atol=1e-4)
+        assert artifacts.load_array(t, store, EVAL).shape == (len(table.eval_table),
+                                                               NUM_CLASSES)
+        from core.engine import macro_f1
+
+        assert t.value == pytest.approx(macro_f1(table.labels, oof))
+        for k in range(FOLDS):
+            dest = art.parent / f"ckpt_{t.number}_{k}.pt"
+            artifacts.load_file(t, store, checkpoint_name(k), dest)
+            assert torch.load(dest, weights_only=True)
+            dest.unlink()
+
+
+@pytest.mark.slow
+def test_postgres_worker_killed_mid_trial_is_retried_from_its_folds(
+        pg_url: str, tiny: Path, tmp_path: Path) -> None:
+    art = tmp_path / "artifacts"
+    proc = _start_workers(pg_url, art, tiny, "--heartbeat-interval", "1", "--grace-period", "3")
+    _check_kill_run(proc, open_storage(pg_url), art, tiny)
+
+
+@pytest.mark.slow
+def test_journal_worker_killed_mid_trial_is_retried_from_its_folds(
+        tiny: Path, tmp_path: Path) -> None:
+    url, art = str(tmp_path / "demo.log"), tmp_path / "artifacts"
+    proc = _start_workers(url, art, tiny)
+    _check_kill_run(proc, open_storage(url), art, tiny)
+
+
+def test_journal_reaps_a_dead_owner_and_claims_its_retry_first(tmp_path: Path) -> None:
+    url = str(tmp_path / "j.log")
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="s", storage=storage)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    dead.set_user_attr(OWNER_ATTR, {"host": os.uname().nodename, "pid": gone.pid,
+                                    "start": None})
+    mine = study.ask()
+    mine.set_user_attr(OWNER_ATTR, {"host": os.uname().nodename, "pid": os.getpid(),
+                                    "start": None})
+    study.enqueue_trial({"x": 0.25})  # older than the retry: the retry still goes first
+    assert reap(study, max_retry=1) == [dead.number]
+    states = {t.number: t.state for t in study.trials}
+    assert states[dead.number] == TrialState.FAIL and states[mine.number] == TrialState.RUNNING
+    got = claim(study, 10, claim_lock(storage, url, "s"), max_retry=1)
+    assert isinstance(got, optuna.Trial)
+    frozen = storage.get_trial(got._trial_id)
+    assert retried_from(frozen) == dead.number and frozen.params == dead.params
+    assert got.user_attrs[OWNER_ATTR]["pid"] == os.getpid()
+    assert reap(study, max_retry=1) == []  # live owners are left alone
+
+
+def test_claims_stop_at_n_counting_running_trials(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="c", storage=storage)
+    lock = claim_lock(storage, url, "c")
+    first = claim(study, 2, lock, max_retry=0)
+    second = claim(study, 2, lock, max_retry=0)
+    assert isinstance(first, optuna.Trial) and isinstance(second, optuna.Trial)
+    assert claim(study, 2, lock, max_retry=0) is True  # both slots running: wait, do not ask
+    study.tell(first, 1.0)
+    study.tell(second, state=TrialState.FAIL)  # a failed trial frees its slot
+    third = claim(study, 2, lock, max_retry=0)
+    assert isinstance(third, optuna.Trial)
+    study.tell(third, 2.0)
+    assert claim(study, 2, lock, max_retry=0) is False
+    assert len(study.trials) == 3
+
+
+@pytest.mark.parametrize(("url", "expect"), [
+    ("postgresql://postgres@127.0.0.1:1/db",
+     "cannot connect to 127.0.0.1:1 (connection refused); start the database server"),
+    ("postgres://u@h/db", "unknown scheme 'postgres' (write postgresql://)"),
+    ("foo://bar", "unknown scheme 'foo'"),
+    ("postgresql://u@h:notaport/db", "malformed URL"),
+    ("runs/study.txt", "expected sqlite:///FILE"),
+])
+def test_bad_storage_urls_are_one_line(url: str, expect: str, tmp_path: Path, capsys,
+                                       monkeypatch) -> None:
+    monkeypatch.setenv("MASK_SEARCH_RUNS", str(tmp_path))
+    assert main(["--study", "demo", "--trials", "1", "--storage", url]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err and "Traceback" not in err
+    assert not (tmp_path / "demo_data").exists()  # nothing made before the storage opened
