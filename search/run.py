@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -231,6 +232,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     storage = open_storage(storage_url, heartbeat_interval=args.heartbeat_interval,
                            grace_period=args.grace_period, max_retry=args.max_retry)
     worker = args.worker_id is not None
+    if worker:  # Ctrl-C arrives forwarded by the parent; a shell may have started us ignoring it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     given = {k for k, flag in (("n_folds", args.folds), ("data_dir", args.data),
                                ("epochs", args.epochs)) if flag is not None}
     # Find the data before creating anything: a missing folder must not leave an empty study.

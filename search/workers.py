@@ -311,7 +311,8 @@ def launch(argvs: Sequence[Sequence[str]], envs: Sequence[dict[str, str]]) -> li
     """Start ``python -m search.run ARGV`` per worker, wait for all; their exit codes.
 
     Workers run in their own sessions, so Ctrl-C reaches them once, through this parent:
-    it forwards SIGINT/SIGTERM, then waits for them to mark their trials and exit.
+    it forwards SIGINT (and SIGTERM, as SIGINT), then waits for them to mark their running
+    trials FAIL and exit.
     """
     procs = [subprocess.Popen([sys.executable, "-m", "search.run", *argv],
                               env={**os.environ, **env}, start_new_session=True)
@@ -321,7 +322,7 @@ def launch(argvs: Sequence[Sequence[str]], envs: Sequence[dict[str, str]]) -> li
         for p in procs:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    p.send_signal(signal.SIGINT if signum == signal.SIGINT else signum)
+                    p.send_signal(signal.SIGINT)  # workers mark their trials FAIL and stop
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

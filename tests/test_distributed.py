@@ -90,14 +90,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data
 
 
-def _start_workers(url: str, art: Path, data: Path, *extra: str) -> subprocess.Popen:
+def _start_workers(url: str, art: Path, data: Path, *extra: str, workers: int = WORKERS,
+                   epochs: int = EPOCHS) -> subprocess.Popen:
     storage = open_storage(url)
     study = optuna.create_study(study_name="demo", storage=storage, direction="maximize")
     for _ in range(TRIALS):
         study.enqueue_trial(FAST)
     argv = ["--study", "demo", "--storage", url, "--artifacts", str(art), "--data", str(data),
-            "--trials", str(TRIALS), "--folds", str(FOLDS), "--epochs", str(EPOCHS),
-            "--pruner", "none", "--seed", "0", "--workers", str(WORKERS), *extra]
+            "--trials", str(TRIALS), "--folds", str(FOLDS), "--epochs", str(epochs),
+            "--pruner", "none", "--seed", "0", "--workers", str(workers), *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "search.run", *argv], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -145,7 +146,9 @@ def _check_kill_run(proc: subprocess.Popen, storage, art: Path, data: Path) -> N
     assert retry.state == TrialState.COMPLETE
     assert retry.params == dead.params
     # resumed from the folds that had finished: their artifacts are the dead trial's own
-    done = [k for k in range(FOLDS) if fold_done_attr(k) in killed.user_attrs]
+    # (the dead trial's final attrs: a commit sent just before the kill may land after it)
+    done = [k for k in range(FOLDS) if fold_done_attr(k) in dead.user_attrs]
+    assert fold_done_attr(0) in killed.user_attrs
     assert done and done == list(range(len(done))) and len(done) < FOLDS
     assert retry.user_attrs["resumed_folds"] == done
     for k in done:
@@ -190,6 +193,28 @@ def test_journal_worker_killed_mid_trial_is_retried_from_its_folds(
     url, art = str(tmp_path / "demo.log"), tmp_path / "artifacts"
     proc = _start_workers(url, art, tiny)
     _check_kill_run(proc, open_storage(url), art, tiny)
+
+
+@pytest.mark.slow
+def test_ctrl_c_reaches_every_worker_and_the_summary_prints_once(tiny: Path,
+                                                                 tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'int.db'}"
+    proc = _start_workers(url, tmp_path / "artifacts", tiny, workers=2, epochs=50)
+    study = optuna.load_study(study_name="demo", storage=url)
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and proc.poll() is None:
+        running = study.get_trials(states=(TrialState.RUNNING,))
+        if len(running) == 2 and all(t.intermediate_values for t in running):
+            break
+        time.sleep(0.3)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert out.count("wall time") == 1
+    states = [t.state for t in study.trials]
+    assert TrialState.RUNNING not in states
+    assert states.count(TrialState.FAIL) == 2
 
 
 def test_journal_reaps_a_dead_owner_and_claims_its_retry_first(tmp_path: Path) -> None:
@@ -249,3 +274,20 @@ def test_bad_storage_urls_are_one_line(url: str, expect: str, tmp_path: Path, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expect in err and "Traceback" not in err
     assert not (tmp_path / "demo_data").exists()  # nothing made before the storage opened
+
+
+def test_gpus_start_one_worker_per_device_and_workers_share_the_cores() -> None:
+    from search.run import build_parser, child_argv
+    from search.workers import worker_envs
+
+    argv = ["--study", "demo", "--trials", "8", "--gpus", "0,2"]
+    assert build_parser().parse_args(argv).gpus == ["0", "2"]
+    assert child_argv(argv, 1, gpu=True) == ["--study", "demo", "--trials", "8",
+                                             "--worker-id", "1", "--device", "cuda"]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in worker_envs(["0", "2"], 2)] == ["0", "2"]
+    envs = worker_envs(None, 2)
+    assert all(e["CUDA_VISIBLE_DEVICES"] == "" for e in envs)
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {str(max(1, (os.cpu_count() or 1) // 2))}
+    for bad in (["--gpus", "0,0"], ["--gpus", "a"], ["--gpus", "0", "--workers", "2"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--study", "demo", "--trials", "1", *bad])
