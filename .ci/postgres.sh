@@ -12,7 +12,10 @@ start_postgres() {
   if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
     $as "$bin/initdb" -D "$PG_DIR/data" -U postgres --auth=trust >/dev/null
   fi
-  $as "$bin/pg_ctl" -D "$PG_DIR/data" -o "-h 127.0.0.1 -p $PG_PORT -k /tmp" -l "$PG_DIR/log" -w start >/dev/null
+  # Already running (a second `start_postgres`, or a test fixture after .ci/run): keep it.
+  if ! $as "$bin/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
+    $as "$bin/pg_ctl" -D "$PG_DIR/data" -o "-h 127.0.0.1 -p $PG_PORT -k /tmp" -l "$PG_DIR/log" -w start >/dev/null || return 1
+  fi
   MASK_SEARCH_PG_URL="postgresql://postgres@127.0.0.1:$PG_PORT/postgres"
   export MASK_SEARCH_PG_URL
   echo "PostgreSQL at $MASK_SEARCH_PG_URL"
