@@ -105,19 +105,21 @@ def heartbeats_on(storage: BaseStorage) -> bool:
 def reap(study: optuna.Study, max_retry: int | None) -> list[int]:
     """Fail (and queue a retry of) RUNNING trials whose worker is dead; their numbers.
 
-    RDB storages with heartbeats: Optuna's stale-heartbeat check. Otherwise: owner pid check
-    on this host.
+    RDB storages with heartbeats: Optuna's stale-heartbeat check. Journal and SQLite (one
+    machine, so every owner is checkable): also the owner pid check, which needs no grace period.
     """
     storage = study._storage  # noqa: SLF001  (Optuna's own helpers take the study)
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    failed: list[int] = []
     if heartbeats_on(storage):
+        before = {t.number for t in
+                  study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-        return sorted(t.number for t in study.get_trials(deepcopy=False,
-                                                          states=(TrialState.FAIL,))
-                      if t.number in before)
-    failed = []
+        failed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                  if t.number in before]
+        if storage.engine.url.get_backend_name() != "sqlite":  # type: ignore[attr-defined]
+            return sorted(failed)
     retry = _retry_callback(max_retry)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if owner_alive(t.user_attrs.get(OWNER_ATTR)) is not False:
@@ -129,7 +131,7 @@ def reap(study: optuna.Study, max_retry: int | None) -> list[int]:
             continue
         failed.append(t.number)
         retry(study, storage.get_trial(t._trial_id))
-    return failed
+    return sorted(failed)
 
 
 def _retry_callback(max_retry: int | None) -> Retry:

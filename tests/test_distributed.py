@@ -217,8 +217,11 @@ def test_ctrl_c_reaches_every_worker_and_the_summary_prints_once(tiny: Path,
     assert states.count(TrialState.FAIL) == 2
 
 
-def test_journal_reaps_a_dead_owner_and_claims_its_retry_first(tmp_path: Path) -> None:
-    url = str(tmp_path / "j.log")
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the test's own ask()
+def test_one_machine_storages_reap_a_dead_owner_and_claim_its_retry_first(
+        kind: str, tmp_path: Path) -> None:
+    url = str(tmp_path / "j.log") if kind == "journal" else f"sqlite:///{tmp_path / 'j.db'}"
     storage = open_storage(url)
     study = optuna.create_study(study_name="s", storage=storage)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
