@@ -77,6 +77,15 @@ def _connect_error(url: URL, error: Exception) -> ConfigError:
     return ConfigError(f"storage {shown}: cannot open ({first})")
 
 
+def _make_parent(url: str, path: Path) -> None:
+    """Create the folder of a file storage; a path through a file is one clear line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"storage {url!r}: cannot create folder {path.parent} "
+                          f"({e.strerror or e})") from None
+
+
 def open_storage(url: str, *, heartbeat_interval: int | None = DEFAULT_HEARTBEAT_S,
                  grace_period: int | None = DEFAULT_GRACE_S,
                  max_retry: int | None = DEFAULT_MAX_RETRY) -> BaseStorage:
@@ -86,14 +95,14 @@ def open_storage(url: str, *, heartbeat_interval: int | None = DEFAULT_HEARTBEAT
     """
     journal = journal_path(url)
     if journal is not None:
-        journal.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(url, journal)
         return JournalStorage(JournalFileBackend(str(journal)))
     parsed = parse_url(url)
     kwargs: dict = {}
     if parsed.get_backend_name() == "sqlite":
         path = parsed.database or ""
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _make_parent(url, Path(path))
         kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
