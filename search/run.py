@@ -29,8 +29,9 @@ from types import ModuleType
 import optuna
 from optuna.trial import TrialState
 
-from core.config import ConfigError
+from core.config import ConfigError, TrainConfig
 from core.errors import DataError
+from core.models import check_weights_available
 from search import paths
 from search.artifacts import open_store
 from search.objective import (
@@ -276,6 +277,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
                   "nothing to do")
             print(summary(study, time.perf_counter() - t0, args.trials))
         return 0
+    if not worker:  # a missing weights download fails now, not after the cache is built
+        for backbone in getattr(module, "PRETRAINED_BACKBONES", ()):
+            check_weights_available(TrainConfig(backbone=backbone, pretrained=True))
     n_workers = len(args.gpus) if args.gpus else args.workers
     if not worker:
         print(f"study {name!r}: {finished} finished, running until {args.trials} "
