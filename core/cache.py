@@ -34,6 +34,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from core import faces as F
+from core.cli import run_cli
 from core.errors import DataError
 
 CACHE_VERSION = 1
@@ -391,16 +392,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--min-prob", type=float, default=d.min_prob)
     ap.add_argument("--min-face-size", type=int, default=d.min_face_size)
     ap.add_argument("--device", default=d.device)
+    ap.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
     args = ap.parse_args(argv)
-    try:
-        settings = F.FaceSettings(detect_size=args.detect_size, margin=args.margin,
-                                  min_prob=args.min_prob, min_face_size=args.min_face_size,
-                                  device=args.device)
-        cache = build_cache(args.data, (args.height, args.width), settings, args.cache_root,
-                            args.workers)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _build_and_report(args), args.debug)
+
+
+def _build_and_report(args: argparse.Namespace) -> int:
+    """Body of ``python -m core.cache``: build (or reuse) the cache and say what it holds."""
+    settings = F.FaceSettings(detect_size=args.detect_size, margin=args.margin,
+                              min_prob=args.min_prob, min_face_size=args.min_face_size,
+                              device=args.device)
+    cache = build_cache(args.data, (args.height, args.width), settings, args.cache_root,
+                        args.workers)
     counts = cache.index["box_source"].value_counts().to_dict()
     print(f"{cache.path}: {len(cache)} images {cache.image_size[0]}x{cache.image_size[1]}, "
           f"box sources {counts}")

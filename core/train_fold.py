@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from core.cli import run_cli
 from core.config import ConfigError, TrainConfig
 from core.errors import DataError
 
@@ -106,14 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
     args = p.parse_args(argv)
-    try:
-        run(args)
-    except (DataError, ConfigError) as e:
-        if args.debug or os.environ.get("MASK_SEARCH_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ studies and has no login).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
+from core.cli import EXPECTED, run_cli
 from core.config import ConfigError
-from core.errors import DataError
 from search import paths
 from search.artifacts import open_store
 from search.storage import open_storage, study_names
@@ -57,13 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ConfigError, DataError, OSError) as e:
-        if args.debug or os.environ.get("MASK_SEARCH_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: run(args), args.debug, (*EXPECTED, OSError))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import f1_score
 
-from core.config import ConfigError
+from core.cli import run_cli
 from core.errors import DataError
 from core.labels import NUM_CLASSES
 
@@ -408,14 +408,7 @@ def _print_report(payload: dict, cands: list[Candidate], oof_f1: list[float],
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry; expected problems print one line on stderr and return 2."""
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (DataError, ConfigError) as e:
-        if args.debug or os.environ.get("MASK_SEARCH_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ and retried from its finished folds.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -29,6 +28,7 @@ from types import ModuleType
 import optuna
 from optuna.trial import TrialState
 
+from core.cli import run_cli
 from core.config import ConfigError, TrainConfig
 from core.errors import DataError
 from core.models import check_weights_available
@@ -317,13 +317,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        return run(args, argv)
-    except (ConfigError, DataError) as e:
-        if args.debug or os.environ.get("MASK_SEARCH_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: run(args, argv), args.debug)
 
 
 if __name__ == "__main__":
