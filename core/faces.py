@@ -18,8 +18,6 @@ import functools
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from core.atomic import atomic_write
 from core.errors import DataError
 
 BOX_SOURCES = ("mtcnn", "person", "dataset", "center")
@@ -287,28 +286,7 @@ def load_detections(path: Path) -> pd.DataFrame:
         raise DataError(f"face box table {path} is unreadable ({e}); delete it to redetect") from e
 
 
-def _remove_stale_temp_files(path: Path) -> None:
-    """Delete temp files of detection-table writes whose process is gone (a SIGKILL leaves one)."""
-    for f in path.parent.glob(f"{path.name}.*.tmp"):
-        try:
-            os.kill(int(f.name[len(path.name) + 1:].split(".", 1)[0]), 0)
-        except ProcessLookupError:
-            f.unlink(missing_ok=True)
-        except (ValueError, PermissionError):
-            continue
-
-
 def save_detections(table: pd.DataFrame, path: Path) -> None:
-    """Write the detection table atomically (temp file named with our pid + os.replace): a crash
-    or kill mid-write leaves the previous table intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_files(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp",
-                               dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            table[list(DETECTION_COLUMNS)].to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the detection table atomically (``core.atomic``): a crash or kill mid-write
+    leaves the previous table intact, and its temp is removed by the next write."""
+    atomic_write(path, lambda tmp: table[list(DETECTION_COLUMNS)].to_csv(tmp, index=False))

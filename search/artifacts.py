@@ -21,6 +21,7 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, Trial
 
+from core.atomic import atomic_write, remove_dead_temps
 from core.errors import DataError
 
 if TYPE_CHECKING:  # the protocol every Optuna store (and _PrefixedStore) follows
@@ -61,38 +62,13 @@ class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
 
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
         final = self._get_filepath(artifact_id)
-        remove_dead_temps(final.parent)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        try:
+        remove_dead_temps(final.parent)  # every id is written once: reap all dead uploads here
+
+        def copy(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 shutil.copyfileobj(content_body, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def remove_dead_temps(folder: Path, name: str = "*") -> None:
-    """Delete ``.<name>.<pid>.tmp`` files in ``folder`` whose writing process is gone (killed)."""
-    for tmp in Path(folder).glob(f".{name}.*.tmp"):
-        try:
-            pid = int(tmp.name.rsplit(".", 2)[1])
-        except (IndexError, ValueError):
-            continue
-        if not _pid_alive(pid):
-            tmp.unlink(missing_ok=True)
+        atomic_write(final, copy)
 
 
 def open_store(path_or_url: str | Path) -> ArtifactStore:

@@ -172,7 +172,7 @@ def test_detection_table_write_is_atomic_on_error(tmp_path, monkeypatch) -> None
     original = table.read_bytes()
 
     def crash(self, f, *args, **kwargs):
-        f.write("file,size\ntrain/images/p9/mask1.jpg,1")
+        Path(f).write_text("file,size\ntrain/images/p9/mask1.jpg,1")
         raise OSError("disk full")
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", crash)
@@ -196,8 +196,7 @@ def test_detection_table_survives_sigkill_mid_write(tmp_path) -> None:
         from core.faces import save_detections
         from tests.test_faces import _detections
         def dying(self, f, *args, **kwargs):
-            f.write("file,size\\n")
-            f.flush()
+            Path(f).write_text("file,size\\n")
             os.kill(os.getpid(), signal.SIGKILL)
         pd.DataFrame.to_csv = dying
         save_detections(_detections(5), Path({str(table)!r}))
