@@ -20,6 +20,7 @@ CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse", "effective")
 MIXES = ("none", "cutmix", "mixup")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "step", "none")
+SELECT_EPOCHS = ("last", "best")  # which epoch's model a fold keeps (see TrainConfig.select_epoch)
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,11 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     num_workers: int = 0  # DataLoader workers; 0 = in process
     tta: bool = True  # horizontal-flip test-time augmentation in predict
+    # Which epoch's weights and validation probabilities a fold returns (its OOF rows, eval
+    # predictions, checkpoint). "last": the final epoch, chosen without looking at validation
+    # labels, so the OOF score is honest. "best": the epoch with the best validation macro F1,
+    # chosen on the very labels it is then scored on, so the OOF score is optimistic.
+    select_epoch: str = "last"
     extra: dict[str, Any] = field(default_factory=dict)  # free-form user notes; core ignores it
 
     def validate(self) -> TrainConfig:
@@ -78,6 +84,7 @@ class TrainConfig:
             ("mix", MIXES),
             ("optimizer", OPTIMIZERS),
             ("scheduler", SCHEDULERS),
+            ("select_epoch", SELECT_EPOCHS),
         ):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {', '.join(allowed)}")

@@ -40,10 +40,17 @@ SYNC_EVERY = 10
 
 @dataclass
 class FoldResult:
-    """What one fold leaves behind. ``state_dict`` and ``val_probs`` are from the best epoch.
+    """What one fold leaves behind.
 
-    When the run diverges before its first validation, ``best_epoch`` is -1, ``best_f1`` 0.0,
-    ``val_probs`` uniform and ``state_dict`` empty: there is no model worth keeping.
+    ``state_dict`` and ``val_probs`` are the SELECTED epoch's (``cfg.select_epoch``): the last
+    finished epoch ("last", the default, honest: nothing is chosen on the validation labels),
+    or the epoch with the best validation macro F1 ("best", optimistic: picked on the labels
+    it is then scored on). ``selected_epoch``/``selected_f1`` say which epoch that was and its
+    validation macro F1; ``best_epoch``/``best_f1`` are information only. A fold stopped early
+    (pruning) or diverged selects among the epochs it finished.
+
+    When the run diverges before its first validation, ``best_epoch`` and ``selected_epoch``
+    are -1, the F1s 0.0, ``val_probs`` uniform and ``state_dict`` empty: no model worth keeping.
     """
 
     best_f1: float
@@ -51,6 +58,8 @@ class FoldResult:
     history: list[dict[str, Any]]
     val_probs: np.ndarray
     state_dict: dict[str, torch.Tensor]
+    selected_epoch: int
+    selected_f1: float
     stopped_early: bool = False  # on_epoch asked to stop (pruning)
     diverged: bool = False  # non-finite loss or predictions; the fold was abandoned
 
@@ -299,8 +308,8 @@ def fit_fold(
 
     ``train_targets`` are the (possibly age-relabeled) training classes, ``val_labels`` the true
     classes. ``on_epoch(epoch, val_f1)`` returning True stops the fold now (pruning); the result
-    so far comes back with ``stopped_early=True``. The best epoch's weights (on the CPU) and
-    validation probabilities are kept.
+    so far comes back with ``stopped_early=True``. The selected epoch's weights (on the CPU) and
+    validation probabilities are kept (``cfg.select_epoch``; see ``FoldResult``).
     """
     cfg.validate()
     _check_size(train_images, cfg, "train_images")
@@ -325,8 +334,9 @@ def fit_fold(
 
     history: list[dict[str, Any]] = []
     best_f1, best_epoch = 0.0, -1
-    best_state: dict[str, torch.Tensor] = {}
-    best_probs = np.full((len(val_images), NUM_CLASSES), 1.0 / NUM_CLASSES, np.float32)
+    sel_f1, sel_epoch = 0.0, -1
+    sel_state: dict[str, torch.Tensor] = {}
+    sel_probs = np.full((len(val_images), NUM_CLASSES), 1.0 / NUM_CLASSES, np.float32)
     stopped = diverged = False
 
     for epoch in range(cfg.epochs):
@@ -367,9 +377,12 @@ def fit_fold(
                         "images_per_s": seen / train_seconds,
                         "lr": scheduler.get_last_lr()[0]})
         if val_f1 > best_f1 or best_epoch < 0:
-            best_f1, best_epoch, best_probs = val_f1, epoch, probs
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in
-                          model.state_dict().items()}
+            best_f1, best_epoch = val_f1, epoch
+        # "last" snapshots every finished epoch: a later epoch may diverge and wreck the weights.
+        if cfg.select_epoch == "last" or best_epoch == epoch:
+            sel_f1, sel_epoch, sel_probs = val_f1, epoch, probs
+            sel_state = {k: v.detach().to("cpu", copy=True) for k, v in
+                         model.state_dict().items()}
         if progress:
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]['train_loss']:.4f} "
                        f"val macro F1 {val_f1:.4f} ({history[-1]['images_per_s']:.0f} img/s)")
@@ -378,5 +391,5 @@ def fit_fold(
             break
 
     return FoldResult(best_f1=best_f1, best_epoch=best_epoch, history=history,
-                      val_probs=best_probs, state_dict=best_state, stopped_early=stopped,
-                      diverged=diverged)
+                      val_probs=sel_probs, state_dict=sel_state, selected_epoch=sel_epoch,
+                      selected_f1=sel_f1, stopped_early=stopped, diverged=diverged)

@@ -8,6 +8,8 @@ Why it looks like this:
   ``per_fold=True`` (the Wilcoxon pruner) one value per fold at step ``fold``. A step is never
   reported twice (that is checked, not hoped).
 - The objective value is macro F1 over all OOF predictions together against the TRUE labels.
+  Each fold contributes its SELECTED epoch (``TrainConfig.select_epoch``): by default the last
+  one, so no epoch is picked on the labels the trial is scored on; "best" is optimistic.
 - Each fold's results are saved the moment the fold ends (its OOF slice, eval probabilities,
   checkpoint, and the user attr ``fold_done_<k>``), so a retried trial can resume from its
   finished folds and an interrupted one loses at most the running fold.
@@ -53,7 +55,7 @@ DEFAULT_KEEP_CHECKPOINTS = 10
 
 
 def checkpoint_name(fold: int) -> str:
-    """Artifact name of fold ``fold``'s best-epoch ``state_dict`` (``torch.save`` file)."""
+    """Artifact name of fold ``fold``'s selected-epoch ``state_dict`` (``torch.save`` file)."""
     return f"checkpoint_fold{fold}"
 
 
@@ -284,9 +286,9 @@ class Objective:
             self._save_fold(trial, k, result, eval_probs)
             oof[val] = result.val_probs
             eval_sum += eval_probs
-            fold_f1.append(float(result.best_f1))
+            fold_f1.append(float(result.selected_f1))
             trial.set_user_attr("fold_f1", fold_f1)
-            if self.per_fold and report(float(result.best_f1), k):
+            if self.per_fold and report(float(result.selected_f1), k):
                 self._drop_checkpoints(trial, k + 1)
                 trial.set_user_attr("pruned_because", f"pruner after fold {k}")
                 raise optuna.TrialPruned(f"pruned after fold {k}")
@@ -305,7 +307,8 @@ class Objective:
             _atomic_torch_save(result.state_dict, path)
             artifacts.save_file(trial, self.store, checkpoint_name(k), path)
         trial.set_user_attr(fold_done_attr(k), {
-            "f1": float(result.best_f1), "best_epoch": int(result.best_epoch),
+            "f1": float(result.selected_f1), "selected_epoch": int(result.selected_epoch),
+            "best_f1": float(result.best_f1), "best_epoch": int(result.best_epoch),
             "epochs": len(result.history),
             "curve": [float(h["val_f1"]) for h in result.history]})
 

@@ -6,7 +6,10 @@ from core.config import ConfigError, TrainConfig
 
 
 def test_defaults_validate():
-    assert TrainConfig().validate().backbone == "resnet18"
+    cfg = TrainConfig().validate()
+    assert cfg.backbone == "resnet18"
+    assert cfg.select_epoch == "last"  # honest by default: no epoch picked on validation labels
+    assert TrainConfig(select_epoch="best").validate().select_epoch == "best"
 
 
 @pytest.mark.parametrize(
@@ -21,6 +24,7 @@ def test_defaults_validate():
         ("epochs", 0, "'epochs'"),
         ("image_size", (8, 8), "'image_size'"),
         ("device", "tpu", "'device'"),
+        ("select_epoch", "median", "'select_epoch'"),
     ],
 )
 def test_bad_values_name_the_field(field, value, fragment):

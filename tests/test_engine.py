@@ -105,6 +105,9 @@ def test_learns_every_factor_above_majority_baseline(data: dict, trained: dict):
         assert got > baseline + 0.1, f"{name}: macro F1 {got:.3f} vs majority {baseline:.3f}"
     assert result.best_f1 == max(h["val_f1"] for h in result.history)
     assert result.history[result.best_epoch]["val_f1"] == result.best_f1
+    # the default keeps the LAST epoch: nothing is chosen on the validation labels
+    assert result.selected_epoch == len(result.history) - 1
+    assert result.selected_f1 == result.history[-1]["val_f1"]
 
 
 def test_training_loss_falls(trained: dict):
@@ -136,7 +139,7 @@ def test_augmentation_never_touches_validation(data: dict, trained: dict):
     assert set(seen_eval) == val_set and len(seen_eval) == epochs * va.sum()
 
 
-def test_predict_reproduces_best_epoch_and_is_deterministic(data: dict, trained: dict):
+def test_predict_reproduces_the_selected_epoch_and_is_deterministic(data: dict, trained: dict):
     cfg, result = trained["cfg"], trained["result"]
     val = data["images"][data["va"]]
     probs = engine.predict(result.state_dict, cfg, val)
@@ -189,7 +192,34 @@ def test_on_epoch_true_stops_now(data: dict):
     r = engine.fit_fold(_cfg(epochs=3), *_small(data), on_epoch=prune, progress=False)
     assert r.stopped_early and not r.diverged
     assert len(calls) == 1 and len(r.history) == 1 and r.best_epoch == 0
+    assert r.selected_epoch == 0 and r.selected_f1 == r.best_f1
     assert calls[0] == (0, r.best_f1) and r.state_dict
+
+
+@pytest.mark.parametrize(("select", "want"), [("last", 2), ("best", 1)])
+def test_select_epoch_picks_the_last_or_the_best_epoch(data: dict, select: str, want: int):
+    """Scores 0.5, 0.9, 0.2: "last" keeps epoch 2 although epoch 1 scored higher; "best" epoch 1."""
+    scores = iter([0.5, 0.9, 0.2])
+    seen = []  # each epoch's validation probabilities, as the engine computed them
+    real_predict = engine._predict_loader
+
+    def spy_predict(*a, **kw):
+        seen.append(real_predict(*a, **kw))
+        return seen[-1]
+
+    cfg = _cfg(epochs=3, select_epoch=select)
+    args = _small(data)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "macro_f1", lambda y, p: next(scores))
+        mp.setattr(engine, "_predict_loader", spy_predict)
+        r = engine.fit_fold(cfg, *args, progress=False)
+    assert len(seen) == 3
+    assert not any(np.allclose(seen[want], seen[e], atol=1e-4) for e in range(3) if e != want)
+    assert (r.best_epoch, r.best_f1) == (1, 0.9)
+    assert (r.selected_epoch, r.selected_f1) == (want, [0.5, 0.9, 0.2][want])
+    np.testing.assert_array_equal(r.val_probs, seen[want])
+    # the kept weights are that epoch's: predicting with them reproduces its probabilities
+    np.testing.assert_allclose(engine.predict(r.state_dict, cfg, args[2]), seen[want], atol=1e-5)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

@@ -198,7 +198,8 @@ def fake_fit(epochs_seen: list):
                 break
         probs = np.full((len(va_x), NUM_CLASSES), 1 / NUM_CLASSES, np.float32)
         return FoldResult(best_f1=0.1, best_epoch=0, history=history, val_probs=probs,
-                          state_dict={"w": torch.zeros(1)})
+                          state_dict={"w": torch.zeros(1)}, selected_epoch=len(history) - 1,
+                          selected_f1=history[-1]["val_f1"])
 
     return fit
 
@@ -214,6 +215,9 @@ def test_wilcoxon_mode_reports_one_value_per_fold(demo_run, tmp_path: Path) -> N
     study.optimize(obj, n_trials=1)
     assert sorted(study.trials[0].intermediate_values) == list(range(FOLDS))
     assert len(seen) == 3 * FOLDS
+    # each fold counts with its SELECTED epoch's score (the last, 0.3), not its best_f1 (0.1)
+    assert study.trials[0].user_attrs["fold_f1"] == pytest.approx([0.3] * FOLDS)
+    assert list(study.trials[0].intermediate_values.values()) == pytest.approx([0.3] * FOLDS)
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
