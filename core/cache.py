@@ -6,9 +6,11 @@ holds ``images.npy`` (N, h, w, 3) RGB, ``index.csv`` (file, split, person, box, 
 ``manifest.json`` (key, the source files' names/sizes/mtimes, shape). It is built under a
 temporary name and renamed when complete, so a killed build never looks valid; it is reused
 when the key and the source files match (checked with ``os.stat`` only, no image is opened) and
-rebuilt when they differ. An image that cannot be decoded (empty, truncated, not an image,
-unreadable) stops the build with one ``DataError`` listing every such file, found in the
-first decoding pass, before any cache folder exists. Face boxes do not depend on the image
+rebuilt when they differ. Processes building in one cache root at once (``search.run --workers``)
+take turns on a lock file there, so one builds and the others reuse its result. An image that
+cannot be decoded (empty, truncated, not an image, unreadable) stops the build with one
+``DataError`` listing every such file, found in the first decoding pass, before any cache folder
+exists. Face boxes do not depend on the image
 size: raw detections live in a separate table next to the caches and are reused by every image
 size (see ``core.faces``).
 """
@@ -16,13 +18,13 @@ size (see ``core.faces``).
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
 import sys
-import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -34,12 +36,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from core import faces as F
+from core.atomic import file_lock, remove_dead_temps, temp_path
 from core.cli import run_cli
 from core.errors import DataError
 
 CACHE_VERSION = 1
 ENV_ROOT = "MASK_SEARCH_CACHE"
 DEFAULT_ROOT_NAME = ".mask_search_cache"
+LOCK_NAME = ".lock"  # in the cache root: one build at a time (see build_cache)
 CHUNK = 64  # images per worker task: big enough to hide pool overhead, small for a smooth bar
 DEFAULT_FACES = F.FaceSettings()
 INDEX_COLUMNS = ("file", "split", "person", *F.BOX_COLUMNS, "prob", "box_source")
@@ -274,27 +278,35 @@ def _detections(listing: pd.DataFrame, data_dir: Path, faces: F.FaceSettings, ta
     return keep.set_index("file").loc[listing["file"]].reset_index()
 
 
-def _remove_stale_temps(root: Path, name: str) -> None:
-    """Delete temp folders of builds whose process is gone (a SIGKILLed build leaves one)."""
-    for d in root.glob(f".{name}.tmp-*"):
-        try:
-            pid = int(d.name.rsplit(".tmp-", 1)[1].split("-")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except (ValueError, PermissionError):
-            continue
-
-
 def _install(tmp: Path, final: Path) -> None:
-    """Put the finished ``tmp`` folder in place of ``final`` (old one removed afterwards)."""
+    """Put the finished ``tmp`` folder at ``final`` (caller holds the root's lock).
+
+    A folder cannot be renamed over a non-empty one, so an old (stale or damaged) ``final`` is
+    first moved to a pid-named temp (reaped by a later build if we are killed here) and removed
+    after. Readers that skip the lock and look in between find no folder and fall back to
+    waiting for the lock: they never see a folder without its manifest.
+    """
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        old = temp_path(final.with_name(f"{final.name}-old"))
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _open_current(final: Path, key: dict, sources: list) -> ImageCache | None:
+    """The cache at ``final`` when it is complete and built from ``key`` and ``sources``."""
+    try:
+        manifest = json.loads((final / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None  # absent, unfinished or unreadable: (re)build it
+    if manifest.get("key") != key or manifest.get("sources") != sources:
+        return None
+    try:
+        return ImageCache.open(final)
+    except DataError:
+        return None  # damaged after it was built (e.g. images.npy cut short): rebuild
 
 
 def build_cache(data_dir: str | Path, image_size: tuple[int, int] = (128, 96),
@@ -303,7 +315,10 @@ def build_cache(data_dir: str | Path, image_size: tuple[int, int] = (128, 96),
     """Open the cache for (data, faces, image_size), building it first when missing or stale.
 
     ``image_size`` is (height, width). ``workers`` processes decode images (None: one per core,
-    at most 8; 0 or 1: in this process).
+    at most 8; 0 or 1: in this process). Processes that need the same cache at once (``search.run
+    --workers``) build it once: builds in one cache root take turns on ``<cache_root>/.lock``
+    (they would compete for the same cores anyway, and share the face-box table), and whoever
+    waited reuses what was built meanwhile.
     """
     data_dir = Path(data_dir)
     h, w = int(image_size[0]), int(image_size[1])
@@ -316,22 +331,29 @@ def build_cache(data_dir: str | Path, image_size: tuple[int, int] = (128, 96),
     listing = source_listing(data_dir)
     sources = [[f, int(s), int(m)] for f, s, m in
                zip(listing["file"], listing["size"], listing["mtime_ns"], strict=True)]
-    if (final / "manifest.json").is_file():
-        try:
-            manifest = json.loads((final / "manifest.json").read_text())
-        except (OSError, ValueError):
-            manifest = {}  # unreadable: rebuild it
-        if manifest.get("key") == key and manifest.get("sources") == sources:
-            try:
-                return ImageCache.open(final)
-            except DataError:
-                pass  # damaged after it was built (e.g. images.npy cut short): rebuild
+    cache = _open_current(final, key, sources)  # no lock: a valid cache is never modified
+    if cache is not None:
+        return cache
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root, name)
+    with file_lock(root / LOCK_NAME):
+        cache = _open_current(final, key, sources)  # built by another process while we waited
+        if cache is None:
+            _build(data_dir, listing, sources, key, faces, final, workers, progress)
+            cache = ImageCache.open(final)
+    return cache
+
+
+def _build(data_dir: Path, listing: pd.DataFrame, sources: list, key: dict,
+           faces: F.FaceSettings, final: Path, workers: int | None, progress: bool) -> None:
+    """Build the cache into a temp folder and install it at ``final`` (under the root's lock,
+    which also covers the read-detect-write of the face-box table that all image sizes share)."""
+    root, name = final.parent, final.name
+    h, w = key["image_size"]
+    remove_dead_temps(root, f"{glob.escape(name)}*")  # killed builds' folders, old copies
     if workers is None:
         workers = min(os.cpu_count() or 1, 8)
     runner = _Runner(workers)
-    tmp = root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_path(final)
     try:
         # rows are keyed by (relative path, size, mtime_ns), so a copy of the data (copy2 keeps
         # mtimes) reuses them; a changed file gets a new row
@@ -371,7 +393,6 @@ def build_cache(data_dir: str | Path, image_size: tuple[int, int] = (128, 96),
         runner.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return ImageCache.open(final)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

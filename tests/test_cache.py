@@ -3,6 +3,7 @@ rebuild, and an interrupted build never leaves a cache that looks valid."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -150,7 +151,7 @@ def test_killed_build_leaves_no_valid_looking_cache(copied: tuple[Path, Path]) -
                           timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     leftovers = sorted(set(root.iterdir()) - before)
-    assert len(leftovers) == 1 and ".tmp-" in leftovers[0].name  # the killed build's folder
+    assert len(leftovers) == 1 and leftovers[0].name.endswith(".tmp")  # the killed build's folder
     with pytest.raises(DataError, match="not a complete image cache"):
         ImageCache.open(leftovers[0])
     cache = build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
@@ -207,7 +208,7 @@ def test_cli_killed_mid_build_then_next_build_is_valid(copied: tuple[Path, Path]
     assert proc.returncode == -signal.SIGKILL
     leftovers = sorted(set(root.iterdir()) - before)
     assert len(leftovers) == 1 and leftovers[0].name.startswith(f".images-{SIZE[0]}x{SIZE[1]}-")
-    assert ".tmp-" in leftovers[0].name and not (leftovers[0] / "manifest.json").exists()
+    assert leftovers[0].name.endswith(".tmp") and not (leftovers[0] / "manifest.json").exists()
     half = np.load(leftovers[0] / "images.npy", mmap_mode="r")
     filled = half.any(axis=(1, 2, 3))
     assert filled.any() and not filled.all()  # killed with part of the images written
@@ -230,3 +231,50 @@ def test_damaged_cache_is_rebuilt_not_opened(copied: tuple[Path, Path]) -> None:
         ImageCache.open(npy.parent)
     cache = build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
     assert cache.images[:].any(axis=(1, 2, 3)).all()
+
+
+def test_processes_building_at_once_build_once(copied: tuple[Path, Path], tmp_path: Path) -> None:
+    """Two processes (two ``search.run`` workers) ask for the same stale cache at the same moment:
+    one detects the changed file's face and builds, the other waits and reuses that cache; both
+    get a complete cache, and no folder without a manifest is ever installed."""
+    data, root = copied
+    first = build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
+    touched = data / first.index.loc[3, "file"]
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # stale: rebuild, redetect
+    before = sorted(p.name for p in root.iterdir())
+    log, ready = tmp_path / "events.log", tmp_path / "ready"
+    ready.mkdir()
+    script = textwrap.dedent(f"""
+        import json, os, time
+        from pathlib import Path
+        import core.cache as C, core.faces as F
+        def logged(tag, fn):
+            def wrap(*args, **kwargs):
+                with open({str(log)!r}, "a") as f:
+                    f.write(f"{{tag}} {{os.getpid()}}\\n")
+                return fn(*args, **kwargs)
+            return wrap
+        F.get_detector = logged("detector", F.get_detector)
+        C._install = logged("install", C._install)
+        real = F.read_rgb
+        F.read_rgb = lambda p: (time.sleep(0.005), real(p))[1]  # a build of a second or more
+        Path({str(ready)!r}, str(os.getpid())).touch()
+        while len(list(Path({str(ready)!r}).iterdir())) < 2:  # start both builds together
+            time.sleep(0.005)
+        cache = C.build_cache({str(data)!r}, {SIZE!r}, cache_root={str(root)!r}, workers=1,
+                              progress=False)
+        print(json.dumps([str(cache.path), bool(cache.images[:].any(axis=(1, 2, 3)).all())]))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+             for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err
+        assert json.loads(out) == [str(first.path), True]
+    events = log.read_text().split()
+    assert events.count("detector") == 1 and events.count("install") == 1, events
+    assert sorted(p.name for p in root.iterdir()) == before  # no temp or old folder left
+    cache = ImageCache.open(first.path)
+    assert cache.manifest["sources"] != first.manifest["sources"]  # the rebuilt one
