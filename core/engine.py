@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,10 +80,53 @@ def macro_f1(y_true: np.ndarray, probs_or_pred: np.ndarray) -> float:
     return float(f1_score(np.asarray(y_true), pred, average="macro", zero_division=0))
 
 
-class ImageArrayDataset(Dataset):
-    """uint8 images (N, h, w, 3) (a memmap slice is fine) + labels -> (tensor, label) per item."""
+class RowView:
+    """Rows ``rows`` of ``images`` (N, h, w, 3), read one at a time: an index without a copy.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None, transform: Callable):
+    ``memmap[rows]`` would load every selected image into RAM (gigabytes per fold on the real
+    set, per worker); this reads ``images[rows[i]]`` only when item ``i`` is asked for. Enough
+    of the array interface (``len``, ``shape``, ``ndim``, ``dtype``, int/slice indexing) for
+    ``ImageArrayDataset``, ``fit_fold`` and ``predict``.
+    """
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray | Sequence[int]):
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1:
+            raise ValueError(f"rows must be 1-D, got shape {rows.shape}")
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(images)):
+            raise ValueError(f"rows out of range for {len(images)} images "
+                             f"({rows.min()}..{rows.max()})")
+        self.images, self.rows = images, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int | slice) -> np.ndarray | RowView:
+        if isinstance(i, slice):
+            return RowView(self.images, self.rows[i])
+        return self.images[int(self.rows[i])]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.images.shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return self.images.ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.images.dtype
+
+
+#: What the engine takes as images: a uint8 (N, h, w, 3) array (a memmap is fine) or a RowView.
+Images = np.ndarray | RowView
+
+
+class ImageArrayDataset(Dataset):
+    """uint8 images (N, h, w, 3) (an array, memmap or ``RowView``) + labels -> (tensor, label)."""
+
+    def __init__(self, images: Images, labels: np.ndarray | None, transform: Callable):
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 (N, h, w, 3); got {images.dtype} "
                              f"{tuple(images.shape)}")
@@ -124,7 +167,7 @@ def seed_worker(worker_id: int) -> None:
 
 
 def make_loader(
-    images: np.ndarray,
+    images: Images,
     labels: np.ndarray | None,
     transform: Callable,
     batch_size: int,
@@ -231,11 +274,12 @@ def _predict_loader(
 def predict(
     model_or_state_dict: nn.Module | dict[str, torch.Tensor],
     cfg: TrainConfig,
-    images: np.ndarray,
+    images: Images,
     tta: bool | None = None,
     batch_size: int | None = None,
 ) -> np.ndarray:
-    """18-way probabilities (N, 18) float32 for uint8 images (N, h, w, 3) at ``cfg.image_size``.
+    """18-way probabilities (N, 18) float32 for uint8 images (N, h, w, 3) at ``cfg.image_size``
+    (an array or a ``RowView``).
 
     Uses the deterministic ``eval_transform``; ``tta`` (default ``cfg.tta``) averages with the
     horizontally flipped image. A state dict is loaded into ``create_model(cfg)``.
@@ -253,7 +297,7 @@ def predict(
     return _predict_loader(model, loader, cfg, device, cfg.tta if tta is None else tta)
 
 
-def _check_size(images: np.ndarray, cfg: TrainConfig, name: str) -> None:
+def _check_size(images: Images, cfg: TrainConfig, name: str) -> None:
     """One preprocessing path: arrays must already be at the config's (height, width)."""
     if tuple(images.shape[1:3]) != tuple(cfg.image_size):
         raise ConfigError(f"config field 'image_size': {name} are {tuple(images.shape[1:3])} "
@@ -297,9 +341,9 @@ def train_step(
 
 def fit_fold(
     cfg: TrainConfig,
-    train_images: np.ndarray,
+    train_images: Images,
     train_targets: np.ndarray,
-    val_images: np.ndarray,
+    val_images: Images,
     val_labels: np.ndarray,
     on_epoch: Callable[[int, float], bool] | None = None,
     progress: bool = True,

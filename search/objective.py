@@ -17,7 +17,9 @@ Why it looks like this:
   reaper in ``search.workers``) inherits the dead trial's user attrs; when its config and data
   are the same, it reuses those finished folds (probabilities, checkpoint, reported values) and
   trains only the rest. ``resumed_folds`` lists the reused ones.
-- Data (tables, folds, image caches) is loaded once per process in ``StudyData``.
+- Data (tables, folds, image caches) is loaded once per process in ``StudyData``. Folds and the
+  eval set reach the engine as ``RowView``s on the cache's memmap, never as copies: a copy per
+  fold (and of the eval set per trial) costs ~10 GB of RAM per worker on the real set.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from sklearn.metrics import confusion_matrix, f1_score
 from core.cache import ImageCache, build_cache
 from core.config import TrainConfig
 from core.dataset import data_fingerprint, load_eval_table, load_train_table, training_targets
-from core.engine import FoldResult, fit_fold, macro_f1, predict
+from core.engine import FoldResult, RowView, fit_fold, macro_f1, predict
 from core.errors import DataError
 from core.labels import CLASS_NAMES, NUM_CLASSES
 from core.splits import folds_fingerprint, person_folds
@@ -106,9 +108,10 @@ class StudyData:
     def train_rows(self, image_size: tuple[int, int]) -> np.ndarray:
         return self.cache(image_size).rows(self.table["file"].tolist())
 
-    def eval_images(self, image_size: tuple[int, int]) -> np.ndarray:
+    def eval_images(self, image_size: tuple[int, int]) -> RowView:
+        """The eval images in info.csv order, as a view on the cache (nothing copied to RAM)."""
         cache = self.cache(image_size)
-        return cache.images[cache.rows(self.eval_table["file"].tolist())]
+        return RowView(cache.images, cache.rows(self.eval_table["file"].tolist()))
 
 
 def load_study_data(data_dir: str | Path, corrections: str | Path | None, n_folds: int,
@@ -266,7 +269,9 @@ class Objective:
                     return False
                 return report(val_f1, k * cfg.epochs + epoch)
 
-            result = self.fit(cfg, images[tr_idx], targets[~val], images[val_idx], labels[val],
+            # Views on the memmap: fancy-indexing it would copy the fold's images into RAM.
+            result = self.fit(cfg, RowView(images, tr_idx), targets[~val],
+                              RowView(images, val_idx), labels[val],
                               on_epoch=on_epoch, progress=self.progress)
             epochs_trained += len(result.history)
             speeds += [h["images_per_s"] for h in result.history if "images_per_s" in h]

@@ -182,6 +182,28 @@ def test_same_seed_same_result_on_cpu(data: dict):
     assert [h["train_loss"] for h in a.history] != [h["train_loss"] for h in c.history]
 
 
+def test_row_view_trains_and_predicts_like_the_copied_rows(data: dict, tmp_path: Path):
+    """A RowView on a memmap gives exactly what the fancy-indexed copy gives, without copying."""
+    images = data["images"]
+    mm = np.lib.format.open_memmap(tmp_path / "images.npy", mode="w+", dtype=np.uint8,
+                                   shape=images.shape)
+    mm[:] = images
+    y = data["table"]["label"].to_numpy()
+    tr, va = np.flatnonzero(data["tr"])[:64], np.flatnonzero(data["va"])[:24]
+    view = engine.RowView(mm, va)
+    assert len(view) == 24 and view.shape == (24, *images.shape[1:]) and view.dtype == np.uint8
+    np.testing.assert_array_equal(view[3], images[va[3]])
+    assert engine.ImageArrayDataset(view, None, lambda image: image).images is view
+    cfg = _cfg(epochs=1)
+    a = engine.fit_fold(cfg, images[tr], y[tr], images[va], y[va], progress=False)
+    b = engine.fit_fold(cfg, engine.RowView(mm, tr), y[tr], view, y[va], progress=False)
+    np.testing.assert_array_equal(a.val_probs, b.val_probs)
+    np.testing.assert_array_equal(engine.predict(a.state_dict, cfg, view),
+                                  engine.predict(a.state_dict, cfg, images[va]))
+    with pytest.raises(ValueError, match="out of range"):
+        engine.RowView(mm, [len(images)])
+
+
 def test_on_epoch_true_stops_now(data: dict):
     calls = []
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from core.engine import RowView
 from core.errors import DataError
 from core.labels import CLASS_NAMES, NUM_CLASSES
 from search import artifacts
@@ -190,6 +191,8 @@ def fake_fit(epochs_seen: list):
     from core.engine import FoldResult
 
     def fit(cfg, tr_x, tr_y, va_x, va_y, on_epoch=None, progress=False):
+        # the objective hands views on the cache's memmap, never copies of the fold's images
+        assert isinstance(tr_x, RowView) and isinstance(va_x, RowView)
         history = []
         for e in range(cfg.epochs):
             history.append({"epoch": e, "val_f1": 0.1 * (e + 1), "images_per_s": 1.0})
@@ -204,14 +207,18 @@ def fake_fit(epochs_seen: list):
     return fit
 
 
+def fake_predict(state_dict, cfg, images):
+    assert isinstance(images, RowView)  # the eval set is not copied per trial either
+    return np.full((len(images), NUM_CLASSES), 1 / NUM_CLASSES, np.float32)
+
+
 def test_wilcoxon_mode_reports_one_value_per_fold(demo_run, tmp_path: Path) -> None:
     seen: list = []
     study = optuna.create_study(direction="maximize")
     study.enqueue_trial(FAST)
     obj = Objective(__import__("studies.demo", fromlist=["x"]), demo_run.data,
                     artifacts.open_store(tmp_path / "a"), epochs=3, per_fold=True,
-                    fit=fake_fit(seen), predict_fn=lambda s, c, x: np.full(
-                        (len(x), NUM_CLASSES), 1 / NUM_CLASSES, np.float32))
+                    fit=fake_fit(seen), predict_fn=fake_predict)
     study.optimize(obj, n_trials=1)
     assert sorted(study.trials[0].intermediate_values) == list(range(FOLDS))
     assert len(seen) == 3 * FOLDS
