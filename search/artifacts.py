@@ -9,7 +9,6 @@ stored in the trial's user attr ``artifact_<name>``: that is how a reader finds 
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -166,24 +165,18 @@ def load_file(
     trial: FrozenTrial | Trial, store: ArtifactStore, name: str, dest: str | Path
 ) -> Path:
     """Copy artifact ``name`` of this trial to ``dest`` (written to a temp name, then renamed)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     aid = artifact_id(trial, name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with store.open_reader(aid) as reader:
-                    shutil.copyfileobj(reader, out)
-            except ArtifactNotFound:
-                raise DataError(f"trial {trial.number}: artifact '{name}' ({aid}) is not in the "
-                                "artifact store (wrong --artifacts folder, or it was removed)") \
-                    from None
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+
+    def copy(tmp: Path) -> None:
+        try:
+            with store.open_reader(aid) as reader, open(tmp, "wb") as out:
+                shutil.copyfileobj(reader, out)
+        except ArtifactNotFound:
+            raise DataError(f"trial {trial.number}: artifact '{name}' ({aid}) is not in the "
+                            "artifact store (wrong --artifacts folder, or it was removed)"
+                            ) from None
+
+    return atomic_write(dest, copy)
 
 
 def remove_artifact(trial: FrozenTrial | Trial, store: ArtifactStore, name: str) -> bool:
