@@ -2,9 +2,9 @@
 
 ``python -m search.run --study demo --trials 20``. ``--trials N`` is the total the study ends
 with (complete + pruned), not "N more": rerunning after a crash or Ctrl-C continues to N and
-never repeats finished work. The folds, data folder and epochs are fixed when the study is
-created (stored as study user attrs); a rerun that asks for different ones is refused, since
-its trials would not be comparable. Expected problems print one line and exit 2 (``--debug``
+never repeats finished work. The folds, data folder, epochs and corrections are fixed when the
+study is created (stored as study user attrs); a rerun that asks for different ones is refused,
+since its trials would not be comparable. Expected problems print one line and exit 2 (``--debug``
 shows the traceback); Ctrl-C marks the running trial FAIL (Optuna does that), prints the
 summary and exits 130.
 
@@ -13,6 +13,10 @@ Many workers: ``--workers N`` starts N processes on the CPU (cores shared equall
 against one PostgreSQL ``--storage``. Workers claim trials through ``search.workers``, so the
 study still ends with exactly ``--trials`` finished trials, and a dead worker's trial is failed
 and retried from its finished folds.
+
+The pruner's report mode is fixed too (``report_mode``: per epoch for median, hyperband and
+halving; per fold for wilcoxon): a rerun without ``--pruner`` uses the study's pruner, and a
+``--pruner`` that reads steps the other way is refused.
 """
 
 from __future__ import annotations
@@ -50,11 +54,17 @@ from search.storage import (
 from search.workers import claim_lock, launch, run_worker, worker_envs
 from studies import STUDIES, get_study
 
-PRUNERS = ("median", "hyperband", "halving", "wilcoxon", "none")
+#: What a reported step means to each pruner: "epoch" = ``fold * epochs + epoch``, "fold" =
+#: ``fold``. "none" prunes nothing, so it reports in whichever mode the study has.
+REPORT_MODE = {"median": "epoch", "hyperband": "epoch", "halving": "epoch", "wilcoxon": "fold",
+               "none": None}
+PRUNERS = tuple(REPORT_MODE)
+DEFAULT_PRUNER = {"epoch": "median", "fold": "wilcoxon"}
 SAMPLERS = ("tpe", "random", "gp")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-#: Study user attrs that fix what a trial means; a rerun may not change them.
-FIXED_ATTRS = ("n_folds", "fold_seed", "data_dir", "epochs")
+#: Study user attrs that fix what a trial means; a rerun may not change them. ``report_mode``
+#: and ``corrections`` have no flag of their own: a rerun always takes the stored ones.
+FIXED_ATTRS = ("n_folds", "fold_seed", "data_dir", "epochs", "report_mode", "corrections")
 
 
 def positive_int(text: str) -> int:
@@ -101,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", help="artifact folder or s3://bucket/prefix "
                                        "(default runs/artifacts)")
     p.add_argument("--timeout", type=positive_float, help="stop starting trials after SECONDS")
-    p.add_argument("--pruner", choices=PRUNERS, default="median")
+    p.add_argument("--pruner", choices=PRUNERS,
+                   help="default: median for a new study; on a rerun, the study's own pruner "
+                        "(its report mode is fixed when it is created: wilcoxon reports per "
+                        "fold, the others per epoch)")
     p.add_argument("--sampler", choices=SAMPLERS, default="tpe")
     p.add_argument("--seed", type=int, help="sampler seed (default: random)")
     p.add_argument("--folds", type=positive_int,
@@ -153,6 +166,28 @@ def make_pruner(name: str, n_steps: int, n_folds: int,
     return optuna.pruners.NopPruner()
 
 
+def pruner_mode(name: str | None) -> str:
+    """The report mode a new study created with pruner ``name`` gets."""
+    return REPORT_MODE.get(name or "median") or "epoch"
+
+
+def settle_pruner(study_name: str, asked: str | None, mode: str, created_with: str | None) -> str:
+    """The pruner this run uses: ``asked`` if it reads steps the study's way, else refuse.
+
+    Without ``--pruner``: the pruner the study was created with, or the mode's default.
+    """
+    if asked is None:
+        return created_with if created_with in PRUNERS and \
+            REPORT_MODE[created_with] in (None, mode) else DEFAULT_PRUNER[mode]
+    if REPORT_MODE[asked] not in (None, mode):
+        compatible = ", ".join(p for p, m in REPORT_MODE.items() if m in (None, mode))
+        raise ConfigError(
+            f"study {study_name!r} reports one value per {mode} (report_mode={mode!r}); "
+            f"--pruner {asked} reads steps per {REPORT_MODE[asked]}, which would mix step "
+            f"meanings (use one of {compatible}, or a new --study name)")
+    return asked
+
+
 def _fixed_settings(study: optuna.Study, wanted: dict, given: set[str]) -> dict:
     """Store the study's fixed settings on creation; on resume, refuse changed ones.
 
@@ -166,7 +201,8 @@ def _fixed_settings(study: optuna.Study, wanted: dict, given: set[str]) -> dict:
         return dict(wanted)
     settled = dict(wanted)
     for key in FIXED_ATTRS:
-        if key not in stored:
+        if key not in stored:  # a study from before the key existed: it is fixed from now on
+            study.set_user_attr(key, wanted[key])
             continue
         if key in given and stored[key] != wanted[key]:
             flag = {"n_folds": "--folds", "data_dir": "--data", "epochs": "--epochs"}.get(key, key)
@@ -255,6 +291,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     study.sampler = make_sampler(args.sampler, seed)
     corrections = module.corrections(data_dir)
     wanted = {
+        "report_mode": pruner_mode(args.pruner),
+        "pruner": args.pruner or "median",
         "n_folds": args.folds or module.FOLDS,
         "fold_seed": module.FOLD_SEED,
         "data_dir": str(data_dir),
@@ -267,7 +305,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     if not data_dir.is_dir():
         raise DataError(f"data folder {str(data_dir)!r} (stored on study {name!r}) does not exist")
     n_folds, epochs = int(fixed["n_folds"]), int(fixed["epochs"])
-    study.pruner = make_pruner(args.pruner, n_folds * epochs, n_folds)
+    mode = str(fixed["report_mode"])
+    pruner = settle_pruner(name, args.pruner, mode, study.user_attrs.get("pruner"))
+    study.pruner = make_pruner(pruner, n_folds * epochs, n_folds)
 
     t0 = time.perf_counter()
     finished = count(study, FINISHED)
@@ -297,7 +337,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
                            faces=getattr(module, "FACES", None), progress=args.progress)
     store = open_store(args.artifacts or paths.default_artifacts_dir())
     objective = Objective(module, data, store, epochs=epochs, device=args.device,
-                          per_fold=args.pruner == "wilcoxon", progress=args.progress)
+                          per_fold=mode == "fold", progress=args.progress)
     callbacks = [CheckpointRetention(store, keep=args.keep_checkpoints)]
     interrupted = False
     try:

@@ -224,3 +224,94 @@ def test_mask_study_offline_fails_before_any_cache_is_built(synth_data, tmp_path
     assert code == 2, (out, err)
     assert err.strip().splitlines()[-1].startswith("error: pretrained weights for backbone")
     assert not (tmp_path / "cache").exists()
+
+
+class Stop(DataError):
+    """Raised by a stand-in for data loading: the run got past its settings checks."""
+
+
+def old_study(tmp_path: Path, **attrs) -> tuple[str, Path]:
+    """A demo study as an earlier run left it (its settings as study user attrs); URL, data."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    study = optuna.create_study(study_name="demo", storage=url, direction="maximize")
+    settings = {"n_folds": 2, "fold_seed": 0, "data_dir": str(data), "epochs": 1,
+                "report_mode": "epoch", "pruner": "median", "corrections": None,
+                "study_module": "studies.demo", **attrs}
+    for key, value in settings.items():
+        study.set_user_attr(key, value)
+    return url, data
+
+
+def stop_at_data(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Record what the run would load and build, then stop it before any training."""
+    seen: dict = {}
+
+    def load(data_dir, corrections, *args, **kwargs):
+        seen["corrections"] = corrections
+        raise Stop("stopped before loading data")
+
+    def pruner(name, *args, **kwargs):
+        seen["pruner"] = name
+        return optuna.pruners.NopPruner()
+
+    monkeypatch.setattr("search.run.load_study_data", load)
+    monkeypatch.setattr("search.run.make_pruner", pruner)
+    return seen
+
+
+@pytest.mark.parametrize(("mode", "created_with", "asked"),
+                         [("epoch", "median", "wilcoxon"), ("fold", "wilcoxon", "median"),
+                          ("fold", "wilcoxon", "hyperband")])
+def test_a_pruner_that_reads_steps_differently_is_refused(mode, created_with, asked, tmp_path,
+                                                          monkeypatch, capfd):
+    """Median steps are ``fold * epochs + epoch``, Wilcoxon's are ``fold``: one study must not
+    hold both, so a rerun asking for the other kind stops with one line and trains nothing."""
+    url, _ = old_study(tmp_path, report_mode=mode, pruner=created_with)
+    seen = stop_at_data(monkeypatch)
+    line = one_error(capfd, search.run.main(["--study", "demo", "--trials", "1", "--storage", url,
+                                             "--pruner", asked]))
+    assert f"report_mode={mode!r}" in line and f"--pruner {asked}" in line
+    assert seen == {}
+    assert optuna.load_study(study_name="demo", storage=url).user_attrs["report_mode"] == mode
+
+
+@pytest.mark.parametrize(("mode", "created_with", "asked", "used"),
+                         [("fold", "wilcoxon", None, "wilcoxon"),
+                          ("epoch", "hyperband", None, "hyperband"),
+                          ("fold", "wilcoxon", "none", "none"),
+                          ("epoch", "median", "halving", "halving")])
+def test_a_rerun_uses_a_pruner_of_the_study_mode(mode, created_with, asked, used, tmp_path,
+                                                 monkeypatch, capfd):
+    url, _ = old_study(tmp_path, report_mode=mode, pruner=created_with)
+    seen = stop_at_data(monkeypatch)
+    flag = ["--pruner", asked] if asked else []
+    line = one_error(capfd, search.run.main(["--study", "demo", "--trials", "1", "--storage", url,
+                                             *flag]))
+    assert "stopped before loading data" in line
+    assert seen["pruner"] == used
+
+
+def test_a_new_study_stores_its_report_mode_and_corrections(tmp_path, monkeypatch, capfd):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corrections.csv").write_text("id,field,value\n")
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    seen = stop_at_data(monkeypatch)
+    one_error(capfd, search.run.main(["--study", "demo", "--trials", "1", "--storage", url,
+                                      "--data", str(data), "--pruner", "wilcoxon"]))
+    attrs = optuna.load_study(study_name="demo", storage=url).user_attrs
+    assert attrs["report_mode"] == "fold" and attrs["pruner"] == "wilcoxon"
+    assert attrs["corrections"] == str(data / "corrections.csv") == str(seen["corrections"])
+
+
+def test_a_rerun_uses_the_corrections_the_study_was_created_with(tmp_path, monkeypatch, capfd):
+    """A corrections file that appeared since the study was created must not change the labels
+    of later trials (the ensemble reads the stored one too)."""
+    url, data = old_study(tmp_path, corrections=None)
+    (data / "corrections.csv").write_text("id,field,value\n")
+    seen = stop_at_data(monkeypatch)
+    one_error(capfd, search.run.main(["--study", "demo", "--trials", "1", "--storage", url]))
+    assert seen["corrections"] is None
+    assert optuna.load_study(study_name="demo", storage=url).user_attrs["corrections"] is None
