@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm.auto import tqdm
@@ -31,6 +30,7 @@ from core.augment import eval_transform, mix_batch, train_transform
 from core.config import ConfigError, TrainConfig
 from core.labels import NUM_CLASSES
 from core.losses import build_loss
+from core.metrics import macro_f1  # also re-exported as core.engine.macro_f1
 from core.models import create_model, to_probabilities
 
 #: How often (in steps) the loop syncs with the device to check the loss and update the bar.
@@ -62,22 +62,6 @@ class FoldResult:
     selected_f1: float
     stopped_early: bool = False  # on_epoch asked to stop (pruning)
     diverged: bool = False  # non-finite loss or predictions; the fold was abandoned
-
-
-def macro_f1(y_true: np.ndarray, probs_or_pred: np.ndarray) -> float:
-    """Macro F1 of 18-way probabilities (N, 18) or predicted classes (N,) against ``y_true``.
-
-    Averaged over the classes that occur in the truth or the predictions (scikit-learn's
-    default, and the competition scorer's): on real data every fold holds all 18 classes, so
-    this is the macro F1 over the 18 classes. Forcing ``labels=range(18)`` would instead count a
-    class absent from a small fold as F1 0 (or 1 with ``zero_division=1``), moving every trial's
-    score by an amount that depends only on the fold, not the model. A class predicted but
-    absent from the truth counts as 0, as it should.
-    """
-    pred = np.asarray(probs_or_pred)
-    if pred.ndim == 2:
-        pred = pred.argmax(axis=1)
-    return float(f1_score(np.asarray(y_true), pred, average="macro", zero_division=0))
 
 
 class RowView:

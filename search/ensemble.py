@@ -23,22 +23,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import f1_score
 
 from core.cli import run_cli
 from core.errors import DataError
 from core.labels import NUM_CLASSES
+from core.metrics import macro_f1
 
 DEFAULT_TOP = 10
 DEFAULT_SIZE = 20  # selection rounds; the best prefix is kept
 
 
 # ----------------------------------------------------------------------------- pure parts
-
-
-def macro_f1(labels: np.ndarray, pred: np.ndarray) -> float:
-    """Macro F1 over the classes present in labels or predictions (as the objective scores)."""
-    return float(f1_score(labels, pred, average="macro", zero_division=0))
 
 
 def _check_probs(probs: Sequence[np.ndarray], n_rows: int, what: str) -> list[np.ndarray]:

@@ -44,9 +44,10 @@ from sklearn.metrics import confusion_matrix, f1_score
 from core.cache import ImageCache, build_cache
 from core.config import TrainConfig
 from core.dataset import data_fingerprint, load_eval_table, load_train_table, training_targets
-from core.engine import FoldResult, RowView, fit_fold, macro_f1, predict
+from core.engine import FoldResult, RowView, fit_fold, predict
 from core.errors import DataError
 from core.labels import CLASS_NAMES, NUM_CLASSES
+from core.metrics import macro_f1
 from core.splits import folds_fingerprint, person_folds
 from search import artifacts
 from search.workers import retried_from

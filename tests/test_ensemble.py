@@ -19,13 +19,13 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from core.dataset import data_fingerprint, load_eval_table, load_train_table
 from core.errors import DataError
 from core.labels import NUM_CLASSES
+from core.metrics import macro_f1
 from core.splits import folds_fingerprint, person_folds
 from search import artifacts
 from search.ensemble import (
     blend,
     cross_fitted_f1,
     greedy_select,
-    macro_f1,
     main,
     write_submission,
 )
@@ -40,6 +40,17 @@ def _quiet_optuna():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     yield
     optuna.logging.set_verbosity(level)
+
+
+def test_one_macro_f1_everywhere_and_torch_free():
+    """Engine, objective and ensemble score with the same function; importing it needs no torch."""
+    import core.engine
+    import search.ensemble
+    import search.objective
+
+    assert core.engine.macro_f1 is search.objective.macro_f1 is search.ensemble.macro_f1 is macro_f1
+    code = "import sys, core.metrics; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
 def member(labels: np.ndarray, right: np.ndarray, seed: int) -> np.ndarray:
