@@ -6,9 +6,11 @@ the OOF rows is optimistic about those same rows, so an honest figure is also re
 folds are split in two halves, members are picked on one half and scored on the other, and
 the two scored halves are pooled ("cross-fitted").
 
-Mixed data or folds are refused, not filtered: a trial's OOF rows only line up with another's
-when both ran on the same table (data fingerprint) and the same folds (folds fingerprint), and
-those must also equal what the data folder gives now, or the labels would not match the rows.
+Mixed data, folds or eval sets are refused, not filtered: a trial's OOF rows only line up with
+another's when both ran on the same table (data fingerprint) and the same folds (folds
+fingerprint), and its eval rows when both read the same eval/info.csv (eval fingerprint); those
+must also equal what the data folder gives now, or the labels would not match the rows and the
+submission would put probabilities on the wrong ImageIDs.
 """
 
 from __future__ import annotations
@@ -231,14 +233,15 @@ def rank_trials(study, top: int) -> tuple[list, list[str]]:
         complete = full
     sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
     pool = sorted(complete, key=lambda t: (sign * t.value, t.number))[:top]
-    for attr in ("data_fingerprint", "folds_fingerprint"):
+    what_of = {"data_fingerprint": "data", "folds_fingerprint": "folds",
+               "eval_fingerprint": "eval images"}
+    for attr, what in what_of.items():
         groups: dict[str, list[int]] = {}
         for t in pool:
             groups.setdefault(str(t.user_attrs.get(attr)), []).append(t.number)
         if len(groups) > 1:
             sides = "; ".join(f"{fp}: trials {', '.join(map(str, nums))}"
                               for fp, nums in groups.items())
-            what = "data" if attr == "data_fingerprint" else "folds"
             raise DataError(f"study {study.study_name!r}: the top {len(pool)} trials ran on "
                             f"different {what} ({attr} {sides}); their predictions do not line "
                             "up - lower --top or ensemble one study per data set")
@@ -309,6 +312,7 @@ def run(args: argparse.Namespace) -> dict:
     from core.splits import folds_fingerprint, person_folds
     from search import paths
     from search.artifacts import open_store
+    from search.objective import eval_fingerprint  # imports torch: only when the CLI runs
 
     if args.top < 1 or args.size < 1:
         raise DataError("--top and --size must be >= 1")
@@ -328,15 +332,23 @@ def run(args: argparse.Namespace) -> dict:
                             "search.run?)")
     table = load_train_table(data_dir, corrections=attrs.get("corrections"))
     folds = person_folds(table, int(attrs["n_folds"]), seed=int(attrs["fold_seed"]))
+    eval_table = load_eval_table(data_dir)
     now = {"data_fingerprint": data_fingerprint(table),
-           "folds_fingerprint": folds_fingerprint(folds)}
+           "folds_fingerprint": folds_fingerprint(folds),
+           "eval_fingerprint": eval_fingerprint(eval_table)}
+    numbers = ", ".join(str(t.number) for t in pool)
     for key, fp in now.items():
         ran_on = pool[0].user_attrs.get(key)
-        if ran_on != fp:
-            raise DataError(f"trials {', '.join(str(t.number) for t in pool)} ran with {key} "
-                            f"{ran_on}, but {data_dir} now gives {fp} (data, corrections or "
-                            "fold settings changed); their rows would not match the labels")
-    eval_table = load_eval_table(data_dir)
+        if ran_on == fp:
+            continue
+        if key == "eval_fingerprint":
+            raise DataError(f"trials {numbers} ran with eval_fingerprint {ran_on}, but "
+                            f"{data_dir / 'eval' / 'info.csv'} now gives {fp} (eval images "
+                            "edited, added or reordered since the trials); their eval "
+                            "probabilities would land on the wrong ImageIDs - rerun the trials")
+        raise DataError(f"trials {numbers} ran with {key} {ran_on}, but {data_dir} now gives "
+                        f"{fp} (data, corrections or fold settings changed); their rows would "
+                        "not match the labels")
     labels = table["label"].to_numpy(dtype=np.int64)
     store = open_store(args.artifacts or paths.default_artifacts_dir())
     cands = load_candidates(pool, store, len(table), len(eval_table))
@@ -367,6 +379,7 @@ def run(args: argparse.Namespace) -> dict:
         "rounds": args.size,
         "data_fingerprint": now["data_fingerprint"],
         "folds_fingerprint": now["folds_fingerprint"],
+        "eval_fingerprint": now["eval_fingerprint"],
         "members": [{"trial": c.number, "rank": c.rank, "value": c.value,
                      "oof_f1": oof_f1[i], "weight": float(weights[i])}
                     for i, c in enumerate(cands) if weights[i] > 0],

@@ -17,6 +17,8 @@ Why it looks like this:
   reaper in ``search.workers``) inherits the dead trial's user attrs; when its config and data
   are the same, it reuses those finished folds (probabilities, checkpoint, reported values) and
   trains only the rest. ``resumed_folds`` lists the reused ones.
+- ``data_fingerprint``, ``folds_fingerprint`` and ``eval_fingerprint`` (user attrs) say which
+  rows a trial's OOF and eval probabilities belong to; the ensemble refuses mismatches.
 - Data (tables, folds, image caches) is loaded once per process in ``StudyData``. Folds and the
   eval set reach the engine as ``RowView``s on the cache's memmap, never as copies: a copy per
   fold (and of the eval set per trial) costs ~10 GB of RAM per worker on the real set.
@@ -24,6 +26,7 @@ Why it looks like this:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -75,6 +78,18 @@ def eval_fold_name(fold: int) -> str:
 def fold_done_attr(fold: int) -> str:
     """User attr set (to a small summary dict) once fold ``fold`` is saved."""
     return f"fold_done_{fold}"
+
+
+def eval_fingerprint(eval_table: pd.DataFrame) -> str:
+    """Short hash of the eval table's files in order (``eval/info.csv``).
+
+    A trial's eval probabilities are rows in this order; the ensemble checks it so that an
+    edited or reordered info.csv (same row count) cannot put them on the wrong ImageIDs.
+    """
+    h = hashlib.sha256()
+    for f in eval_table["file"]:
+        h.update(f"{f}\n".encode())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -201,7 +216,8 @@ class Objective:
 
         if not (same(attrs.get("config"))
                 and attrs.get("data_fingerprint") == data_fingerprint(self.data.table)
-                and attrs.get("folds_fingerprint") == folds_fingerprint(self.data.folds)):
+                and attrs.get("folds_fingerprint") == folds_fingerprint(self.data.folds)
+                and attrs.get("eval_fingerprint") == eval_fingerprint(self.data.eval_table)):
             return {}
         return {k: attrs[fold_done_attr(k)] for k in range(self.data.n_folds)
                 if isinstance(attrs.get(fold_done_attr(k)), dict)}
@@ -226,6 +242,7 @@ class Objective:
         trial.set_user_attr("config", cfg.to_dict())
         trial.set_user_attr("data_fingerprint", data_fingerprint(data.table))
         trial.set_user_attr("folds_fingerprint", folds_fingerprint(data.folds))
+        trial.set_user_attr("eval_fingerprint", eval_fingerprint(data.eval_table))
         rows = data.train_rows(cfg.image_size)
         images = data.cache(cfg.image_size).images
         eval_images = data.eval_images(cfg.image_size)

@@ -29,6 +29,7 @@ from search.ensemble import (
     main,
     write_submission,
 )
+from search.objective import eval_fingerprint
 
 N_FOLDS = 4
 HALF = NUM_CLASSES // 2
@@ -195,9 +196,11 @@ class StudyMaker:
         table = load_train_table(data)
         self.labels = table["label"].to_numpy()
         folds = person_folds(table, N_FOLDS, seed=3)
+        eval_table = load_eval_table(data)
         self.fps = {"data_fingerprint": data_fingerprint(table),
-                    "folds_fingerprint": folds_fingerprint(folds)}
-        self.eval_ids = load_eval_table(data)["ImageID"].tolist()
+                    "folds_fingerprint": folds_fingerprint(folds),
+                    "eval_fingerprint": eval_fingerprint(eval_table)}
+        self.eval_ids = eval_table["ImageID"].tolist()
         answers = pd.read_csv(data / "eval_answers.csv", dtype={"ImageID": str})
         self.answers = answers.set_index("ImageID")["ans"].loc[self.eval_ids].to_numpy()
 
@@ -284,7 +287,8 @@ def test_cli_refuses_missing_eval_probabilities(maker, capsys):
 
 
 @pytest.mark.parametrize("attr,what", [("data_fingerprint", "data"),
-                                       ("folds_fingerprint", "folds")])
+                                       ("folds_fingerprint", "folds"),
+                                       ("eval_fingerprint", "eval images")])
 def test_cli_refuses_mixed_data_or_folds(maker, capsys, attr, what):
     maker.add_pair()
     a, _ = complementary(maker.labels)
@@ -302,6 +306,20 @@ def test_cli_refuses_when_data_changed_since_the_trials(maker, capsys):
         maker.add(p, p[: len(maker.eval_ids)], data_fingerprint="feedfacefeedface")
     assert maker.cli() == 2
     assert "now gives" in one_line_error(capsys)
+
+
+def test_cli_refuses_when_eval_info_csv_changed_since_the_trials(maker, copy_of_synth, capsys):
+    """Same eval images, other order: the eval probabilities would land on the wrong ImageIDs."""
+    maker.add_pair()
+    assert maker.cli("--data", str(copy_of_synth)) == 0  # an exact copy is the same data
+    info = copy_of_synth / "eval" / "info.csv"
+    df = pd.read_csv(info, dtype=str, keep_default_na=False)
+    df.iloc[::-1].to_csv(info, index=False)  # same rows, same count, reordered
+    before = maker.out.read_bytes()
+    assert maker.cli("--data", str(copy_of_synth)) == 2
+    err = one_line_error(capsys)
+    assert "eval_fingerprint" in err and str(info) in err and "wrong ImageIDs" in err
+    assert maker.out.read_bytes() == before  # the previous submission is left alone
 
 
 def test_cli_refuses_unknown_study_or_storage(maker, tmp_path, capsys):

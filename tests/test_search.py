@@ -33,6 +33,7 @@ from search.objective import (
     OOF,
     Objective,
     checkpoint_name,
+    eval_fingerprint,
     load_study_data,
 )
 from search.run import main
@@ -113,6 +114,7 @@ def test_artifacts_have_the_right_shapes(demo_run) -> None:
         assert all(f"fold_done_{k}" in t.user_attrs for k in range(FOLDS))
         assert t.user_attrs["images_per_s"] > 0
         assert t.user_attrs["config"]["backbone"] == "test_resnet"
+        assert t.user_attrs["eval_fingerprint"] == eval_fingerprint(data.eval_table)
         png = demo_run.art / "confusion.png"
         artifacts.load_file(t, store, CONFUSION, png)
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
