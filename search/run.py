@@ -16,12 +16,15 @@ and retried from its finished folds.
 
 The pruner's report mode is fixed too (``report_mode``: per epoch for median, hyperband and
 halving; per fold for wilcoxon): a rerun without ``--pruner`` uses the study's pruner, and a
-``--pruner`` that reads steps the other way is refused.
+``--pruner`` that reads steps the other way is refused. A trial that raises (say CUDA out of
+memory in one config) is logged, marked FAIL, and the search goes on; five failed trials in a
+row stop the worker, and a config or data error stops it at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import time
@@ -32,7 +35,7 @@ from types import ModuleType
 import optuna
 from optuna.trial import TrialState
 
-from core.cli import run_cli
+from core.cli import EXPECTED, run_cli
 from core.config import ConfigError, TrainConfig
 from core.errors import DataError
 from core.models import check_weights_available
@@ -51,7 +54,14 @@ from search.storage import (
     open_storage,
     study_names,
 )
-from search.workers import claim_lock, launch, run_worker, worker_envs
+from search.workers import (
+    TooManyFailures,
+    claim_lock,
+    launch,
+    log,
+    run_worker,
+    worker_envs,
+)
 from studies import STUDIES, get_study
 
 #: What a reported step means to each pruner: "epoch" = ``fold * epochs + epoch``, "fold" =
@@ -344,6 +354,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         run_worker(study, objective, args.trials, lock=claim_lock(storage, storage_url, name),
                    callbacks=callbacks, timeout=args.timeout, max_retry=args.max_retry,
                    poll_s=min(2.0, float(args.heartbeat_interval)))
+    except TooManyFailures:
+        if not worker:
+            print(summary(study, time.perf_counter() - t0, args.trials), flush=True)
+        raise
     except KeyboardInterrupt:
         interrupted = True
         if not worker:
@@ -357,7 +371,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(args, argv), args.debug)
+    if args.debug:  # failed trials' tracebacks (logged at debug level)
+        log.setLevel(logging.DEBUG)
+    return run_cli(lambda: run(args, argv), args.debug, expected=(*EXPECTED, TooManyFailures))
 
 
 if __name__ == "__main__":

@@ -39,13 +39,24 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 from optuna.trial import FrozenTrial, TrialState
 
+from core.config import ConfigError
+from core.errors import DataError
 from search.storage import journal_path
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OWNER_ATTR = "worker"
+ERROR_ATTR = "error"  # user attr of a FAIL trial: why, in one line
+#: Errors every trial would hit (a bad study space, bad data): they stop the worker at once.
+FATAL: tuple[type[BaseException], ...] = (ConfigError, DataError)
+#: Failed trials in a row after which a worker gives up (see ``run_worker``).
+MAX_CONSECUTIVE_FAILURES = 5
 RETRY_OF = "failed_trial"  # system attr written by RetryHeartbeatStaleTrialCallback
 #: Under Optuna's logger, so trial lines look like Optuna's and follow its verbosity.
 log = optuna.logging.get_logger("optuna.mask_search")
+
+
+class TooManyFailures(RuntimeError):
+    """A worker's last trials all failed; the message says how many and the last error."""
 
 
 # -- who owns a trial ------------------------------------------------------------------------
@@ -252,9 +263,21 @@ class _Heartbeat:
             self.thread.join()
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
 def run_one(study: optuna.Study, trial: optuna.Trial,
-            objective: Callable[[optuna.Trial], float]) -> FrozenTrial:
-    """Run and tell one claimed trial. Exceptions (and Ctrl-C) mark it FAIL and propagate."""
+            objective: Callable[[optuna.Trial], float],
+            fatal: tuple[type[BaseException], ...] = FATAL) -> FrozenTrial:
+    """Run and tell one claimed trial; an exception marks it FAIL.
+
+    Most exceptions (CUDA out of memory in one config, a numerical blow-up) belong to that
+    trial: one warning line, the traceback at debug level, the trial's user attr ``error``, and
+    the FAIL trial is returned, so an overnight search goes on. A ``fatal`` one (a config or
+    data problem every trial would hit) and Ctrl-C propagate.
+    """
     with _Heartbeat(study._storage, trial._trial_id):  # noqa: SLF001
         try:
             value = objective(trial)
@@ -262,27 +285,44 @@ def run_one(study: optuna.Study, trial: optuna.Trial,
             frozen = study.tell(trial, state=TrialState.PRUNED)
             log.info("trial %d pruned. %s", trial.number, e)
             return frozen
+        except fatal:
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+        except Exception as e:  # noqa: BLE001  (one trial's failure, not the search's)
+            return _fail(study, trial, _first_line(e), exc_info=True)
         except BaseException:
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
     if value is None or not math.isfinite(value):
-        log.warning("trial %d failed: objective returned %r", trial.number, value)
-        return study.tell(trial, state=TrialState.FAIL)
+        return _fail(study, trial, f"objective returned {value!r}")
     frozen = study.tell(trial, value)
     log.info("trial %d finished with value %.4f", trial.number, value)
     return frozen
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, why: str,
+          exc_info: bool = False) -> FrozenTrial:
+    log.warning("trial %d failed: %s", trial.number, why)
+    if exc_info:
+        log.debug("trial %d traceback:", trial.number, exc_info=True)
+    with contextlib.suppress(UpdateFinishedTrialError):  # reaped meanwhile: still record why
+        trial.set_user_attr(ERROR_ATTR, why)
+    return study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_total: int, *,
                lock: Callable[[], contextlib.AbstractContextManager],
                callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
                timeout: float | None = None, max_retry: int | None = None,
-               poll_s: float = 2.0) -> int:
+               poll_s: float = 2.0, fatal: tuple[type[BaseException], ...] = FATAL,
+               max_failures: int = MAX_CONSECUTIVE_FAILURES) -> int:
     """Claim and run trials until the study has ``n_total`` finished ones (or ``timeout``).
 
-    Returns the number of trials this worker ran.
+    Returns the number of trials this worker ran. Raises ``TooManyFailures`` after
+    ``max_failures`` failed trials in a row: then every trial is failing (a dead GPU, a full
+    disk) and going on would only fill the study with FAIL trials.
     """
-    t0, ran = time.monotonic(), 0
+    t0, ran, failed_in_a_row = time.monotonic(), 0, []
     while timeout is None or time.monotonic() - t0 < timeout:
         got = claim(study, n_total, lock, max_retry)
         if got is False:
@@ -290,12 +330,30 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
         if got is True:
             time.sleep(poll_s)
             continue
-        frozen = run_one(study, got, objective)
+        frozen = run_one(study, got, objective, fatal)
         ran += 1
         for callback in callbacks:
             callback(study, frozen)
         gc.collect()
+        if frozen.state != TrialState.FAIL:
+            failed_in_a_row = []
+            continue
+        _release_accelerator_memory()
+        failed_in_a_row.append(frozen)
+        if len(failed_in_a_row) >= max_failures:
+            numbers = ", ".join(str(t.number) for t in failed_in_a_row)
+            raise TooManyFailures(
+                f"{len(failed_in_a_row)} trials in a row failed (trials {numbers}; last: "
+                f"{frozen.user_attrs.get(ERROR_ATTR, 'unknown')}); this worker stops, since "
+                "something breaks every trial (see the warnings above; --debug shows tracebacks)")
     return ran
+
+
+def _release_accelerator_memory() -> None:
+    """After a failed trial (often CUDA out of memory), hand cached blocks back to the driver."""
+    torch = sys.modules.get("torch")  # never import torch just for this
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # -- the parent: one process per GPU or per CPU share -------------------------------------------

@@ -315,3 +315,27 @@ def test_a_rerun_uses_the_corrections_the_study_was_created_with(tmp_path, monke
     one_error(capfd, search.run.main(["--study", "demo", "--trials", "1", "--storage", url]))
     assert seen["corrections"] is None
     assert optuna.load_study(study_name="demo", storage=url).user_attrs["corrections"] is None
+
+
+def test_trials_failing_in_a_row_end_the_run_with_the_summary_and_one_error(
+        tmp_path, monkeypatch, capfd, caplog):
+    """Every trial raising (a dead GPU): a warning per trial, then the summary and one error
+    line naming the last error, exit 2; not an endless night of FAIL trials."""
+    url, _ = old_study(tmp_path)
+
+    def broken(trial: optuna.Trial) -> float:
+        raise RuntimeError("CUDA error: device lost")
+
+    monkeypatch.setattr("search.run.load_study_data", lambda *a, **k: None)
+    monkeypatch.setattr("search.run.Objective", lambda *a, **k: broken)
+    code = search.run.main(["--study", "demo", "--trials", "20", "--storage", url,
+                            "--artifacts", str(tmp_path / "art")])
+    out, err = capfd.readouterr()
+    assert code == 2, (out, err)
+    assert "Traceback" not in out + err
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"trial {n} failed: RuntimeError: CUDA error: device lost"
+                      for n in range(5)]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: 5 trials in a row failed") and "device lost" in last
+    assert "0 complete, 0 pruned, 5 failed" in out

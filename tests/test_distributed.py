@@ -28,6 +28,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
+from core.config import ConfigError
 from core.labels import NUM_CLASSES
 from search import artifacts
 from search.objective import (
@@ -41,7 +42,17 @@ from search.objective import (
 )
 from search.run import main
 from search.storage import open_storage
-from search.workers import OWNER_ATTR, claim, claim_lock, reap, retried_from
+from search.workers import (
+    ERROR_ATTR,
+    MAX_CONSECUTIVE_FAILURES,
+    OWNER_ATTR,
+    TooManyFailures,
+    claim,
+    claim_lock,
+    reap,
+    retried_from,
+    run_worker,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"backbone": "test_resnet", "image_size": "48x32", "loss": "ce", "lr": 3e-3,
@@ -260,6 +271,65 @@ def test_claims_stop_at_n_counting_running_trials(tmp_path: Path) -> None:
     study.tell(third, 2.0)
     assert claim(study, 2, lock, max_retry=0) is False
     assert len(study.trials) == 3
+
+
+def _run_fake(tmp_path: Path, objective, n_total: int) -> optuna.Study:
+    """One worker running a fake objective on a fresh SQLite study until ``n_total``."""
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="f", storage=storage, direction="maximize")
+    run_worker(study, objective, n_total, lock=claim_lock(storage, url, "f"), poll_s=0.01)
+    return study
+
+
+def test_one_failing_trial_does_not_end_the_search(tmp_path: Path, caplog) -> None:
+    """CUDA out of memory in one config (here a RuntimeError in trial 1): one warning line, the
+    trial is FAIL with the reason, and the worker goes on to N finished trials."""
+    def objective(trial: optuna.Trial) -> float:
+        if trial.number == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return trial.suggest_float("x", 0, 1)
+
+    with caplog.at_level("WARNING", logger="optuna.mask_search"):
+        study = _run_fake(tmp_path, objective, 4)
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 4 and states[1] == TrialState.FAIL
+    assert study.trials[1].user_attrs[ERROR_ATTR] == \
+        "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == ["trial 1 failed: RuntimeError: CUDA out of memory. Tried to allocate "
+                      "2.00 GiB"]
+
+
+def test_failing_trials_in_a_row_stop_the_worker(tmp_path: Path) -> None:
+    calls = []
+
+    def objective(trial: optuna.Trial) -> float:
+        calls.append(trial.number)
+        if trial.number == 0:
+            return 0.5
+        raise OSError(f"disk full ({trial.number})")
+
+    with pytest.raises(TooManyFailures) as e:
+        _run_fake(tmp_path, objective, 20)
+    assert len(calls) == 1 + MAX_CONSECUTIVE_FAILURES  # stopped at once, not at 20 trials
+    assert f"{MAX_CONSECUTIVE_FAILURES} trials in a row failed" in str(e.value)
+    assert f"OSError: disk full ({MAX_CONSECUTIVE_FAILURES})" in str(e.value)
+
+
+def test_a_config_error_in_a_trial_stops_the_worker_at_once(tmp_path: Path) -> None:
+    """A study space every trial would fail on is the user's to fix: no five tries."""
+    calls = []
+
+    def objective(trial: optuna.Trial) -> float:
+        calls.append(trial.number)
+        raise ConfigError("config field 'backbone': unknown")
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    study = optuna.create_study(study_name="c", storage=url)
+    with pytest.raises(ConfigError):
+        run_worker(study, objective, 5, lock=claim_lock(open_storage(url), url, "c"))
+    assert calls == [0] and study.trials[0].state == TrialState.FAIL
 
 
 @pytest.mark.parametrize(("url", "expect"), [
