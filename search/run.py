@@ -55,6 +55,7 @@ from search.storage import (
     study_names,
 )
 from search.workers import (
+    FINISHED,
     TooManyFailures,
     claim_lock,
     launch,
@@ -71,7 +72,6 @@ REPORT_MODE = {"median": "epoch", "hyperband": "epoch", "halving": "epoch", "wil
 PRUNERS = tuple(REPORT_MODE)
 DEFAULT_PRUNER = {"epoch": "median", "fold": "wilcoxon"}
 SAMPLERS = ("tpe", "random", "gp")
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 #: Study user attrs that fix what a trial means; a rerun may not change them. ``report_mode``
 #: and ``corrections`` have no flag of their own: a rerun always takes the stored ones.
 FIXED_ATTRS = ("n_folds", "fold_seed", "data_dir", "epochs", "report_mode", "corrections")
