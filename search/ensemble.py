@@ -250,22 +250,23 @@ def rank_trials(study, top: int) -> tuple[list, list[str]]:
 
 def load_candidates(pool: list, store, n_train: int, n_eval: int) -> list[Candidate]:
     """OOF and eval probabilities of each trial; refuses on a missing or mis-shaped one."""
-    from search.artifacts import load_array
+    from search.artifacts import attr_name, load_array
+    from search.objective import EVAL, OOF
 
     out = []
     for rank, t in enumerate(pool, start=1):
         arrays = {}
-        for name, rows, what in (("oof", n_train, "out-of-fold"), ("eval", n_eval, "eval")):
-            if not t.user_attrs.get(f"artifact_{name}"):
+        for name, rows, what in ((OOF, n_train, "out-of-fold"), (EVAL, n_eval, "eval")):
+            if not t.user_attrs.get(attr_name(name)):
                 raise DataError(f"trial {t.number} has no {what} probabilities (user attr "
-                                f"'artifact_{name}'); it cannot be ensembled (lower --top to "
+                                f"{attr_name(name)!r}); it cannot be ensembled (lower --top to "
                                 "leave it out)")
             a = load_array(t, store, name)
             if a.shape != (rows, NUM_CLASSES):
                 raise DataError(f"trial {t.number}: {what} probabilities have shape {a.shape}, "
                                 f"the data gives ({rows}, {NUM_CLASSES})")
             arrays[name] = a
-        out.append(Candidate(rank, t.number, float(t.value), arrays["oof"], arrays["eval"]))
+        out.append(Candidate(rank, t.number, float(t.value), arrays[OOF], arrays[EVAL]))
     return out
 
 

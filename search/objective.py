@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,19 @@ DEFAULT_KEEP_CHECKPOINTS = 10
 def checkpoint_name(fold: int) -> str:
     """Artifact name of fold ``fold``'s selected-epoch ``state_dict`` (``torch.save`` file)."""
     return f"checkpoint_fold{fold}"
+
+
+def checkpoint_names(trial: FrozenTrial | optuna.Trial) -> list[str]:
+    """Names of the fold checkpoints ``trial`` has an artifact attr for (removed ones included).
+
+    An attr counts when its name is exactly ``checkpoint_name(k)`` for its trailing number k.
+    """
+    out = []
+    for key in trial.user_attrs:
+        m = re.fullmatch(rf"{re.escape(artifacts.ATTR_PREFIX)}(.*?)(\d+)", key)
+        if m and artifacts.attr_name(checkpoint_name(int(m[2]))) == key:
+            out.append(checkpoint_name(int(m[2])))
+    return out
 
 
 def oof_fold_name(fold: int) -> str:
@@ -295,12 +309,12 @@ class Objective:
             speeds += [h["images_per_s"] for h in result.history if "images_per_s" in h]
             trial.set_user_attr("epochs_trained", epochs_trained)
             if result.diverged:
-                self._drop_checkpoints(trial, k)
+                self._drop_checkpoints(trial)
                 trial.set_user_attr("pruned_because", f"diverged in fold {k} "
                                     f"(non-finite loss or predictions, lr={cfg.lr:g})")
                 raise optuna.TrialPruned(f"diverged in fold {k}")
             if result.stopped_early:
-                self._drop_checkpoints(trial, k)
+                self._drop_checkpoints(trial)
                 trial.set_user_attr("pruned_because", f"pruner at fold {k}, epoch "
                                     f"{len(result.history) - 1}")
                 raise optuna.TrialPruned(f"pruned in fold {k}")
@@ -312,7 +326,7 @@ class Objective:
             fold_f1.append(float(result.selected_f1))
             trial.set_user_attr("fold_f1", fold_f1)
             if self.per_fold and report(float(result.selected_f1), k):
-                self._drop_checkpoints(trial, k + 1)
+                self._drop_checkpoints(trial)
                 trial.set_user_attr("pruned_because", f"pruner after fold {k}")
                 raise optuna.TrialPruned(f"pruned after fold {k}")
 
@@ -349,18 +363,23 @@ class Objective:
             js.write_text(json.dumps(class_f1(labels, pred), indent=1))
             artifacts.save_file(trial, self.store, CLASS_F1, js)
 
-    def _drop_checkpoints(self, trial: optuna.Trial, folds: int) -> None:
-        """A pruned trial is never ensembled: its finished folds' checkpoints go now."""
-        for k in range(folds):
-            artifacts.remove_artifact(trial, self.store, checkpoint_name(k))
+    def _drop_checkpoints(self, trial: optuna.Trial) -> None:
+        """A pruned trial is never ensembled: every checkpoint it holds goes now (also folds a
+        retry inherited, and any fold numbered above the one that was pruned)."""
+        for name in checkpoint_names(trial):
+            artifacts.remove_artifact(trial, self.store, name)
 
 
 class CheckpointRetention:
     """Study callback: keep fold checkpoints only for the best ``keep`` COMPLETE trials.
 
     Probabilities stay for every complete trial (they are small and the ensemble ranks on them);
-    checkpoints are what fills a disk. Removing an already-removed checkpoint is a no-op, so
-    every worker may run this after each of its trials.
+    checkpoints are what fills a disk. Checkpoints of complete trials beyond the best ``keep``
+    and of FAIL/PRUNED trials go, except while a WAITING/RUNNING trial still refers to them: a
+    retry inherits its dead origin's attrs (same artifact ids) and resumes from those folds, so
+    an origin with a live retry is left alone, and no id a live or kept trial holds is removed.
+    Removing an already-removed checkpoint is a no-op, so every worker may run this after each
+    of its trials.
     """
 
     def __init__(self, store: Any, keep: int = DEFAULT_KEEP_CHECKPOINTS) -> None:
@@ -369,11 +388,20 @@ class CheckpointRetention:
         self.store, self.keep = store, keep
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state != TrialState.COMPLETE:
-            return
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        trials = study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
         ranked = sorted(done, key=lambda t: (-t.value, t.number))
-        for t in ranked[self.keep:]:
-            for name in t.user_attrs:
-                if name.startswith(artifacts.ATTR_PREFIX + "checkpoint_fold"):
-                    artifacts.remove_artifact(t, self.store, name[len(artifacts.ATTR_PREFIX):])
+        live = [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)]
+        origins = {retried_from(t) for t in live} - {None}
+
+        def ids(t: FrozenTrial) -> set[str]:
+            return {str(t.user_attrs[artifacts.attr_name(n)]) for n in checkpoint_names(t)
+                    if t.user_attrs[artifacts.attr_name(n)]}
+
+        protected = set().union(*(ids(t) for t in live + ranked[:self.keep]))
+        spent = [t for t in trials if t.state in (TrialState.FAIL, TrialState.PRUNED)
+                 and t.number not in origins]
+        for t in ranked[self.keep:] + spent:
+            for name in checkpoint_names(t):
+                if str(t.user_attrs[artifacts.attr_name(name)]) not in protected:
+                    artifacts.remove_artifact(t, self.store, name)

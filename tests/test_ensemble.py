@@ -29,7 +29,7 @@ from search.ensemble import (
     main,
     write_submission,
 )
-from search.objective import eval_fingerprint
+from search.objective import EVAL, OOF, eval_fingerprint
 
 N_FOLDS = 4
 HALF = NUM_CLASSES // 2
@@ -208,9 +208,9 @@ class StudyMaker:
         trial = self.study.ask()
         for key, value in {**self.fps, "fold_f1": [0.5] * N_FOLDS, **attrs}.items():
             trial.set_user_attr(key, value)
-        artifacts.save_array(trial, self.store, "oof", oof)
+        artifacts.save_array(trial, self.store, OOF, oof)
         if ev is not None:
-            artifacts.save_array(trial, self.store, "eval", ev)
+            artifacts.save_array(trial, self.store, EVAL, ev)
         self.study.tell(trial, macro_f1(self.labels, oof.argmax(axis=1)))
         return trial.number
 
@@ -384,16 +384,17 @@ def test_sigkill_during_writing_leaves_the_previous_submission(maker, capsys):
     assert maker.cli("--size", "1") == 0
     before = {p.name: p.read_bytes() for p in maker.out.parent.iterdir()}
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen(
+    with subprocess.Popen(  # `with` closes both pipes: no ResourceWarning
         [sys.executable, "-c", KILLER, "--study", "t", "--storage", maker.storage,
          "--artifacts", str(maker.art), "--out", str(maker.out)],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "WRITING", proc.stderr.read()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as proc:
+        try:
+            assert proc.stdout.readline().strip() == "WRITING", proc.stderr.read()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
     assert temps(maker.out.parent) == [f".submission.csv.{proc.pid}.tmp"]  # killed mid-write
     assert {p.name: p.read_bytes() for p in maker.out.parent.iterdir()
             if not p.name.endswith(".tmp")} == before

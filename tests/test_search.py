@@ -31,6 +31,7 @@ from search.objective import (
     CONFUSION,
     EVAL,
     OOF,
+    CheckpointRetention,
     Objective,
     checkpoint_name,
     eval_fingerprint,
@@ -297,3 +298,46 @@ def test_ctrl_c_fails_the_running_trial_and_prints_the_summary(tiny: Path,
     states = [t.state for t in optuna.load_study(study_name="demo", storage=url).trials]
     assert TrialState.RUNNING not in states
     assert states.count(TrialState.FAIL) == 1
+
+
+def test_checkpoint_retention_frees_failed_trials_unless_a_retry_needs_them(tmp_path) -> None:
+    store = artifacts.open_store(tmp_path / "a")
+    study = optuna.create_study(direction="maximize")
+    keeper = CheckpointRetention(store, keep=1)
+
+    def with_checkpoint(trial, fold: int = 0) -> str:
+        return artifacts.save_array(trial, store, checkpoint_name(fold), np.zeros(2))
+
+    def present(artifact_id: str) -> bool:
+        return (tmp_path / "a" / artifact_id).exists()
+
+    best, worse, origin, lost = (study.ask() for _ in range(4))
+    ids = {name: with_checkpoint(t) for name, t in
+           (("best", best), ("worse", worse), ("origin", origin), ("lost", lost))}
+    study.tell(best, 0.9)
+    study.tell(worse, 0.5)
+    study.tell(origin, state=TrialState.FAIL)
+    study.tell(lost, state=TrialState.FAIL)
+    # a waiting retry of `origin` inheriting its attrs (as RetryFailedTrialCallback makes it)
+    study.enqueue_trial({}, user_attrs=study.trials[origin.number].user_attrs)
+    waiting = study.get_trials(states=(TrialState.WAITING,))[0]
+    study._storage.set_trial_system_attr(waiting._trial_id, "failed_trial", origin.number)
+
+    keeper(study, study.trials[worse.number])
+    assert present(ids["best"]) and present(ids["origin"])
+    assert not present(ids["worse"]) and not present(ids["lost"])
+
+    retry = study.ask()  # the retry runs, then dies for good: nothing refers to the fold now
+    assert retry.number == waiting.number
+    study.tell(retry, state=TrialState.FAIL)
+    keeper(study, study.trials[retry.number])
+    assert present(ids["best"]) and not present(ids["origin"])
+
+
+def test_a_pruned_trial_drops_every_checkpoint_it_holds(tmp_path) -> None:
+    store = artifacts.open_store(tmp_path / "a")
+    trial = optuna.create_study().ask()
+    saved = [artifacts.save_array(trial, store, checkpoint_name(k), np.zeros(2)) for k in (0, 2)]
+    Objective(None, None, store)._drop_checkpoints(trial)  # pruned in fold 1, fold 2 inherited
+    assert not any((tmp_path / "a" / i).exists() for i in saved)
+    assert not any(trial.user_attrs[artifacts.attr_name(checkpoint_name(k))] for k in (0, 2))
