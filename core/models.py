@@ -162,7 +162,3 @@ def to_probabilities(model: nn.Module, outputs: torch.Tensor) -> torch.Tensor:
     """Model outputs -> probabilities (N, 18) float32: exp for the multi head, else softmax."""
     outputs = outputs.float()
     return outputs.exp() if is_multi_head(model) else F.softmax(outputs, dim=1)
-
-
-#: the name used in docs/interfaces.md
-probabilities = to_probabilities

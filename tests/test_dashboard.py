@@ -48,25 +48,29 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     artifacts.save_array(trial, store, "oof", oof)
     study.tell(trial, 0.5)
     port = free_port()
-    proc = subprocess.Popen(
+    with subprocess.Popen(  # `with` closes the pipe: no ResourceWarning
         [sys.executable, "-m", "search.dashboard", "--study", STUDY, "--storage", url,
          "--artifacts", str(art), "--port", str(port)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as proc:
         try:
-            get(base + "/api/meta")
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"dashboard did not start: {proc.communicate()[0][-2000:]}")
-            time.sleep(0.3)
-    yield base, oof, root
-    proc.terminate()
-    proc.wait(timeout=20)
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    get(base + "/api/meta")
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        proc.kill()
+                        pytest.fail(f"dashboard did not start: {proc.communicate()[0][-2000:]}")
+                    time.sleep(0.3)
+            yield base, oof, root
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.communicate(timeout=20)
 
 
 def test_api_lists_the_study_and_serves_the_trials_artifact(server) -> None:
