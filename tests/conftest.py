@@ -108,3 +108,19 @@ def tiny_layout(tmp_path: Path) -> Callable[..., Path]:
         return write_tiny_layout(tmp_path / f"tiny{next(count)}", **kwargs)
 
     return make
+
+
+#: Trial settings that train fastest (smallest timm test net, smallest input): enqueue these so
+#: end-to-end tests do not depend on what the sampler picks. ``from tests.conftest import FAST``.
+FAST: dict[str, object] = {"backbone": "test_resnet", "image_size": "48x32", "loss": "ce",
+                           "lr": 3e-3, "class_weights": "none", "age_threshold": 60}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small synthetic layout for end-to-end search runs (24 people, 4 eval, 48x36). Its image
+    caches live inside it and are shared by the tests that build them; do not modify files."""
+    from core.synth import generate
+
+    return Path(generate(tmp_path_factory.mktemp("tiny") / "data", people=24, eval_people=4,
+                         seed=0, size=(48, 36)))

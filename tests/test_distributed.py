@@ -53,10 +53,9 @@ from search.workers import (
     retried_from,
     run_worker,
 )
+from tests.conftest import FAST
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {"backbone": "test_resnet", "image_size": "48x32", "loss": "ce", "lr": 3e-3,
-        "class_weights": "none", "age_threshold": 60}
 FOLDS, EPOCHS, TRIALS, WORKERS = 3, 2, 4, 3
 
 
@@ -90,15 +89,12 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny synthetic data with its 48x32 cache built once (workers then only read it)."""
+def tiny(tiny_data: Path) -> Path:
+    """``tiny_data`` with its 48x32 cache built once (workers then only read it)."""
     from core.cache import build_cache
-    from core.synth import generate
 
-    data = Path(generate(tmp_path_factory.mktemp("dist") / "data", people=24, eval_people=4,
-                         seed=0, size=(48, 36)))
-    build_cache(data, (48, 32), workers=1, progress=False)
-    return data
+    build_cache(tiny_data, (48, 32), workers=1, progress=False)
+    return tiny_data
 
 
 def _start_workers(url: str, art: Path, data: Path, *extra: str, workers: int = WORKERS,
