@@ -2,7 +2,8 @@
 
 Both arms run the same seeded TPE sampler on the same data and folds; one with the median
 pruner (as ``search.run --pruner median`` sets it up), one with none. Printed: total epochs
-trained, best out-of-fold macro F1, wall time, and the ratios (pruned / unpruned).
+trained, best out-of-fold macro F1, wall time, and the ratios (pruned / unpruned), for each
+pruner named in ``--pruners`` (median, hyperband and halving by default).
 
     python -m bench.search                       # 12 trials per arm on runs/demo_data
     python -m bench.search --trials 4 --people 48 --epochs 2   # a quick look
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="data folder (default: the demo study's runs/demo_data)")
     p.add_argument("--people", type=int, help="generate a smaller synthetic set of this size")
+    p.add_argument("--pruners", default="none,median,hyperband,halving",
+                   help="comma-separated arms; 'none' is the reference")
     a = p.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench_search_") as t:
@@ -64,16 +67,19 @@ def main(argv: list[str] | None = None) -> None:
                                demo.FOLD_SEED)
         for size in demo.IMAGE_SIZES.values():  # build caches outside the timed arms
             data.cache(size)
-        res = {name: arm(name, data, demo, a.trials, a.epochs, a.seed, tmp)
-               for name in ("none", "median")}
-    n, m = res["none"], res["median"]
+        names = ["none", *[x for x in a.pruners.split(",") if x and x != "none"]]
+        res = {name: arm(name, data, demo, a.trials, a.epochs, a.seed, tmp) for name in names}
+    n = res["none"]
     print(f"demo study, {a.trials} trials per arm, {demo.FOLDS} folds x {a.epochs} epochs, "
           f"TPE seed {a.seed}, {len(data.table)} training images")
     print(f"{'pruner':8} {'epochs':>7} {'best F1':>8} {'pruned':>7} {'wall s':>8}")
     for name, r in res.items():
         print(f"{name:8} {r['epochs']:7d} {r['best']:8.4f} {r['pruned']:7d} {r['seconds']:8.1f}")
-    print(f"median/none: epochs {m['epochs'] / max(n['epochs'], 1):.2f}x, best F1 difference "
-          f"{m['best'] - n['best']:+.4f}, wall {m['seconds'] / n['seconds']:.2f}x")
+    for name, m in res.items():
+        if name != "none":
+            print(f"{name}/none: epochs {m['epochs'] / max(n['epochs'], 1):.2f}x, best F1 "
+                  f"difference {m['best'] - n['best']:+.4f}, "
+                  f"wall {m['seconds'] / n['seconds']:.2f}x")
 
 
 if __name__ == "__main__":
