@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.atomic import atomic_write
 from core.cli import run_cli
 from core.errors import DataError
 from core.labels import NUM_CLASSES
@@ -131,28 +131,6 @@ def cross_fitted_f1(
     return macro_f1(np.asarray(labels), cross_fitted_predictions(oof_list, labels, folds, size))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``.<name>.<pid>.tmp`` next to ``path``, fsync, rename: readers see old or new.
-
-    A SIGKILL mid-write leaves the previous file intact plus a temp, which the next write of
-    the same file removes (its pid is dead).
-    """
-    from search.artifacts import remove_dead_temps
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temps(path.parent, path.name)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_submission(path: str | Path, image_ids: Sequence[str], classes: np.ndarray) -> Path:
     """Write ``ImageID,ans`` in the given (info.csv) order, atomically; ans are ints 0..17."""
     path = Path(path)
@@ -164,14 +142,15 @@ def write_submission(path: str | Path, image_ids: Sequence[str], classes: np.nda
     ):
         raise DataError(f"{path}: predictions must be integer classes 0..{NUM_CLASSES - 1}")
     frame = pd.DataFrame({"ImageID": list(image_ids), "ans": classes.astype(np.int64)})
-    _atomic_write_text(path, frame.to_csv(index=False))
+    atomic_write(path, lambda tmp: tmp.write_text(frame.to_csv(index=False), newline=""))
     return path
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
     """Write ``payload`` as indented JSON, atomically."""
     path = Path(path)
-    _atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
     return path
 
 

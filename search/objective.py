@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import tempfile
 from collections.abc import Callable
@@ -45,6 +44,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from sklearn.metrics import confusion_matrix, f1_score
 
+from core.atomic import atomic_write
 from core.cache import ImageCache, build_cache
 from core.config import TrainConfig
 from core.dataset import data_fingerprint, load_eval_table, load_train_table, training_targets
@@ -155,9 +155,7 @@ def load_study_data(data_dir: str | Path, corrections: str | Path | None, n_fold
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def confusion_png(labels: np.ndarray, pred: np.ndarray, path: Path, title: str) -> None:
@@ -179,9 +177,7 @@ def confusion_png(labels: np.ndarray, pred: np.ndarray, path: Path, title: str) 
                 color="white" if norm[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def class_f1(labels: np.ndarray, pred: np.ndarray) -> dict[str, float | None]:

@@ -39,6 +39,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 from optuna.trial import FrozenTrial, TrialState
 
+from core.atomic import pid_alive
 from core.config import ConfigError
 from core.errors import DataError
 from search.storage import journal_path
@@ -85,14 +86,7 @@ def owner_alive(owner: dict | None) -> bool | None:
     if not owner or owner.get("host") != socket.gethostname():
         return None
     pid = int(owner["pid"])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    fields = _stat(pid)
-    if fields and fields[0] in ("Z", "X"):  # killed, not yet waited for by its parent
+    if not pid_alive(pid):  # gone, or killed and not yet waited for by its parent
         return False
     started = owner.get("start")
     return started is None or _start_time(pid) in (None, started)
