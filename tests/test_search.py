@@ -38,19 +38,10 @@ from search.objective import (
     load_study_data,
 )
 from search.run import main
+from tests.conftest import FAST
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {"backbone": "test_resnet", "image_size": "48x32", "loss": "ce", "lr": 3e-3,
-        "class_weights": "none", "age_threshold": 60}
 FOLDS, EPOCHS = 2, 2
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from core.synth import generate
-
-    return Path(generate(tmp_path_factory.mktemp("tiny") / "data", people=24, eval_people=4,
-                         seed=0, size=(48, 36)))
 
 
 def enqueue(url: str, name: str, n: int, **override) -> None:
@@ -68,20 +59,20 @@ def args(name: str, url: str, art: Path, data: Path, trials: int, *extra: str) -
 
 
 @pytest.fixture(scope="module")
-def demo_run(tiny: Path, tmp_path_factory: pytest.TempPathFactory):
+def demo_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """``--trials 2`` then ``--trials 3`` on one demo study, keeping checkpoints of the best 2."""
     root = tmp_path_factory.mktemp("run")
     url, art = f"sqlite:///{root / 'demo.db'}", root / "artifacts"
     enqueue(url, "demo", 3)
     common = ("--pruner", "none", "--keep-checkpoints", "2")
-    assert main(args("demo", url, art, tiny, 2, *common)) == 0
+    assert main(args("demo", url, art, tiny_data, 2, *common)) == 0
     first = {t.number for t in optuna.load_study(study_name="demo", storage=url).trials
              if t.state.is_finished()}
-    assert main(args("demo", url, art, tiny, 3, *common)) == 0
+    assert main(args("demo", url, art, tiny_data, 3, *common)) == 0
     study = optuna.load_study(study_name="demo", storage=url)
     return SimpleNamespace(url=url, art=art, study=study, first=first,
                            store=artifacts.open_store(art),
-                           data=load_study_data(tiny, tiny / "corrections.csv", FOLDS, 0))
+                           data=load_study_data(tiny_data, tiny_data / "corrections.csv", FOLDS, 0))
 
 
 @pytest.mark.slow
@@ -151,8 +142,8 @@ def test_checkpoints_are_kept_for_the_best_k_only(demo_run) -> None:
 
 
 @pytest.mark.slow
-def test_a_rerun_with_other_folds_is_refused(demo_run, tiny: Path, capsys) -> None:
-    argv = args("demo", demo_run.url, demo_run.art, tiny, 4, "--pruner", "none")
+def test_a_rerun_with_other_folds_is_refused(demo_run, tiny_data: Path, capsys) -> None:
+    argv = args("demo", demo_run.url, demo_run.art, tiny_data, 4, "--pruner", "none")
     argv[argv.index("--folds") + 1] = "3"
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -255,10 +246,10 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_two_processes_share_one_sqlite_study(tiny: Path, tmp_path: Path) -> None:
+def test_two_processes_share_one_sqlite_study(tiny_data: Path, tmp_path: Path) -> None:
     url, art = f"sqlite:///{tmp_path / 'two.db'}", tmp_path / "art"
     enqueue(url, "demo", 4, image_size="48x32")
-    argv = args("demo", url, art, tiny, 2, "--pruner", "none")
+    argv = args("demo", url, art, tiny_data, 2, "--pruner", "none")
     argv[argv.index("--epochs") + 1] = "1"
     procs = [subprocess.Popen(_cli(*argv), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -274,11 +265,11 @@ def test_two_processes_share_one_sqlite_study(tiny: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_ctrl_c_fails_the_running_trial_and_prints_the_summary(tiny: Path,
+def test_ctrl_c_fails_the_running_trial_and_prints_the_summary(tiny_data: Path,
                                                                tmp_path: Path) -> None:
     url, art = f"sqlite:///{tmp_path / 'int.db'}", tmp_path / "art"
     enqueue(url, "demo", 3)
-    argv = args("demo", url, art, tiny, 3, "--pruner", "none")
+    argv = args("demo", url, art, tiny_data, 3, "--pruner", "none")
     argv[argv.index("--epochs") + 1] = "50"
     argv[argv.index("--folds") + 1] = "2"
     proc = subprocess.Popen(_cli(*argv), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
