@@ -191,7 +191,11 @@ def test_postgres_worker_killed_mid_trial_is_retried_from_its_folds(
         pg_url: str, tiny: Path, tmp_path: Path) -> None:
     art = tmp_path / "artifacts"
     proc = _start_workers(pg_url, art, tiny, "--heartbeat-interval", "1", "--grace-period", "3")
-    _check_kill_run(proc, open_storage(pg_url), art, tiny)
+    storage = open_storage(pg_url)
+    try:
+        _check_kill_run(proc, storage, art, tiny)
+    finally:
+        storage.engine.dispose()  # close the pool before the fixture drops the database
 
 
 @pytest.mark.slow
