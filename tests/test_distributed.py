@@ -190,7 +190,7 @@ def _check_kill_run(proc: subprocess.Popen, storage, art: Path, data: Path) -> N
 def test_postgres_worker_killed_mid_trial_is_retried_from_its_folds(
         pg_url: str, tiny: Path, tmp_path: Path) -> None:
     art = tmp_path / "artifacts"
-    proc = _start_workers(pg_url, art, tiny, "--heartbeat-interval", "1", "--grace-period", "3")
+    proc = _start_workers(pg_url, art, tiny, "--heartbeat-interval", "1", "--grace-period", "8")
     storage = open_storage(pg_url)
     try:
         _check_kill_run(proc, storage, art, tiny)
