@@ -17,12 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import ConfigError, TrainConfig
+from core.config import CLASS_WEIGHTS, ConfigError, TrainConfig
 from core.errors import DataError
 from core.labels import NUM_AGE, NUM_CLASSES, NUM_GENDER, NUM_MASK, decode
-
-WEIGHT_SCHEMES = ("none", "inverse", "sqrt_inverse", "effective")
-
 
 Targets = np.ndarray | torch.Tensor | list[int]
 
@@ -56,9 +53,9 @@ def class_weights(
     count of the rarest present class, hence the largest weight, instead of a division by zero:
     it may appear in validation and should not be ignored.
     """
-    if scheme not in WEIGHT_SCHEMES:
+    if scheme not in CLASS_WEIGHTS:
         raise ConfigError(f"config field 'class_weights': must be one of "
-                          f"{', '.join(WEIGHT_SCHEMES)} (got {scheme!r})")
+                          f"{', '.join(CLASS_WEIGHTS)} (got {scheme!r})")
     t = _checked_targets(targets, num_classes)
     if scheme == "none":
         return torch.ones(num_classes, dtype=torch.float32)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import ConfigError, TrainConfig
+from core.config import HEADS, ConfigError, TrainConfig
 from core.labels import NUM_AGE, NUM_CLASSES, NUM_GENDER, NUM_MASK
 
 
@@ -129,8 +129,9 @@ def create_model(cfg: TrainConfig) -> nn.Module:
     Every returned module has a ``multi_head`` attribute. Raises ``ConfigError`` for an unknown
     backbone or for pretrained weights that cannot be had (offline), saying how to fix it.
     """
-    if cfg.head not in ("single", "multi"):
-        raise ConfigError(f"config field 'head': must be single or multi (got {cfg.head!r})")
+    if cfg.head not in HEADS:
+        raise ConfigError(f"config field 'head': must be {' or '.join(HEADS)} "
+                          f"(got {cfg.head!r})")
     if not timm.is_model(cfg.backbone):
         raise ConfigError(f"config field 'backbone': '{cfg.backbone}' is not a timm model name")
     num_out = NUM_CLASSES if cfg.head == "single" else NUM_MASK + NUM_GENDER + NUM_AGE

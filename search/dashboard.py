@@ -15,7 +15,7 @@ from core.cli import EXPECTED, run_cli
 from core.config import ConfigError
 from search import paths
 from search.artifacts import open_store
-from search.storage import open_storage, study_names
+from search.storage import open_existing_storage, study_names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,10 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     name = paths.check_study_name(args.study)
     url = args.storage or paths.default_storage_url(name)
-    if not args.storage and not paths.runs_dir().joinpath(f"{name}.db").is_file():
-        raise ConfigError(f"no storage for study {name!r} at {url} (run search.run first, or "
-                          "pass --storage)")
-    storage = open_storage(url)
+    storage = open_existing_storage(url)
     known = study_names(storage)
     if name not in known:
         raise ConfigError(f"study {name!r} is not in {url}; studies there: "

@@ -172,13 +172,9 @@ def _open_study(name: str, url: str):
     """Load study ``name`` without creating anything: a missing SQLite file is an error."""
     import optuna
 
-    from search.storage import open_storage, study_names
+    from search.storage import open_existing_storage, study_names
 
-    if url.startswith("sqlite:///"):
-        db = Path(url[len("sqlite:///"):])
-        if not db.is_file():  # opening it would create an empty database
-            raise DataError(f"storage {url}: database file {db} does not exist")
-    storage = open_storage(url)
+    storage = open_existing_storage(url)
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:

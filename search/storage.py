@@ -118,6 +118,19 @@ def open_storage(url: str, *, heartbeat_interval: int | None = DEFAULT_HEARTBEAT
         raise _connect_error(parsed, e) from None
 
 
+def open_existing_storage(url: str) -> BaseStorage:
+    """``open_storage`` for readers (ensemble, dashboard): a missing SQLite file is an error.
+
+    Opening it would create an empty database and then report "no such study" about it.
+    """
+    if journal_path(url) is None and parse_url(url).get_backend_name() == "sqlite":
+        db = parse_url(url).database or ""
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise ConfigError(f"storage {url}: database file {db} does not exist (run search.run "
+                              "first, or pass --storage)")
+    return open_storage(url)
+
+
 def study_names(storage: BaseStorage) -> list[str]:
     """Names of the studies in ``storage``, sorted (for 'unknown study' messages)."""
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
