@@ -124,3 +124,41 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return Path(generate(tmp_path_factory.mktemp("tiny") / "data", people=24, eval_people=4,
                          seed=0, size=(48, 36)))
+
+
+#: (gender, age) of the faces in ``write_faces_folder``: both genders in every age group.
+FACE_PEOPLE: tuple[tuple[str, int], ...] = (
+    ("female", 19), ("male", 22), ("female", 25), ("male", 28), ("female", 33), ("male", 41),
+    ("female", 47), ("male", 52), ("female", 56), ("male", 59), ("female", 60), ("male", 60),
+    ("female", 21), ("female", 38), ("male", 45), ("female", 60),
+)
+
+
+def write_faces_folder(root: Path, people: Sequence[tuple[str, int]] = FACE_PEOPLE) -> Path:
+    """A faces folder in the format of ``../shared/faces`` (``faces.csv`` + ``photos/``), made
+    from scikit-image's astronaut photo: one 200x200 face per person, each cropped a little
+    differently, some mirrored, with its own colour balance, so every photo is distinct."""
+    from skimage.data import astronaut
+
+    src = astronaut()
+    rng = np.random.default_rng(0)
+    (root / "photos").mkdir(parents=True)
+    lines = ["file,gender,age,true_age,race"]
+    for i, (gender, age) in enumerate(people):
+        y, x = (i * 7) % 30, (i * 11) % 30  # distinct crops: each photo is told apart
+        face = src[10 + y:190 + y, 150 + x:330 + x].astype(np.float32)
+        face = face * rng.uniform(0.7, 1.2, 3) + rng.uniform(-20, 20)
+        img = Image.fromarray(np.clip(face, 0, 255).astype(np.uint8)).resize((200, 200))
+        if i % 2:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        name = f"face{i:05d}.jpg"
+        img.save(root / "photos" / name, quality=95)
+        lines.append(f"{name},{gender},{age},{age},white")
+    (root / "faces.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def faces_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``write_faces_folder`` once per session (16 people). Do not modify."""
+    return write_faces_folder(tmp_path_factory.mktemp("faces"))

@@ -225,7 +225,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert all_files(out) == all_files(generate(tmp_path / "api", 6, 2, 4, (32, 24)))
     assert main(argv) == 2  # exists, not empty
     err = capsys.readouterr().err.strip()
-    assert err.startswith("core.synth: error:") and "not empty" in err and "\n" not in err
+    assert err.startswith("error:") and "not empty" in err and "\n" not in err
 
 
 def _mouth_pixels(path: Path) -> int:
