@@ -19,6 +19,7 @@ import argparse
 import io
 import os
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import redirect_stdout
@@ -27,6 +28,9 @@ from pathlib import Path
 import optuna
 import torch
 from optuna.trial import TrialState
+
+if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.config import TrainConfig
 from core.models import create_model

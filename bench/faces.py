@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.faces import FaceSettings, get_detector
 from tests.test_faces import astronaut, grace_hopper, iou, paste

@@ -12,12 +12,16 @@ pruner named in ``--pruners`` (median, hyperband and halving by default).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
+
+if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from search.artifacts import open_store
 from search.objective import Objective, load_study_data

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,6 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+
+if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.loader import NaiveImages
 from core.augment import train_transform

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
 import sys
 import time
@@ -228,8 +229,18 @@ def count(study: optuna.Study, states: Sequence[TrialState]) -> int:
     return len(study.get_trials(deepcopy=False, states=tuple(states)))
 
 
-def summary(study: optuna.Study, seconds: float, trials_asked: int) -> str:
-    """The short table printed at the end (also after Ctrl-C)."""
+def next_commands(study_name: str, storage: str | None, artifacts: str | None) -> list[str]:
+    """The two commands a user runs after a search, with the storage and artifact flags this run
+    used when they were not the defaults (so they open the same study)."""
+    flags = "".join(f" {flag} {shlex.quote(value)}" for flag, value in
+                    (("--storage", storage), ("--artifacts", artifacts)) if value)
+    return [f"look at it  python -m search.dashboard --study {study_name}{flags}",
+            f"submission  python -m search.ensemble --study {study_name}{flags}"]
+
+
+def summary(study: optuna.Study, seconds: float, trials_asked: int,
+            storage: str | None = None, artifacts: str | None = None) -> str:
+    """The short table printed at the end (also after Ctrl-C), ending with what to run next."""
     n = {s: count(study, (s,)) for s in (TrialState.COMPLETE, TrialState.PRUNED,
                                          TrialState.FAIL)}
     lines = [f"study      {study.study_name}",
@@ -245,7 +256,7 @@ def summary(study: optuna.Study, seconds: float, trials_asked: int) -> str:
     else:
         lines.append("best       none yet (no complete trial)")
     lines.append(f"wall time  {seconds:.1f} s")
-    return "\n".join(lines)
+    return "\n".join([*lines, *next_commands(study.study_name, storage, artifacts)])
 
 
 def resolve_data(module: ModuleType, data: str | None) -> Path:
@@ -320,12 +331,16 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     study.pruner = make_pruner(pruner, n_folds * epochs, n_folds)
 
     t0 = time.perf_counter()
+
+    def report() -> str:
+        return summary(study, time.perf_counter() - t0, args.trials, args.storage, args.artifacts)
+
     finished = count(study, FINISHED)
     if finished >= args.trials:
         if not worker:
             print(f"study {name!r} already has {finished} finished trials (asked {args.trials}); "
                   "nothing to do")
-            print(summary(study, time.perf_counter() - t0, args.trials))
+            print(report())
         return 0
     if not worker:  # a missing weights download fails now, not after the cache is built
         for backbone in getattr(module, "PRETRAINED_BACKBONES", ()):
@@ -337,7 +352,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     if n_workers > 1 and not worker:
         codes = launch([child_argv(argv, i, bool(args.gpus)) for i in range(n_workers)],
                        worker_envs(args.gpus, n_workers))
-        print(summary(study, time.perf_counter() - t0, args.trials), flush=True)
+        print(report(), flush=True)
         if any(c in (130, -2) for c in codes):
             return 130
         if count(study, FINISHED) >= args.trials:
@@ -356,7 +371,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
                    poll_s=min(2.0, float(args.heartbeat_interval)))
     except TooManyFailures:
         if not worker:
-            print(summary(study, time.perf_counter() - t0, args.trials), flush=True)
+            print(report(), flush=True)
         raise
     except KeyboardInterrupt:
         interrupted = True
@@ -364,7 +379,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             print("\ninterrupted: the running trial is marked FAIL; rerun the same command to "
                   "continue", file=sys.stderr)
     if not worker:
-        print(summary(study, time.perf_counter() - t0, args.trials), flush=True)
+        print(report(), flush=True)
     return 130 if interrupted else 0
 
 

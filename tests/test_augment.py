@@ -101,6 +101,7 @@ assert not attempts, f"importing core.augment tried the network: {attempts}"
 """
 
 
+@pytest.mark.slow
 def test_import_makes_no_network_update_check():
     # Albumentations asks PyPI for updates on import (a 2 s timeout, then a UserWarning offline).
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}

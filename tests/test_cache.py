@@ -233,6 +233,7 @@ def test_damaged_cache_is_rebuilt_not_opened(copied: tuple[Path, Path]) -> None:
     assert cache.images[:].any(axis=(1, 2, 3)).all()
 
 
+@pytest.mark.slow
 def test_processes_building_at_once_build_once(copied: tuple[Path, Path], tmp_path: Path) -> None:
     """Two processes (two ``search.run`` workers) ask for the same stale cache at the same moment:
     one detects the changed file's face and builds, the other waits and reuses that cache; both

@@ -172,6 +172,7 @@ def run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Co
                           timeout=120, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_terminal_sees_exactly_one_line(runs):
     env = {"MASK_SEARCH_RUNS": str(runs)}
     plain = run_cli(["-m", "search.run", "--study", "nope", "--trials", "1"], env)
@@ -194,6 +195,7 @@ def test_debug_lets_the_exception_through(cli, tmp_path, monkeypatch):
         CLIS[cli](argv)
 
 
+@pytest.mark.slow
 def test_pretrained_offline_cli_names_the_fix_without_network(tmp_path):
     """HF_HUB_OFFLINE=1 and an empty Hugging Face cache: core.train_fold stops before reading
     any data, with one line saying how to get weights."""
@@ -317,6 +319,7 @@ def test_a_rerun_uses_the_corrections_the_study_was_created_with(tmp_path, monke
     assert optuna.load_study(study_name="demo", storage=url).user_attrs["corrections"] is None
 
 
+@pytest.mark.slow
 def test_trials_failing_in_a_row_end_the_run_with_the_summary_and_one_error(
         tmp_path, monkeypatch, capfd, caplog):
     """Every trial raising (a dead GPU): a warning per trial, then the summary and one error

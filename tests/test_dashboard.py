@@ -101,11 +101,12 @@ def test_dashboard_refuses_an_unknown_study(tmp_path: Path) -> None:
 
 def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert found, "chromium is needed for this test (.ci/run installs Debian's chromium)"
+    assert found, "chromium is needed for this test (tools/test installs it)"
     return found
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_a_real_browser_renders_the_study_name(server, tmp_path: Path) -> None:
     base, _, _ = server
     r = subprocess.run(

@@ -5,8 +5,8 @@ its trial finished a fold, and check what users rely on: the study still ends wi
 ``--trials`` finished trials, the dead trial is FAIL and its retry COMPLETE, resumed from the
 folds that had finished (same artifact ids, fewer epochs trained), and every artifact loads.
 
-PostgreSQL: ``$MASK_SEARCH_PG_URL`` (``.ci/run`` starts a server), else the server is started
-with ``.ci/postgres.sh``; if neither works the tests FAIL, they never skip. Each test session
+PostgreSQL: ``$MASK_SEARCH_PG_URL`` (``tools/test`` starts a server), else the server is started
+with ``tools/postgres.sh``; if neither works the tests FAIL, they never skip. Each test session
 gets a fresh database, dropped afterwards.
 """
 
@@ -60,14 +60,14 @@ FOLDS, EPOCHS, TRIALS, WORKERS = 3, 2, 4, 3
 
 
 def _start_postgres() -> str:
-    """Start the throw-away server of ``.ci/postgres.sh``; its URL, or pytest.fail."""
-    script = ROOT / ".ci" / "postgres.sh"
+    """Start the throw-away server of ``tools/postgres.sh``; its URL, or pytest.fail."""
+    script = ROOT / "tools" / "postgres.sh"
     proc = subprocess.run(["bash", "-c", f'source "{script}" && start_postgres >&2 && '
                                          'echo "$MASK_SEARCH_PG_URL"'],
                           capture_output=True, text=True, timeout=120)
     url = proc.stdout.strip()
     if proc.returncode != 0 or not url:
-        pytest.fail("no PostgreSQL: MASK_SEARCH_PG_URL is unset and .ci/postgres.sh could not "
+        pytest.fail("no PostgreSQL: MASK_SEARCH_PG_URL is unset and tools/postgres.sh could not "
                     f"start one: {proc.stderr.strip()[-500:]}")
     return url
 
@@ -187,6 +187,7 @@ def _check_kill_run(proc: subprocess.Popen, storage, art: Path, data: Path) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.postgres
 def test_postgres_worker_killed_mid_trial_is_retried_from_its_folds(
         pg_url: str, tiny: Path, tmp_path: Path) -> None:
     art = tmp_path / "artifacts"
@@ -282,6 +283,7 @@ def _run_fake(tmp_path: Path, objective, n_total: int) -> optuna.Study:
     return study
 
 
+@pytest.mark.slow
 def test_one_failing_trial_does_not_end_the_search(tmp_path: Path, caplog) -> None:
     """CUDA out of memory in one config (here a RuntimeError in trial 1): one warning line, the
     trial is FAIL with the reason, and the worker goes on to N finished trials."""
@@ -301,6 +303,7 @@ def test_one_failing_trial_does_not_end_the_search(tmp_path: Path, caplog) -> No
                       "2.00 GiB"]
 
 
+@pytest.mark.slow
 def test_failing_trials_in_a_row_stop_the_worker(tmp_path: Path) -> None:
     calls = []
 

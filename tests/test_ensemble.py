@@ -43,6 +43,7 @@ def _quiet_optuna():
     optuna.logging.set_verbosity(level)
 
 
+@pytest.mark.slow
 def test_one_macro_f1_everywhere_and_torch_free():
     """Engine, objective and ensemble score with the same function; importing it needs no torch."""
     import core.engine
@@ -377,6 +378,7 @@ sys.exit(search.ensemble.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_writing_leaves_the_previous_submission(maker, capsys):
     """SIGKILL while the submission is being written: the previous submission and JSON are
     untouched, and the next run removes the dead process's temp and writes new files."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -59,7 +60,13 @@ def args(name: str, url: str, art: Path, data: Path, trials: int, *extra: str) -
 
 
 @pytest.fixture(scope="module")
-def demo_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
+def study_data(tiny_data: Path):
+    """What ``search.run`` loads for ``tiny_data`` (table, folds, cache), without a search."""
+    return load_study_data(tiny_data, tiny_data / "corrections.csv", FOLDS, 0)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_data: Path, study_data, tmp_path_factory: pytest.TempPathFactory):
     """``--trials 2`` then ``--trials 3`` on one demo study, keeping checkpoints of the best 2."""
     root = tmp_path_factory.mktemp("run")
     url, art = f"sqlite:///{root / 'demo.db'}", root / "artifacts"
@@ -72,7 +79,7 @@ def demo_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
     study = optuna.load_study(study_name="demo", storage=url)
     return SimpleNamespace(url=url, art=art, study=study, first=first,
                            store=artifacts.open_store(art),
-                           data=load_study_data(tiny_data, tiny_data / "corrections.csv", FOLDS, 0))
+                           data=study_data)
 
 
 @pytest.mark.slow
@@ -206,11 +213,11 @@ def fake_predict(state_dict, cfg, images):
     return np.full((len(images), NUM_CLASSES), 1 / NUM_CLASSES, np.float32)
 
 
-def test_wilcoxon_mode_reports_one_value_per_fold(demo_run, tmp_path: Path) -> None:
+def test_wilcoxon_mode_reports_one_value_per_fold(study_data, tmp_path: Path) -> None:
     seen: list = []
     study = optuna.create_study(direction="maximize")
     study.enqueue_trial(FAST)
-    obj = Objective(__import__("studies.demo", fromlist=["x"]), demo_run.data,
+    obj = Objective(__import__("studies.demo", fromlist=["x"]), study_data,
                     artifacts.open_store(tmp_path / "a"), epochs=3, per_fold=True,
                     fit=fake_fit(seen), predict_fn=fake_predict)
     study.optimize(obj, n_trials=1)
@@ -219,6 +226,25 @@ def test_wilcoxon_mode_reports_one_value_per_fold(demo_run, tmp_path: Path) -> N
     # each fold counts with its SELECTED epoch's score (the last, 0.3), not its best_f1 (0.1)
     assert study.trials[0].user_attrs["fold_f1"] == pytest.approx([0.3] * FOLDS)
     assert list(study.trials[0].intermediate_values.values()) == pytest.approx([0.3] * FOLDS)
+
+
+@pytest.mark.parametrize("flags", [{}, {"storage": "postgresql://u@db host:5432/mask",
+                                           "artifacts": "s3://bucket/mask"}])
+def test_summary_ends_with_the_next_commands_for_this_study(flags: dict) -> None:
+    """The last two lines are the dashboard and ensemble commands, carrying exactly the
+    non-default flags, and each parses with that CLI's own parser to the same study."""
+    from search import dashboard, ensemble
+    from search.run import summary
+
+    study = optuna.create_study(study_name="mine", direction="maximize")
+    last = summary(study, 1.0, 5, **flags).splitlines()[-2:]
+    for line, cli in zip(last, (dashboard, ensemble), strict=True):
+        head, _, command = line.partition("python -m ")
+        module, *argv = shlex.split(command)
+        assert module == cli.__name__
+        parsed = cli.build_parser().parse_args(argv)
+        assert (parsed.study, parsed.storage, parsed.artifacts) == (
+            "mine", flags.get("storage"), flags.get("artifacts"))
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys, monkeypatch) -> None:

@@ -1,5 +1,5 @@
 # Start a throw-away PostgreSQL server on 127.0.0.1 for the tests; sets MASK_SEARCH_PG_URL.
-# Sourced by .ci/run; also usable by hand: `source .ci/postgres.sh; start_postgres`.
+# Sourced by tools/test; also usable by hand: `source tools/postgres.sh; start_postgres`.
 PG_PORT=${PG_PORT:-55432}
 PG_DIR=${PG_DIR:-/tmp/mask-search-pg}
 
