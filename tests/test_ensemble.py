@@ -29,6 +29,7 @@ from search.ensemble import (
     main,
     write_submission,
 )
+from search.ensemble_score import main as score_main
 from search.objective import EVAL, OOF, eval_fingerprint
 
 N_FOLDS = 4
@@ -237,7 +238,11 @@ def test_cli_writes_submission_and_beats_best_single(maker, synth_data, capsys):
     maker.add(weak, member(maker.answers, maker.answers % 3 == 0, 8))
     assert maker.cli("--size", "6") == 0
     printed = capsys.readouterr().out
-    assert "cross-fitted" in printed and "eval answers" in printed
+    assert printed.startswith("nested cross-fitted")  # the honest figures come first
+    assert "optimistic" in printed and "eval answers" in printed
+    last = printed.strip().splitlines()[-1]
+    assert last == (f"score it: python -m search.ensemble_score {maker.out} "
+                    f"{synth_data / 'eval_answers.csv'}")
 
     info = pd.read_csv(synth_data / "eval" / "info.csv", dtype={"ImageID": str})
     sub = pd.read_csv(maker.out, dtype={"ImageID": str})
@@ -246,13 +251,26 @@ def test_cli_writes_submission_and_beats_best_single(maker, synth_data, capsys):
     assert pd.api.types.is_integer_dtype(sub["ans"]) and sub["ans"].between(0, 17).all()
 
     report = json.loads(maker.out.with_suffix(".json").read_text())
+    assert report["uses"] == "ensemble"
     assert sum(m["weight"] for m in report["members"]) == pytest.approx(1.0)
     assert {m["trial"] for m in report["members"]} == {0, 1}
     fig = report["figures"]
-    assert fig["ensemble_eval_f1"] > fig["best_single_eval_f1"] + 0.2
-    assert fig["ensemble_eval_f1"] == pytest.approx(macro_f1(maker.answers, sub["ans"]))
-    assert fig["ensemble_cross_fitted_f1"] > fig["best_single_oof_f1"]
+    assert fig["ensemble_eval_f1"] > fig["best_single_eval_f1"] + 0.05
+    assert fig["submission_eval_f1"] == pytest.approx(macro_f1(maker.answers, sub["ans"]))
+    assert fig["ensemble_cross_fitted_f1"] > fig["best_single_cross_fitted_f1"]
     assert fig["ensemble_oof_f1_in_sample"] >= fig["ensemble_cross_fitted_f1"]
+    assert score_main([str(maker.out), str(synth_data / "eval_answers.csv")]) == 0
+    assert capsys.readouterr().out == f"macro F1 {fig['submission_eval_f1']:.4f}\n"
+
+
+def test_top1_size1_is_the_best_single_trial_through_the_same_rule(maker, capsys):
+    maker.add_pair()
+    assert maker.cli("--top", "1", "--size", "1") == 0
+    report = json.loads(maker.out.with_suffix(".json").read_text())
+    assert [m["trial"] for m in report["members"]] == [0]  # trial 0 has the higher value
+    fig = report["figures"]
+    assert fig["ensemble_cross_fitted_f1"] == fig["best_single_cross_fitted_f1"]
+    assert (report["offsets"] is not None) == (report["rule"] == "offsets")
 
 
 def test_cli_skips_trials_without_all_folds(maker, capsys):

@@ -1,0 +1,55 @@
+"""Score a submission against true answers: ``python -m search.ensemble_score SUB ANSWERS``.
+
+Why a command: synthetic data (the demo, ``core.synth``) ship ``eval_answers.csv``, and the
+ensemble's last line tells the user how to check its submission on them with the one macro F1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from core.cli import run_cli
+from core.errors import DataError
+from core.metrics import macro_f1
+
+
+def _read(path: Path) -> pd.Series:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    df = pd.read_csv(path, dtype={"ImageID": str})
+    if not {"ImageID", "ans"} <= set(df.columns):
+        raise DataError(f"{path}: needs columns ImageID,ans")
+    if df["ImageID"].duplicated().any():
+        raise DataError(f"{path}: ImageID {df['ImageID'][df['ImageID'].duplicated()].iloc[0]!r} "
+                        "occurs twice")
+    return df.set_index("ImageID")["ans"]
+
+
+def score(submission: str | Path, answers: str | Path) -> float:
+    """Macro F1 of the submission's ``ans`` against the answers', matched on ImageID."""
+    sub, truth = _read(Path(submission)), _read(Path(answers))
+    missing = truth.index.difference(sub.index)
+    if len(missing):
+        raise DataError(f"{submission}: no row for ImageID {missing[0]!r} "
+                        f"({len(missing)} missing)")
+    return macro_f1(truth.to_numpy(), sub.loc[truth.index].to_numpy())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m search.ensemble_score",
+                                description="Macro F1 of a submission CSV on true answers.")
+    p.add_argument("submission", help="ImageID,ans CSV (search.ensemble's output)")
+    p.add_argument("answers", help="ImageID,ans CSV with the true classes")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    return run_cli(lambda: print(f"macro F1 {score(args.submission, args.answers):.4f}"),
+                   args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The study side of the ensemble: which trials may be ensembled, and their probabilities.
+
+Mixed data, folds or eval sets are refused, not filtered: a trial's OOF rows only line up with
+another's when both ran on the same table (data fingerprint) and the same folds (folds
+fingerprint), and its eval rows when both read the same eval/info.csv (eval fingerprint); those
+must also equal what the data folder gives now, or the labels would not match the rows and the
+submission would put probabilities on the wrong ImageIDs.
+
+Every complete trial with all folds is a candidate, not only the ``--top`` best: the nested
+estimate chooses the pool on half of the folds, so it must be able to rank all of them there.
+Eval probabilities are read only for the members finally chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core.errors import DataError
+from core.labels import NUM_CLASSES
+
+FINGERPRINTS = {"data_fingerprint": "data", "folds_fingerprint": "folds",
+                "eval_fingerprint": "eval images"}
+
+
+@dataclass
+class Candidate:
+    """One complete trial, best-ranked first by the study's value."""
+
+    rank: int
+    number: int
+    value: float
+    oof: np.ndarray = field(repr=False)
+    trial: object = field(repr=False)  # the FrozenTrial, to read its eval probabilities later
+
+
+def open_study(name: str, url: str):
+    """Load study ``name`` without creating anything: a missing SQLite file is an error."""
+    import optuna
+
+    from search.storage import open_existing_storage, study_names
+
+    storage = open_existing_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        known = ", ".join(study_names(storage)) or "none"
+        raise DataError(f"storage {url}: no study named {name!r} (studies: {known})") from None
+
+
+def _check_same(study_name: str, pool: list) -> None:
+    """Refuse a pool whose trials ran on different data, folds or eval images."""
+    for attr, what in FINGERPRINTS.items():
+        groups: dict[str, list[int]] = {}
+        for t in pool:
+            groups.setdefault(str(t.user_attrs.get(attr)), []).append(t.number)
+        if len(groups) > 1:
+            sides = "; ".join(f"{fp}: trials {', '.join(map(str, nums))}"
+                              for fp, nums in groups.items())
+            raise DataError(f"study {study_name!r}: its complete trials ran on different {what} "
+                            f"({attr} {sides}); their predictions do not line up - ensemble "
+                            "one study per data set")
+
+
+def rank_trials(study) -> tuple[list, list[str]]:
+    """Complete trials with every fold, best first (ties: lower trial number).
+
+    Returns (trials, notes). Refuses (``DataError``) when none qualifies or when they mix data,
+    fold or eval fingerprints, naming the trials on each side.
+    """
+    import optuna
+
+    complete = [t for t in study.get_trials(deepcopy=False,
+                                            states=(optuna.trial.TrialState.COMPLETE,))
+                if t.value is not None]
+    if not complete:
+        raise DataError(f"study {study.study_name!r} has no complete trial to ensemble")
+    n_folds = study.user_attrs.get("n_folds")
+    notes = []
+    if n_folds is not None:
+        full = [t for t in complete if len(t.user_attrs.get("fold_f1", [])) == int(n_folds)]
+        if len(full) < len(complete):
+            notes.append(f"skipped {len(complete) - len(full)} complete trial(s) without all "
+                         f"{n_folds} folds")
+        if not full:
+            raise DataError(f"study {study.study_name!r}: no complete trial finished all "
+                            f"{n_folds} folds")
+        complete = full
+    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    ranked = sorted(complete, key=lambda t: (sign * t.value, t.number))
+    _check_same(study.study_name, ranked)
+    return ranked, notes
+
+
+def check_against_now(trials: list, now: dict[str, str], data_dir: Path) -> None:
+    """Refuse when the data folder no longer gives the fingerprints the trials ran with."""
+    numbers = ", ".join(str(t.number) for t in trials)
+    for key, fp in now.items():
+        ran_on = trials[0].user_attrs.get(key)
+        if ran_on == fp:
+            continue
+        if key == "eval_fingerprint":
+            raise DataError(f"trials {numbers} ran with eval_fingerprint {ran_on}, but "
+                            f"{data_dir / 'eval' / 'info.csv'} now gives {fp} (eval images "
+                            "edited, added or reordered since the trials); their eval "
+                            "probabilities would land on the wrong ImageIDs - rerun the trials")
+        raise DataError(f"trials {numbers} ran with {key} {ran_on}, but {data_dir} now gives "
+                        f"{fp} (data, corrections or fold settings changed); their rows would "
+                        "not match the labels")
+
+
+def _require(trial, name: str, what: str) -> None:
+    from search.artifacts import attr_name
+
+    if not trial.user_attrs.get(attr_name(name)):
+        raise DataError(f"trial {trial.number} has no {what} probabilities (user attr "
+                        f"{attr_name(name)!r}); it cannot be ensembled")
+
+
+def _load(trial, store, name: str, rows: int, what: str) -> np.ndarray:
+    from search.artifacts import load_array
+
+    a = load_array(trial, store, name)
+    if a.shape != (rows, NUM_CLASSES):
+        raise DataError(f"trial {trial.number}: {what} probabilities have shape {a.shape}, "
+                        f"the data gives ({rows}, {NUM_CLASSES})")
+    return a
+
+
+def load_candidates(trials: list, store, n_train: int) -> list[Candidate]:
+    """OOF probabilities of each trial; refuses a trial without OOF or eval probabilities."""
+    from search.objective import EVAL, OOF
+
+    out = []
+    for rank, t in enumerate(trials, start=1):
+        _require(t, OOF, "out-of-fold")
+        _require(t, EVAL, "eval")
+        out.append(Candidate(rank, t.number, float(t.value),
+                             _load(t, store, OOF, n_train, "out-of-fold"), t))
+    return out
+
+
+def load_eval(cands: Sequence[Candidate], weights: np.ndarray, store,
+              n_eval: int) -> list[np.ndarray | None]:
+    """Eval probabilities of the members (weight > 0); ``None`` for the others (never read)."""
+    from search.objective import EVAL
+
+    return [_load(c.trial, store, EVAL, n_eval, "eval") if w > 0 else None
+            for c, w in zip(cands, weights, strict=True)]
+
+
+def eval_answers(data_dir: Path, image_ids: Sequence[str]) -> np.ndarray | None:
+    """True eval classes in ``image_ids`` order when ``eval_answers.csv`` ships (synthetic)."""
+    path = data_dir / "eval_answers.csv"
+    if not path.is_file():
+        return None
+    df = pd.read_csv(path, dtype={"ImageID": str})
+    if not {"ImageID", "ans"} <= set(df.columns):
+        raise DataError(f"{path}: needs columns ImageID,ans")
+    answers = df.set_index("ImageID")["ans"]
+    missing = [i for i in image_ids if i not in answers.index]
+    if missing:
+        raise DataError(f"{path}: no answer for ImageID {missing[0]!r} ({len(missing)} missing)")
+    return answers.loc[list(image_ids)].to_numpy(dtype=np.int64)
