@@ -22,6 +22,7 @@ from core.config import ConfigError
 STUDIES: dict[str, str] = {
     "demo": "studies.demo",
     "mask": "studies.mask",
+    "quality": "studies.quality",
 }
 
 

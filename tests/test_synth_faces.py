@@ -149,8 +149,8 @@ def test_same_seed_same_bytes_whatever_the_out_path(real: Path, faces_folder: Pa
     assert list(first) == list(second)
     assert [k for k in first if first[k] != second[k]] == []
     other = all_files(generate(tmp_path / "other", faces_folder, people=PEOPLE,
-                               eval_people=EVAL_PEOPLE, seed=1))
-    assert other["true_boxes.csv"] != first["true_boxes.csv"]
+                               eval_people=EVAL_PEOPLE, seed=1, size=(128, 96)))
+    assert other["train/train.csv"] != first["train/train.csv"]
 
 
 def test_split_is_stratified_and_disjoint() -> None:
@@ -203,10 +203,13 @@ def test_cli_with_faces(faces_folder: Path, tmp_path: Path,
                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     argv = ["--faces", str(faces_folder), "--out", str(out), "--people", "6",
-            "--eval-people", "2", "--seed", "3"]
+            "--eval-people", "2", "--seed", "3", "--height", "128", "--width", "96"]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == str(out)
-    assert all_files(out) == all_files(generate(tmp_path / "api", faces_folder, 6, 2, 3))
+    with Image.open(next((out / "eval" / "images").iterdir())) as im:
+        assert im.size == (96, 128)
+    assert all_files(out) == all_files(generate(tmp_path / "api", faces_folder, 6, 2, 3,
+                                                (128, 96)))
     too_many = ["--faces", str(faces_folder), "--out", str(tmp_path / "big"), "--people", "20"]
     assert main(too_many) == 2
     err = capsys.readouterr().err.strip()

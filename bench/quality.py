@@ -1,0 +1,249 @@
+"""Real-face quality: a fixed, seeded search and its ensemble, scored on held-out answers.
+
+``python -m bench.quality [--faces DIR] [--seeds N]`` builds a real-face set under ``runs/``
+from the faces folder on first use (``studies.quality``: drawn masks, true face boxes), runs
+the ``quality`` study's CPU-sized space for a fixed number of trials and epochs (a time cap only
+as a safety), ensembles it with ``search.ensemble``, and prints side by side per seed: what the
+search told us (the best trial's out-of-fold macro F1) against what we got on the held-out eval
+answers (the honesty gap), the ensemble's in-sample, cross-fitted and held-out F1, per-task and
+">=60" F1, the share of face crops that hold the true face box, and each stage's wall time.
+The figures go to ``runs/quality/quality.json``; the last line is for scripts. Each seed is a
+fresh study (sampler seed); the data set and its folds stay the same, so seeds measure the
+noise of the search and training, not of the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.quality_figures import crop_shares, last_line, median, task_f1
+from core.cli import run_cli
+from core.errors import DataError
+
+STUDY = "quality"
+TRIALS = 6
+SAFETY_TIMEOUT_S = 1800  # stop starting trials after this; the protocol is TRIALS, not time
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from core.synth_faces import FACES_ENV, default_faces_dir
+    from studies import quality
+
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
+    p.add_argument("--faces", type=Path, default=default_faces_dir(),
+                   help=f"faces folder (faces.csv, photos/); default ${FACES_ENV} or "
+                        "../shared/faces beside the checkout")
+    p.add_argument("--seeds", type=int, default=1, help="repeat with this many sampler seeds")
+    p.add_argument("--seed", type=int, default=0, help="first sampler seed")
+    small = p.add_argument_group("a smaller protocol (tests, smoke runs; figures not comparable)")
+    small.add_argument("--trials", type=int, default=TRIALS)
+    small.add_argument("--epochs", type=int, default=quality.EPOCHS)
+    small.add_argument("--folds", type=int, default=quality.FOLDS)
+    small.add_argument("--people", type=int, default=quality.PEOPLE)
+    small.add_argument("--eval-people", type=int, default=quality.EVAL_PEOPLE)
+    p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
+    return p
+
+
+def _timed(fn, *args, **kwargs) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def prepare(args: argparse.Namespace, runs: Path) -> tuple[Path, dict, pd.DataFrame]:
+    """Data set and image caches (built on first use): data dir, stage seconds, crop shares."""
+    from core.cache import build_cache, default_cache_root
+    from studies import quality
+
+    progress = sys.stderr.isatty()
+    data, t_data = _timed(quality.ensure_data, runs, args.faces, args.people, args.eval_people,
+                          quality.DATA_SEED, progress)
+    reused = any(default_cache_root(data).glob("boxes-*.csv"))
+    sizes = list(quality.IMAGE_SIZES.values())
+    first, t_faces = _timed(build_cache, data, sizes[0], progress=progress)
+    t_cache = sum(_timed(build_cache, data, s, progress=progress)[1] for s in sizes[1:])
+    stages = {"data": t_data, "faces": t_faces, "cache": t_cache, "caches_reused": reused}
+    shares = crop_shares(first.index, pd.read_csv(data / "true_boxes.csv"))
+    return data, stages, shares
+
+
+def _search(args: argparse.Namespace, data: Path, seed: int, out: Path) -> None:
+    from search import run as search_run
+
+    argv = ["--study", STUDY, "--trials", str(args.trials), "--data", str(data),
+            "--storage", f"sqlite:///{out / 'study.db'}", "--artifacts", str(out / "artifacts"),
+            "--sampler", "tpe", "--seed", str(seed), "--pruner", "none",
+            "--epochs", str(args.epochs), "--folds", str(args.folds),
+            "--timeout", str(SAFETY_TIMEOUT_S), "--device", "cpu"]
+    if sys.stderr.isatty():
+        argv.append("--progress")
+    if search_run.main(argv) != 0:
+        raise DataError(f"bench.quality: the search (seed {seed}) failed; see above")
+
+
+def _ensemble(out: Path, data: Path) -> dict:
+    from search import ensemble
+
+    argv = ["--study", STUDY, "--storage", f"sqlite:///{out / 'study.db'}",
+            "--artifacts", str(out / "artifacts"), "--out", str(out / "submission.csv"),
+            "--data", str(data)]
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        code = ensemble.main(argv)
+    (out / "ensemble.txt").write_text(text.getvalue())
+    if code != 0:
+        raise DataError(f"bench.quality: the ensemble failed (output in {out / 'ensemble.txt'})")
+    return json.loads((out / "submission.json").read_text())
+
+
+def _answers(data: Path, image_ids: Sequence[str]) -> np.ndarray:
+    answers = pd.read_csv(data / "eval_answers.csv", dtype={"ImageID": str}).set_index("ImageID")
+    return answers.loc[list(image_ids), "ans"].to_numpy(np.int64)
+
+
+def _best_trial(out: Path) -> tuple[float, int, np.ndarray]:
+    """(OOF macro F1, number, eval probabilities) of the study's best complete trial."""
+    import optuna
+
+    from search.artifacts import load_array, open_store
+    from search.objective import EVAL
+
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}")
+    best = study.best_trial
+    return float(best.value), best.number, load_array(best, open_store(out / "artifacts"), EVAL)
+
+
+def run_seed(args: argparse.Namespace, data: Path, seed: int, root: Path) -> dict:
+    """One fresh search + ensemble with sampler seed ``seed``; its figures and stage times."""
+    from core.dataset import load_eval_table
+
+    out = root / f"seed{seed}"
+    shutil.rmtree(out, ignore_errors=True)  # a bench run measures now, never resumes
+    out.mkdir(parents=True)
+    _, t_search = _timed(_search, args, data, seed, out)
+    payload, t_ens = _timed(_ensemble, out, data)
+    eval_table = load_eval_table(data)
+    answers = _answers(data, eval_table["ImageID"])
+    oof, number, eval_probs = _best_trial(out)
+    single = task_f1(answers, eval_probs.argmax(axis=1))
+    sub = pd.read_csv(out / "submission.csv", dtype={"ImageID": str})
+    if sub["ImageID"].tolist() != eval_table["ImageID"].tolist():
+        raise DataError(f"{out / 'submission.csv'}: rows are not in eval/info.csv order")
+    submitted = task_f1(answers, sub["ans"].to_numpy(np.int64))
+    fig = payload.get("figures", {})
+    result = {
+        "seed": seed, "best_trial": number, "oof": oof, "heldout": single["f1"],
+        "gap": oof - single["f1"],
+        "ensemble_oof_in_sample": fig.get("ensemble_oof_f1_in_sample", float("nan")),
+        "ensemble_cross_fitted": fig.get("ensemble_cross_fitted_f1", float("nan")),
+        "ensemble_heldout": fig.get("ensemble_eval_f1", submitted["f1"]),
+        "submission_uses": payload.get("uses", "ensemble"),
+        "best_single": single, "submission": submitted,
+        "seconds": {"search": t_search, "ensemble": t_ens},
+    }
+    (out / "figures.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+ROWS = (
+    ("best trial: OOF macro F1 (what the search said)", lambda r: r["oof"]),
+    ("best trial: held-out macro F1 (what we got)", lambda r: r["heldout"]),
+    ("best trial: gap OOF - held-out", lambda r: r["gap"]),
+    ("ensemble: OOF F1 in-sample (optimistic)", lambda r: r["ensemble_oof_in_sample"]),
+    ("ensemble: cross-fitted OOF F1", lambda r: r["ensemble_cross_fitted"]),
+    ("ensemble: held-out macro F1", lambda r: r["ensemble_heldout"]),
+    *((f"held-out {task} F1: best trial / submission",
+       lambda r, t=task: (r["best_single"][t], r["submission"][t]))
+      for task in ("mask", "gender", "age", "old_classes", "old_age")),
+    ("wall s: search", lambda r: r["seconds"]["search"]),
+    ("wall s: ensemble", lambda r: r["seconds"]["ensemble"]),
+)
+
+
+def _cell(label: str, v) -> str:
+    if isinstance(v, tuple):
+        return " / ".join(f"{x:.3f}" for x in v)
+    if label.startswith("wall"):
+        return f"{v:.1f}"
+    return f"{v:+.4f}" if "gap" in label else f"{v:.4f}"
+
+
+def medians(results: list[dict]) -> dict:
+    """Median over seeds of every figure the last line and the table show."""
+    keys = ("oof", "heldout", "gap", "ensemble_oof_in_sample", "ensemble_cross_fitted",
+            "ensemble_heldout")
+    out = {k: median([r[k] for r in results]) for k in keys}
+    for part in ("best_single", "submission"):
+        out[part] = {t: median([r[part][t] for r in results]) for t in results[0][part]}
+    out["seconds"] = {k: median([r["seconds"][k] for r in results]) for k in ("search", "ensemble")}
+    return out
+
+
+def print_report(results: list[dict], med: dict, stages: dict, shares: pd.DataFrame) -> None:
+    cols = [f"seed {r['seed']}" for r in results] + (["median"] if len(results) > 1 else [])
+    table = results + ([med] if len(results) > 1 else [])
+    print(f"\n{'':<52}" + "".join(f"{c:>16}" for c in cols))
+    for label, get in ROWS:
+        print(f"{label:<52}" + "".join(f"{_cell(label, get(r)):>16}" for r in table))
+    uses = sorted({r["submission_uses"] for r in results})
+    print(f"(submission = {', '.join(uses)}, as search.ensemble chose; '>=60': old_classes = "
+          "mean F1 of the six >=60 classes, old_age = >=60 within the age task)")
+    reused = " (reused from an earlier run)" if stages["caches_reused"] else ""
+    print(f"wall s: data {stages['data']:.1f}, faces (MTCNN + first cache) {stages['faces']:.1f}"
+          f"{reused}, cache (other sizes) {stages['cache']:.1f}")
+    print("\nface crops holding >= 90% of the true face box (share, images):")
+    wide = shares.pivot_table(index=["split", "mask"], columns="box_source",
+                              values=["share", "images"], aggfunc="first")
+    for (split, mask), row in wide.iterrows():
+        cells = [f"{src} {row[('share', src)]:.3f} ({int(row[('images', src)])})"
+                 for src in wide["share"].columns if pd.notna(row[("share", src)])]
+        print(f"  {split:<5} {['wear', 'incorrect', 'not_worn'][int(mask)]:<9} " + ", ".join(cells))
+
+
+def run(args: argparse.Namespace) -> dict:
+    from search import paths
+
+    if args.seeds < 1 or args.trials < 1:
+        raise DataError("--seeds and --trials must be >= 1")
+    runs = paths.runs_dir()
+    root = runs / STUDY
+    data, stages, shares = prepare(args, runs)
+    results = [run_seed(args, data, s, root) for s in range(args.seed, args.seed + args.seeds)]
+    med = medians(results)
+    payload = {"protocol": {k: getattr(args, k) for k in ("trials", "epochs", "folds", "people",
+                                                          "eval_people", "seed", "seeds")},
+               "data": data.name, "stages": stages, "seeds": results, "median": med,
+               "crops": shares.to_dict(orient="records")}
+    from core.atomic import atomic_write
+
+    atomic_write(root / "quality.json",
+                 lambda tmp: tmp.write_text(json.dumps(payload, indent=1) + "\n"))
+    print_report(results, med, stages, shares)
+    print(f"figures: {root / 'quality.json'}")
+    print(last_line(med["oof"], med["heldout"], med["ensemble_heldout"]), flush=True)
+    return payload
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        run(args)
+        return 0
+
+    return run_cli(body, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

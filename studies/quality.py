@@ -1,0 +1,112 @@
+"""The quality study: real faces with drawn masks, a CPU-sized space, fixed trials and epochs.
+
+It exists for ``bench.quality``, the yardstick that says whether a change to crops, space,
+training or ensemble helps on real faces (where masked faces are often missed by MTCNN and the
+rare ">=60" group decides macro F1). The data is built from a faces folder (``--faces DIR``,
+default ``$MASK_SEARCH_FACES`` or ``../shared/faces``) by ``core.synth_faces`` under
+``runs/`` on first use, then reused. Small timm backbones train from scratch (no weights to
+download) on small face crops; the knobs are the real study's: head, loss, class weights,
+augmentation, mixing, lr, weight decay and the age threshold of the training targets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import optuna
+
+from core.config import TrainConfig
+from core.errors import DataError
+
+FOLDS = 3
+FOLD_SEED = 0
+EPOCHS = 3
+#: People of the real-face set (train, eval) and its seed: fixed, so every run sees one data set.
+PEOPLE, EVAL_PEOPLE, DATA_SEED = 160, 80, 0
+BACKBONES = ("test_resnet", "test_efficientnet", "resnet10t")
+#: (height, width) of the face crops; the photos are portrait, so crops keep a 4:3 shape.
+IMAGE_SIZES = {"48x36": (48, 36), "64x48": (64, 48)}
+
+
+def data_name(faces_dir: Path, people: int, eval_people: int, seed: int) -> str:
+    """Folder name of the set built from ``faces_dir``: a changed faces.csv gets a new set."""
+    csv = Path(faces_dir) / "faces.csv"
+    try:
+        digest = hashlib.sha1(csv.read_bytes()).hexdigest()[:10]
+    except OSError as e:
+        raise DataError(f"{csv}: cannot read ({e.strerror or e}); pass --faces DIR or set "
+                        f"MASK_SEARCH_FACES") from None
+    return f"quality_data-{people}x{eval_people}-s{seed}-{digest}"
+
+
+def ensure_data(runs: Path, faces_dir: Path, people: int = PEOPLE,
+                eval_people: int = EVAL_PEOPLE, seed: int = DATA_SEED,
+                progress: bool = False) -> Path:
+    """The real-face set under ``runs/``, generated the first time (then reused).
+
+    Generated in a temporary folder next to it and renamed, so an interrupted first run never
+    leaves half a data set behind; a concurrent builder's identical result is kept.
+    """
+    from core.synth_faces import generate
+
+    out = Path(runs) / data_name(faces_dir, people, eval_people, seed)
+    if (out / "train" / "train.csv").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        generate(tmp, faces_dir, people=people, eval_people=eval_people, seed=seed,
+                 progress=progress)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process generated it first: theirs is identical
+            if not (out / "train" / "train.csv").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def default_data(runs: Path) -> Path:
+    """The default real-face set, built from the default faces folder on first use."""
+    from core.synth_faces import default_faces_dir
+
+    return ensure_data(runs, default_faces_dir())
+
+
+def corrections(data_dir: Path) -> Path | None:
+    """``core.synth_faces`` writes the corrections of its planted label errors next to train/."""
+    path = Path(data_dir) / "corrections.csv"
+    return path if path.is_file() else None
+
+
+def space(trial: optuna.Trial) -> TrainConfig:
+    """CPU-sized, but every knob the competition study searches is here in some form."""
+    loss = trial.suggest_categorical("loss", ["ce", "focal"])
+    mix = trial.suggest_categorical("mix", ["none", "cutmix", "mixup"])
+    class_weights = trial.suggest_categorical(
+        "class_weights", ["none", "inverse", "sqrt_inverse", "effective"])
+    return TrainConfig(
+        backbone=trial.suggest_categorical("backbone", list(BACKBONES)),
+        pretrained=False,
+        image_size=IMAGE_SIZES[trial.suggest_categorical("image_size", list(IMAGE_SIZES))],
+        head=trial.suggest_categorical("head", ["single", "multi"]),
+        loss=loss,
+        focal_gamma=trial.suggest_float("focal_gamma", 0.5, 3.0) if loss == "focal" else 0.0,
+        class_weights=class_weights,
+        label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.2),
+        aug_strength=trial.suggest_float("aug_strength", 0.0, 0.8),
+        mix=mix,
+        mix_prob=trial.suggest_float("mix_prob", 0.1, 0.8) if mix != "none" else 0.0,
+        optimizer="adamw",
+        lr=trial.suggest_float("lr", 3e-4, 1e-2, log=True),
+        weight_decay=trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
+        scheduler="cosine",
+        epochs=EPOCHS,
+        batch_size=32,
+        age_threshold=trial.suggest_int("age_threshold", 57, 60),
+        tta=False,
+    )

@@ -1,0 +1,104 @@
+"""bench.quality: its figures on hand-made inputs, and one tiny end-to-end run.
+
+The end-to-end run uses a faces folder the test writes (``conftest.faces_folder``), never
+``../shared``, and a one-trial, one-epoch protocol, so it checks the plumbing (data, faces,
+cache, search, ensemble, report, JSON) and that the printed figures agree with what the study
+and the answers say, not the quality of anything.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from bench.quality_figures import containment, crop_shares, last_line, task_f1
+from core.labels import encode
+from core.metrics import macro_f1
+
+
+def test_task_f1_separates_the_tasks() -> None:
+    mask = np.array([0, 0, 1, 2, 0, 1])
+    gender = np.array([0, 1, 0, 1, 1, 0])
+    age = np.array([0, 1, 2, 2, 0, 1])
+    truth = encode(mask, gender, age)
+    wrong_gender = encode(mask, 1 - gender, age)  # mask and age right, every gender wrong
+    f = task_f1(truth, wrong_gender)
+    assert f["mask"] == 1.0 and f["age"] == 1.0 and f["gender"] == 0.0 and f["f1"] == 0.0
+    assert f["old_age"] == 1.0 and f["old_classes"] == 0.0
+    perfect = task_f1(truth, truth)
+    assert all(v == 1.0 for v in perfect.values())
+    young = encode(mask, gender, np.zeros_like(age))  # never predicts ">=60"
+    assert task_f1(truth, young)["old_age"] == 0.0 and task_f1(truth, young)["mask"] == 1.0
+
+
+def test_containment_and_crop_shares() -> None:
+    truth = np.array([[10, 10, 20, 20]] * 3)
+    crops = np.array([[0, 0, 30, 30], [15, 10, 30, 20], [10, 10, 19, 20]])
+    assert containment(crops, truth).tolist() == [1.0, 0.5, 0.9]
+    index = pd.DataFrame({"file": ["a", "b", "c", "d"], "split": ["train", "train", "train",
+                                                                   "eval"],
+                          "box_source": ["mtcnn", "person", "mtcnn", "dataset"],
+                          "x1": [0, 15, 10, 0], "y1": [0, 10, 10, 0], "x2": [30, 30, 19, 5],
+                          "y2": [30, 20, 20, 5]})
+    true_boxes = pd.DataFrame({"file": ["d", "c", "b", "a"], "x1": 10, "y1": 10, "x2": 20,
+                               "y2": 20, "mask": [0, 0, 0, 0]})
+    got = crop_shares(index, true_boxes).set_index(["split", "box_source"])
+    assert got.loc[("train", "mtcnn"), "share"] == 1.0  # a (1.0) and c (0.9) hold the face
+    assert got.loc[("train", "person"), "share"] == 0.0
+    assert got.loc[("train", "all"), "share"] == pytest.approx(2 / 3)
+    assert got.loc[("eval", "all"), "images"] == 1 and got.loc[("eval", "all"), "share"] == 0.0
+    with pytest.raises(ValueError, match="no box"):
+        crop_shares(index, true_boxes[true_boxes["file"] != "a"])
+
+
+def test_last_line_format() -> None:
+    assert last_line(0.5, 0.45, 0.47) == \
+        "quality oof=0.5000 heldout=0.4500 gap=+0.0500 ensemble_heldout=0.4700"
+    assert "gap=-0.0100" in last_line(0.4, 0.41, 0.4)
+
+
+@pytest.mark.slow
+def test_bench_quality_end_to_end(faces_folder: Path, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.quality import main
+
+    monkeypatch.setenv("MASK_SEARCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv("MASK_SEARCH_CACHE", raising=False)
+    argv = ["--faces", str(faces_folder), "--people", "8", "--eval-people", "3",
+            "--trials", "1", "--epochs", "1", "--folds", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    m = re.fullmatch(r"quality oof=(\d\.\d{4}) heldout=(\d\.\d{4}) gap=([+-]\d\.\d{4}) "
+                     r"ensemble_heldout=(\d\.\d{4})", last)
+    assert m, last
+    for label in ("held-out mask F1", "held-out old_classes F1", "face crops holding",
+                  "wall s: data", "ensemble: cross-fitted OOF F1"):
+        assert label in out
+    root = tmp_path / "runs" / "quality"
+    payload = json.loads((root / "quality.json").read_text())
+    seed = payload["seeds"][0]
+    # the OOF figure is what the study recorded for its best trial
+    study = optuna.load_study(study_name="quality",
+                              storage=f"sqlite:///{root / 'seed0' / 'study.db'}")
+    assert float(m[1]) == pytest.approx(study.best_value, abs=5e-5)
+    assert seed["gap"] == pytest.approx(seed["oof"] - seed["heldout"])
+    # the submission's held-out F1, recomputed here from its CSV and the answers
+    data = next((tmp_path / "runs").glob("quality_data-*"))
+    answers = pd.read_csv(data / "eval_answers.csv").set_index("ImageID")["ans"]
+    sub = pd.read_csv(root / "seed0" / "submission.csv")
+    assert seed["submission"]["f1"] == pytest.approx(
+        macro_f1(answers.loc[sub["ImageID"]].to_numpy(), sub["ans"].to_numpy()))
+    # every image of the set is counted once per split in the crop table
+    crops = pd.DataFrame(payload["crops"])
+    everything = crops[crops["box_source"] == "all"].groupby("split")["images"].sum()
+    assert everything.to_dict() == {"eval": 3 * 7, "train": 8 * 7}
+    assert set(crops.loc[crops["split"] == "eval", "box_source"]) <= {"all", "mtcnn",
+                                                                      "dataset", "center"}
