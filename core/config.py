@@ -21,6 +21,9 @@ MIXES = ("none", "cutmix", "mixup")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "step", "none")
 SELECT_EPOCHS = ("last", "best")  # which epoch's model a fold keeps (see TrainConfig.select_epoch)
+#: Fields that say where a run happens, not what it trains: they may differ between the machines
+#: of one study (a retry elsewhere still resumes the finished folds).
+MACHINE_FIELDS = ("device", "num_workers", "pretrained_file")
 
 
 class ConfigError(ValueError):

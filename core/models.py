@@ -16,6 +16,7 @@ from torch import nn
 
 from core.config import HEADS, ConfigError, TrainConfig
 from core.labels import NUM_AGE, NUM_CLASSES, NUM_GENDER, NUM_MASK
+from core.weights import missing_weights
 
 
 class MultiHeadNet(nn.Module):
@@ -62,46 +63,6 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _weights_source(backbone: str) -> tuple[bool, list[str]]:
-    """(weights already on disk, hosts they would come from) for timm's default tag.
-
-    Mirrors timm's order (Hugging Face Hub first, else the URL into torch's hub cache) closely
-    enough to answer "can this run without a network?"; unknown layouts answer (True, []) so
-    that timm itself decides.
-    """
-    from urllib.parse import urlparse
-
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    pcfg = timm.models.get_pretrained_cfg(backbone)
-    if pcfg is None:
-        return True, []
-    if pcfg.hf_hub_id:
-        repo = pcfg.hf_hub_id.split("@")[0]
-        names = [pcfg.hf_hub_filename] if pcfg.hf_hub_filename else [
-            "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
-        for name in names:
-            if isinstance(huggingface_hub.try_to_load_from_cache(repo, name), str):
-                return True, []
-        return False, [urlparse(constants.ENDPOINT).hostname or "huggingface.co"]
-    if pcfg.url:
-        cached = Path(torch.hub.get_dir(), "checkpoints", Path(urlparse(pcfg.url).path).name)
-        return cached.is_file(), [urlparse(pcfg.url).hostname or ""]
-    return True, []
-
-
-def _reachable(host: str, timeout: float = 3.0) -> bool:
-    """One TCP connect to ``host:443``: seconds instead of the hub client's minute of retries."""
-    import socket
-
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
 def check_weights_available(cfg: TrainConfig) -> None:
     """Raise ``ConfigError`` (with the fix) when ``cfg`` asks for hub weights that cannot be had.
 
@@ -110,17 +71,9 @@ def check_weights_available(cfg: TrainConfig) -> None:
     """
     if not cfg.pretrained or cfg.pretrained_file:
         return
-    from huggingface_hub import constants
-
-    cached, hosts = _weights_source(cfg.backbone)
-    if cached or not hosts:
-        return
-    if constants.HF_HUB_OFFLINE:
-        raise ConfigError(f"{_pretrained_help(cfg.backbone)} (HF_HUB_OFFLINE is set and the "
-                          "weights are not in the cache)")
-    if not any(_reachable(h) for h in hosts):
-        raise ConfigError(f"{_pretrained_help(cfg.backbone)} (not in the cache, and "
-                          f"{', '.join(hosts)} cannot be reached)")
+    missing, why = missing_weights([cfg.backbone], None)
+    if missing:
+        raise ConfigError(f"{_pretrained_help(cfg.backbone)} ({why})")
 
 
 def create_model(cfg: TrainConfig) -> nn.Module:

@@ -46,14 +46,16 @@ from sklearn.metrics import confusion_matrix, f1_score
 
 from core.atomic import atomic_write
 from core.cache import ImageCache, build_cache
-from core.config import TrainConfig
+from core.config import MACHINE_FIELDS, ConfigError, TrainConfig
 from core.dataset import data_fingerprint, load_eval_table, load_train_table, training_targets
 from core.engine import FoldResult, RowView, fit_fold, predict
 from core.errors import DataError
 from core.labels import CLASS_NAMES, NUM_CLASSES
 from core.metrics import macro_f1
 from core.splits import folds_fingerprint, person_folds
+from core.weights import weights_file
 from search import artifacts
+from search.space import check_fixed
 from search.workers import retried_from
 
 #: Artifact names (user attr ``artifact_<name>`` holds the id; see ``search.artifacts``).
@@ -195,34 +197,51 @@ class Objective:
     def __init__(self, study_module: ModuleType, data: StudyData, store: Any, *,
                  epochs: int | None = None, device: str | None = None, per_fold: bool = False,
                  progress: bool = False, fit: Callable[..., FoldResult] = fit_fold,
-                 predict_fn: Callable[..., np.ndarray] = predict) -> None:
+                 predict_fn: Callable[..., np.ndarray] = predict, weights: Path | None = None,
+                 loader_workers: int | None = None, fixed: dict[str, Any] | None = None) -> None:
         self.study_module, self.data, self.store = study_module, data, store
         self.epochs, self.device, self.per_fold, self.progress = epochs, device, per_fold, progress
         self.fit, self.predict = fit, predict_fn
+        self.weights, self.loader_workers, self.fixed = weights, loader_workers, fixed or {}
 
     def config(self, trial: optuna.Trial) -> TrainConfig:
-        """The study's space, with the run's fixed epochs/device; validated."""
+        """The study's space with the run's fixed epochs, device, loader workers and local
+        weights file; validated. A sampled value the run's epochs cannot honour (a warmup
+        longer than the run) is clamped and recorded as used (user attr ``clamped``)."""
         cfg = self.study_module.space(trial)
+        check_fixed(trial, self.fixed)
         if self.epochs is not None:
             cfg.epochs = int(self.epochs)
-            cfg.warmup_epochs = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0) * 0.5)
+        used_warmup = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0) * 0.5)
+        if used_warmup != cfg.warmup_epochs:
+            trial.set_user_attr("clamped", {"warmup_epochs": {"sampled": cfg.warmup_epochs,
+                                                              "used": used_warmup}})
+            cfg.warmup_epochs = used_warmup
         if self.device is not None:
             cfg.device = self.device
+        if self.loader_workers is not None:
+            cfg.num_workers = int(self.loader_workers)
+        if cfg.pretrained and self.weights is not None:
+            path = weights_file(self.weights, cfg.backbone)
+            if path is None:
+                raise ConfigError(f"no weights for backbone {cfg.backbone!r} in {self.weights} "
+                                  f"(python -m search.weights fills it)")
+            cfg.pretrained_file = str(path)
         return cfg.validate()
 
     def resumable(self, trial: optuna.Trial, cfg: TrainConfig) -> dict[int, dict]:
         """Finished folds a retried trial inherited (fold -> ``fold_done`` summary), if usable.
 
-        Only when the config (device aside) and the data and folds are the ones those folds were
-        trained with; otherwise the retry starts over.
+        Only when the config (machine fields aside) and the data and folds are the ones those
+        folds were trained with; otherwise the retry starts over.
         """
         if retried_from(trial) is None:
             return {}
         attrs = trial.user_attrs
 
         def same(config: dict | None) -> bool:
-            return config is not None and {**config, "device": None} == {
-                **cfg.to_dict(), "device": None}
+            machine = dict.fromkeys(MACHINE_FIELDS)  # where it runs, not what it trains
+            return config is not None and {**config, **machine} == {**cfg.to_dict(), **machine}
 
         if not (same(attrs.get("config"))
                 and attrs.get("data_fingerprint") == data_fingerprint(self.data.table)

@@ -37,9 +37,10 @@ import optuna
 from optuna.trial import TrialState
 
 from core.cli import EXPECTED, run_cli
-from core.config import ConfigError, TrainConfig
+from core.config import ConfigError
+from core.engine import default_loader_workers
 from core.errors import DataError
-from core.models import check_weights_available
+from core.weights import WEIGHTS_ENV, check_weights, fingerprint, weights_dir
 from search import paths
 from search.artifacts import open_store
 from search.objective import (
@@ -48,6 +49,7 @@ from search.objective import (
     Objective,
     load_study_data,
 )
+from search.space import explore, fixed_sampler, override_waiting, parse_fixes
 from search.storage import (
     DEFAULT_GRACE_S,
     DEFAULT_HEARTBEAT_S,
@@ -75,7 +77,11 @@ DEFAULT_PRUNER = {"epoch": "median", "fold": "wilcoxon"}
 SAMPLERS = ("tpe", "random", "gp")
 #: Study user attrs that fix what a trial means; a rerun may not change them. ``report_mode``
 #: and ``corrections`` have no flag of their own: a rerun always takes the stored ones.
-FIXED_ATTRS = ("n_folds", "fold_seed", "data_dir", "epochs", "report_mode", "corrections")
+FIXED_ATTRS = ("n_folds", "fold_seed", "data_dir", "epochs", "report_mode", "corrections",
+               "fixed", "weights")
+#: The flag that sets each fixed study attr, for the refusal message.
+FLAGS = {"n_folds": "--folds", "data_dir": "--data", "epochs": "--epochs", "fixed": "--fix",
+         "corrections": "--corrections", "weights": "--weights"}
 
 
 def positive_int(text: str) -> int:
@@ -133,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int,
                    help="epochs per fold (fixed when the study is created; default the study's)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--weights", help=f"folder of pretrained weights named by timm model name "
+                                     f"(DIR/resnet34.safetensors; from python -m search.weights); "
+                                     f"default ${WEIGHTS_ENV}, else the Hugging Face cache")
+    p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
+                   help="pin a parameter of the study's space and search the rest (repeatable; "
+                        "fixed when the study is created)")
+    p.add_argument("--corrections", metavar="FILE|none",
+                   help="label corrections CSV, or none (fixed when the study is created; "
+                        "default the study's: mask uses the shipped public list)")
+    p.add_argument("--loader-workers", type=non_negative_int,
+                   help="DataLoader worker processes per training process (default: on CUDA "
+                        "(cores / processes) - 1, at most 12; on the CPU 0)")
     p.add_argument("--keep-checkpoints", type=non_negative_int, default=DEFAULT_KEEP_CHECKPOINTS,
                    help="keep fold checkpoints of the best K complete trials (default %(default)s)")
     many = p.add_mutually_exclusive_group()
@@ -216,13 +234,35 @@ def _fixed_settings(study: optuna.Study, wanted: dict, given: set[str]) -> dict:
             study.set_user_attr(key, wanted[key])
             continue
         if key in given and stored[key] != wanted[key]:
-            flag = {"n_folds": "--folds", "data_dir": "--data", "epochs": "--epochs"}.get(key, key)
+            if key == "weights":
+                raise ConfigError(
+                    f"study {study.study_name!r} was created with other pretrained weights "
+                    f"({_weights_text(stored[key])}); these are {_weights_text(wanted[key])}: "
+                    "pass --weights with the study's files (or use a new --study name)")
             raise ConfigError(
                 f"study {study.study_name!r} was created with {key}={stored[key]!r}; "
-                f"{flag} {wanted[key]!r} would make its trials incomparable "
+                f"{FLAGS.get(key, key)} {wanted[key]!r} would make its trials incomparable "
                 "(use a new --study name, or drop the flag)")
         settled[key] = stored[key]
     return settled
+
+
+def _weights_text(fingerprint: dict | None) -> str:
+    if not fingerprint:
+        return "the Hugging Face cache"
+    return ", ".join(f"{n} sha256 {v['sha256'][:12]}" for n, v in sorted(fingerprint.items()))
+
+
+def resolve_corrections(module: ModuleType, data_dir: Path, given: str | None) -> Path | None:
+    """``--corrections FILE|none``, else the study's default for this data folder."""
+    if given is None:
+        return module.corrections(data_dir)
+    if given.lower() == "none":
+        return None
+    path = Path(given).expanduser()
+    if not path.is_file():
+        raise DataError(f"corrections file {given!r} does not exist (--corrections FILE|none)")
+    return path.resolve()
 
 
 def count(study: optuna.Study, states: Sequence[TrialState]) -> int:
@@ -283,6 +323,37 @@ def child_argv(argv: Sequence[str], worker_id: int, gpu: bool) -> list[str]:
     return [*out, "--worker-id", str(worker_id), *(["--device", "cuda"] if gpu else [])]
 
 
+def _settle(args: argparse.Namespace, module: ModuleType, storage, name: str) -> dict:
+    """This run's fixed settings: the stored ones on a rerun (changed ones refused), the asked
+    ones for a new study. Every check runs before the study is created, so a refused run
+    stores nothing and the suggested rerun is not refused as "different settings"."""
+    stored = (optuna.load_study(study_name=name, storage=storage).user_attrs
+              if name in study_names(storage) else {})
+    if "data_dir" in stored and args.data is None:
+        data_dir = Path(stored["data_dir"])
+    else:
+        data_dir = resolve_data(module, args.data)
+    fixed = parse_fixes(module, args.fix) if args.fix else stored.get("fixed") or {}
+    corrections = resolve_corrections(module, data_dir, args.corrections)
+    folder = weights_dir(args.weights)
+    backbones = explore(module, fixed).pretrained_backbones()
+    if args.worker_id is None:  # a missing download fails now, not after the cache is built
+        check_weights(backbones, folder, name)
+    return {
+        "report_mode": pruner_mode(args.pruner),
+        "pruner": args.pruner or "median",
+        "n_folds": args.folds or module.FOLDS,
+        "fold_seed": module.FOLD_SEED,
+        "data_dir": str(data_dir),
+        "epochs": args.epochs or module.EPOCHS,
+        "corrections": str(corrections) if corrections else None,
+        "fixed": fixed,
+        "weights": fingerprint(folder, backbones) if folder else None,
+        "study_module": module.__name__,
+        "_weights_dir": folder,
+    }
+
+
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     name = paths.check_study_name(args.study)
     module = get_study(name)
@@ -293,14 +364,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     if worker:  # Ctrl-C arrives forwarded by the parent; a shell may have started us ignoring it
         signal.signal(signal.SIGINT, signal.default_int_handler)
     given = {k for k, flag in (("n_folds", args.folds), ("data_dir", args.data),
-                               ("epochs", args.epochs)) if flag is not None}
-    # Find the data before creating anything: a missing folder must not leave an empty study.
-    stored = (optuna.load_study(study_name=name, storage=storage).user_attrs
-              if name in study_names(storage) else {})
-    if "data_dir" in stored and args.data is None:
-        data_dir = Path(stored["data_dir"])
-    else:
-        data_dir = resolve_data(module, args.data)
+                               ("epochs", args.epochs), ("fixed", args.fix or None),
+                               ("corrections", args.corrections)) if flag is not None}
+    wanted = _settle(args, module, storage, name)
+    folder = wanted.pop("_weights_dir")
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                 load_if_exists=True)
     # Offset by the trials already there: a resumed run with the same --seed must not replay
@@ -309,19 +376,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     started = len(study.get_trials(deepcopy=False)) - count(study, (TrialState.WAITING,))
     seed = (None if args.seed is None
             else args.seed + started + 7919 * (args.worker_id or 0))
-    study.sampler = make_sampler(args.sampler, seed)
-    corrections = module.corrections(data_dir)
-    wanted = {
-        "report_mode": pruner_mode(args.pruner),
-        "pruner": args.pruner or "median",
-        "n_folds": args.folds or module.FOLDS,
-        "fold_seed": module.FOLD_SEED,
-        "data_dir": str(data_dir),
-        "epochs": args.epochs or module.EPOCHS,
-        "corrections": str(corrections) if corrections else None,
-        "study_module": module.__name__,
-    }
-    fixed = _fixed_settings(study, wanted, given)
+    fixed = _fixed_settings(study, wanted, given | {"weights"})
+    study.sampler = fixed_sampler(make_sampler(args.sampler, seed), fixed["fixed"])
+    override_waiting(study, storage, fixed["fixed"])
     data_dir = Path(fixed["data_dir"])
     if not data_dir.is_dir():
         raise DataError(f"data folder {str(data_dir)!r} (stored on study {name!r}) does not exist")
@@ -342,15 +399,15 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
                   "nothing to do")
             print(report())
         return 0
-    if not worker:  # a missing weights download fails now, not after the cache is built
-        for backbone in getattr(module, "PRETRAINED_BACKBONES", ()):
-            check_weights_available(TrainConfig(backbone=backbone, pretrained=True))
     n_workers = len(args.gpus) if args.gpus else args.workers
+    loader_workers = (args.loader_workers if args.loader_workers is not None else
+                      default_loader_workers(args.device or _auto_device(), n_workers))
     if not worker:
         print(f"study {name!r}: {finished} finished, running until {args.trials} "
               f"({storage_url}{f', {n_workers} workers' if n_workers > 1 else ''})", flush=True)
     if n_workers > 1 and not worker:
-        codes = launch([child_argv(argv, i, bool(args.gpus)) for i in range(n_workers)],
+        codes = launch([[*child_argv(argv, i, bool(args.gpus)), "--loader-workers",
+                         str(loader_workers)] for i in range(n_workers)],
                        worker_envs(args.gpus, n_workers))
         print(report(), flush=True)
         if any(c in (130, -2) for c in codes):
@@ -362,7 +419,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
                            faces=getattr(module, "FACES", None), progress=args.progress)
     store = open_store(args.artifacts or paths.default_artifacts_dir())
     objective = Objective(module, data, store, epochs=epochs, device=args.device,
-                          per_fold=mode == "fold", progress=args.progress)
+                          per_fold=mode == "fold", progress=args.progress, weights=folder,
+                          loader_workers=loader_workers, fixed=fixed["fixed"])
     callbacks = [CheckpointRetention(store, keep=args.keep_checkpoints)]
     interrupted = False
     try:
@@ -381,6 +439,12 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     if not worker:
         print(report(), flush=True)
     return 130 if interrupted else 0
+
+
+def _auto_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

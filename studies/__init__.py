@@ -6,9 +6,9 @@ A study module provides (see ``studies.demo`` for the smallest one):
   predictions line up and a pruning step means the same thing in every trial;
 - ``default_data(runs: Path) -> Path``: where the data lives when ``--data`` is not given;
 - ``corrections(data_dir: Path) -> Path | None``: the label-corrections CSV to apply;
-- ``space(trial) -> TrainConfig``: the define-by-run search space;
-- optionally ``PRETRAINED_BACKBONES``: backbones whose pretrained weights ``search.run``
-  checks before loading any data, so a missing download fails in the first second.
+- ``space(trial) -> TrainConfig``: the define-by-run search space. ``search.space`` samples
+  it to learn its parameter names (for ``--fix``) and the pretrained backbones it can pick
+  (their weights are checked before any data is read).
 """
 
 from __future__ import annotations

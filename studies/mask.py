@@ -21,14 +21,13 @@ FOLDS = 5
 FOLD_SEED = 0
 EPOCHS = 8
 DATA_ENV = "MASK_DATA"
-#: Backbones the space may pick, all with pretrained weights: checked before any work starts.
+#: Backbones the space may pick, all pretrained (``search.run`` checks the weights of the ones
+#: the space can still pick, found by sampling it, before any work starts).
 BACKBONES = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "efficientnet_b3",
              "convnext_tiny")
 #: (height, width): the photos are 384x512 portrait, face crops keep that 4:3 shape.
 IMAGE_SIZES = {"224x168": (224, 168), "288x224": (288, 224), "384x288": (384, 288)}
 
-
-PRETRAINED_BACKBONES = BACKBONES
 
 
 def default_data(runs: Path) -> Path:

@@ -212,22 +212,6 @@ def test_pretrained_offline_cli_names_the_fix_without_network(tmp_path):
     assert seconds < 60  # interpreter + torch import; the hub client's retries take longer
 
 
-def test_mask_study_offline_fails_before_any_cache_is_built(synth_data, tmp_path, monkeypatch,
-                                                           capfd):
-    """The mask study needs pretrained weights: offline with an empty cache, search.run stops
-    with the fix before it reads a single image (not after building the cache)."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("MASK_SEARCH_CACHE", str(tmp_path / "cache"))
-    code = search.run.main(["--study", "mask", "--trials", "1", "--data", str(synth_data)])
-    out, err = capfd.readouterr()
-    assert code == 2, (out, err)
-    assert err.strip().splitlines()[-1].startswith("error: pretrained weights for backbone")
-    assert not (tmp_path / "cache").exists()
-
-
 class Stop(DataError):
     """Raised by a stand-in for data loading: the run got past its settings checks."""
 
