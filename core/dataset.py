@@ -179,10 +179,11 @@ def apply_corrections(
 ) -> pd.DataFrame:
     """Return a copy of the image table with the corrections file applied, labels recomputed.
 
-    ``target`` matches a person folder exactly, else every folder whose ``id`` equals it
-    (the real set's ids, e.g. ``006359`` or ``001498-1``). A target matching nothing is a
-    ``DataError`` naming the file and line when ``strict`` (the default: a typo must not
-    silently leave a label wrong); with ``strict=False`` it is a ``CorrectionWarning`` and
+    ``target`` matches a person folder exactly, else the one folder whose ``id`` equals it
+    (the real set's ids, e.g. ``006359`` or ``001498-1``); an id that several folders share is a
+    ``DataError`` naming them (the real set has one id used by two people). A target matching
+    nothing is a ``DataError`` naming the file and line when ``strict`` (the default: a typo must
+    not silently leave a label wrong); with ``strict=False`` it is a ``CorrectionWarning`` and
     skipped, so a corrections file written for another copy of the data (e.g. the shipped
     public one on synthetic data) can still be used. Lines apply in order.
     """
@@ -195,6 +196,11 @@ def apply_corrections(
         rows = t["person"] == c.target
         if not rows.any():
             rows = t["id"] == c.target
+            folders = sorted(t.loc[rows, "person"].unique())
+            if len(folders) > 1:  # ids repeat across people: which one is wrong is unknowable
+                raise DataError(f"{path} line {c.line}: target {c.target!r} is the id of "
+                                f"{len(folders)} person folders ({', '.join(folders)}); "
+                                "target one folder name instead")
         if not rows.any():
             if strict:
                 raise DataError(f"{path} line {c.line}: target {c.target!r} matches no person "

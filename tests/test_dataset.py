@@ -356,13 +356,19 @@ def test_bad_correction_line_names_file_and_line(tiny_layout, tmp_path, line, pa
         load_train_table(tiny_layout(), corrections=fixes, strict=False)
 
 
-def test_correction_by_shared_id_fixes_both_people_by_folder_one(tiny_layout, tmp_path):
+def test_correction_by_an_id_two_people_share_is_refused_naming_both_folders(tiny_layout,
+                                                                              tmp_path):
+    """One id, two people (as in the real set): changing both would be wrong for one of them."""
     t = load_train_table(tiny_layout())
     fixes = tmp_path / "fixes.csv"
-    fixes.write_text("target,field,value\n000002,age,61\n000002_female_Asian_29,age,28\n")
-    fixed = apply_corrections(t, fixes)
-    ages = fixed.groupby("person")["age"].first()
-    assert ages["000002_male_Asian_60"] == 61 and ages["000002_female_Asian_29"] == 28
+    fixes.write_text("target,field,value\n000002,age,61\n")
+    with pytest.raises(DataError, match=r"fixes.csv line 2: target '000002' is the id of 2 "
+                       r"person folders \(000002_female_Asian_29, 000002_male_Asian_60\); "
+                       r"target one folder name instead"):
+        apply_corrections(t, fixes)
+    fixes.write_text("target,field,value\n000002_female_Asian_29,age,28\n")
+    ages = apply_corrections(t, fixes).groupby("person")["age"].first()
+    assert ages["000002_female_Asian_29"] == 28 and ages["000002_male_Asian_60"] == 60
     assert t.groupby("person")["age"].first()["000002_female_Asian_29"] == 29  # input untouched
 
 
