@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +126,27 @@ def _mix(a: Color, b: Color, t: float) -> Color:
     return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
 
 
+def _drawn_mask(d: ImageDraw.ImageDraw, P: Callable[[float, float], tuple[float, float]],
+                box: Callable[..., tuple[float, float, float, float]], look: DrawnLook,
+                mask_state: int, rng: np.random.Generator, fw: float, lw: int) -> None:
+    """The surgical mask of a drawn face: worn, under the nose or on the chin (``MASK_TOP_*``)."""
+    col = MASK_COLORS[rng.integers(len(MASK_COLORS))]
+    edge = _mix(col, (0, 0, 0), 0.45) if sum(col) > 200 else (150, 150, 155)
+    if mask_state == 0:
+        top = MASK_TOP_WORN
+    else:
+        top = MASK_TOP_CHIN if look.low_incorrect else MASK_TOP_UNDER_NOSE
+    top += rng.uniform(-0.015, 0.015)
+    bottom = max(top + 0.4, 1.12)  # a lowered mask hangs over the chin and neck
+    d.rounded_rectangle(box(-0.06, top, 1.06, bottom), radius=fw * 0.1, fill=col,
+                        outline=edge, width=lw)
+    for k in (1, 2):  # pleats
+        v = top + (bottom - top) * k / 3
+        d.line((*P(0.08, v), *P(0.92, v)), fill=edge, width=max(1, lw // 2))
+    for u in (0.0, 1.0):  # ear loops
+        d.line((*P(u, top + 0.04), *P(u, 0.42)), fill=edge, width=max(1, lw // 2))
+
+
 def _draw(person: Person, mask_state: int, rng: np.random.Generator, size: tuple[int, int]
           ) -> tuple[Image.Image, None]:
     """One photo of ``person`` with mask kind ``mask_state`` (0 wear, 1 incorrect, 2 none)."""
@@ -180,21 +201,7 @@ def _draw(person: Person, mask_state: int, rng: np.random.Generator, size: tuple
     d.ellipse(box(0.30, 0.71, 0.70, 0.84), fill=(120, 20, 35))
     d.line((*P(0.35, 0.775), *P(0.65, 0.775)), fill=(235, 225, 215), width=max(1, lw // 2))
     if mask_state != 2:
-        col = MASK_COLORS[rng.integers(len(MASK_COLORS))]
-        edge = _mix(col, (0, 0, 0), 0.45) if sum(col) > 200 else (150, 150, 155)
-        if mask_state == 0:
-            top = MASK_TOP_WORN
-        else:
-            top = MASK_TOP_CHIN if look.low_incorrect else MASK_TOP_UNDER_NOSE
-        top += rng.uniform(-0.015, 0.015)
-        bottom = max(top + 0.4, 1.12)  # a lowered mask hangs over the chin and neck
-        d.rounded_rectangle(box(-0.06, top, 1.06, bottom), radius=fw * 0.1, fill=col,
-                            outline=edge, width=lw)
-        for k in (1, 2):  # pleats
-            v = top + (bottom - top) * k / 3
-            d.line((*P(0.08, v), *P(0.92, v)), fill=edge, width=max(1, lw // 2))
-        for u in (0.0, 1.0):  # ear loops
-            d.line((*P(u, top + 0.04), *P(u, 0.42)), fill=edge, width=max(1, lw // 2))
+        _drawn_mask(d, P, box, look, mask_state, rng, fw, lw)
     # light and sensor noise
     arr = np.asarray(img, dtype=np.float32) * rng.uniform(0.8, 1.15)
     arr += rng.normal(0, rng.uniform(2, 8), arr.shape).astype(np.float32)
