@@ -49,7 +49,7 @@ from search.objective import (
     Objective,
     load_study_data,
 )
-from search.space import explore, fixed_sampler, override_waiting, parse_fixes
+from search.space import explore, fixed_sampler, override_waiting, parse_fixes, warm_start
 from search.storage import (
     DEFAULT_GRACE_S,
     DEFAULT_HEARTBEAT_S,
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
                    help="pin a parameter of the study's space and search the rest (repeatable; "
                         "fixed when the study is created)")
+    p.add_argument("--no-warm-start", action="store_true",
+                   help="do not enqueue the study's known-good recipes as its first trials")
     p.add_argument("--corrections", metavar="FILE|none",
                    help="label corrections CSV, or none (fixed when the study is created; "
                         "default the study's: mask uses the shipped public list)")
@@ -376,7 +378,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     started = len(study.get_trials(deepcopy=False)) - count(study, (TrialState.WAITING,))
     seed = (None if args.seed is None
             else args.seed + started + 7919 * (args.worker_id or 0))
+    created = "n_folds" not in study.user_attrs
     fixed = _fixed_settings(study, wanted, given | {"weights"})
+    if created and not args.no_warm_start:  # the study's known-good recipes go first, once
+        for params in warm_start(module, fixed["fixed"]):
+            study.enqueue_trial(params)
     study.sampler = fixed_sampler(make_sampler(args.sampler, seed), fixed["fixed"])
     override_waiting(study, storage, fixed["fixed"])
     data_dir = Path(fixed["data_dir"])

@@ -11,8 +11,9 @@ SGD branch of the mask space) stops the first trial that suggests it on another 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -52,27 +53,35 @@ def fixed_sampler(base: optuna.samplers.BaseSampler,
         return optuna.samplers.PartialFixedSampler(fixed, base)
 
 
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """No "study created" log line per in-memory study, no warning for out-of-range fixes
+    (``check_fixed`` reports those as one line)."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
 def explore(module: ModuleType, fixed: dict[str, Any] | None = None,
             n: int = EXPLORE_TRIALS, seed: int = 0) -> SpaceSample:
     """Sample ``module.space`` ``n`` times (in memory; ``fixed`` pinned) and record what it did."""
     seen = SpaceSample()
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" line per explore
-    try:
-        with warnings.catch_warnings():  # out-of-range fixes warn; check_fixed reports them
-            warnings.simplefilter("ignore")
-            study = optuna.create_study(
-                sampler=fixed_sampler(optuna.samplers.RandomSampler(seed=seed), fixed or {}))
-            for _ in range(n):
-                trial = study.ask()
-                seen.configs.append(module.space(trial))
-                for name, dist in trial.distributions.items():
-                    known = seen.distributions.setdefault(name, [])
-                    if dist not in known:
-                        known.append(dist)
-                study.tell(trial, 0.0)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
+    with _quiet_optuna():
+        study = optuna.create_study(
+            sampler=fixed_sampler(optuna.samplers.RandomSampler(seed=seed), fixed or {}))
+        for _ in range(n):
+            trial = study.ask()
+            seen.configs.append(module.space(trial))
+            for name, dist in trial.distributions.items():
+                known = seen.distributions.setdefault(name, [])
+                if dist not in known:
+                    known.append(dist)
+            study.tell(trial, 0.0)
     return seen
 
 
@@ -149,3 +158,21 @@ def override_waiting(study: optuna.Study, storage: optuna.storages.BaseStorage,
         if any(params.get(k, v) != v for k, v in fixed.items()):
             storage.set_trial_system_attr(t._trial_id, "fixed_params",
                                                  {**params, **fixed})
+
+
+def fits(module: ModuleType, params: dict[str, Any]) -> bool:
+    """Whether the space takes exactly ``params`` (each one suggested, each value in range)."""
+    with _quiet_optuna():
+        study = optuna.create_study(
+            sampler=fixed_sampler(optuna.samplers.RandomSampler(0), params))
+        trial = study.ask()
+        module.space(trial)
+    return set(params) <= set(trial.distributions) and all(
+        _contains(trial.distributions[k], v) for k, v in params.items())
+
+
+def warm_start(module: ModuleType, fixed: dict[str, Any]) -> list[dict[str, Any]]:
+    """The study's known-good recipes (``WARM_START``) with ``--fix`` applied on top; a recipe the
+    fixes make impossible (a value the fixed branch excludes) is left out."""
+    recipes = [{**recipe, **fixed} for recipe in getattr(module, "WARM_START", ())]
+    return [r for r in recipes if fits(module, r)]

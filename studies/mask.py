@@ -30,6 +30,23 @@ IMAGE_SIZES = {"224x168": (224, 168), "288x224": (288, 224), "384x288": (384, 28
 
 
 
+#: Recipes that worked in the competition, enqueued as the first trials of a new study (warm
+#: start): focal loss with class weights, age threshold 59, Adam with cosine decay, and the
+#: flips, shift-scale-rotate, hue/saturation, brightness/contrast and noise of aug_strength.
+WARM_START = (
+    {"backbone": "resnet18", "image_size": "224x168", "head": "single", "drop_rate": 0.2,
+     "loss": "focal", "focal_gamma": 2.0, "class_weights": "sqrt_inverse",
+     "label_smoothing": 0.0, "aug_strength": 0.5, "mix": "none", "optimizer": "adam",
+     "lr": 3e-4, "weight_decay": 1e-5, "scheduler": "cosine", "warmup_epochs": 0.5,
+     "age_threshold": 59},
+    {"backbone": "efficientnet_b3", "image_size": "288x224", "head": "single", "drop_rate": 0.3,
+     "loss": "focal", "focal_gamma": 2.0, "class_weights": "sqrt_inverse",
+     "label_smoothing": 0.0, "aug_strength": 0.5, "mix": "none", "optimizer": "adam",
+     "lr": 3e-4, "weight_decay": 1e-5, "scheduler": "cosine", "warmup_epochs": 0.5,
+     "age_threshold": 59},
+)
+
+
 def default_data(runs: Path) -> Path:
     """The competition folder from ``$MASK_DATA``; there is no sensible built-in default."""
     value = os.environ.get(DATA_ENV)

@@ -24,7 +24,7 @@ import search.weights
 from core.config import ConfigError
 from search import artifacts
 from search.objective import checkpoint_name
-from search.space import check_fixed, fixed_sampler, override_waiting, parse_fixes
+from search.space import check_fixed, fits, fixed_sampler, override_waiting, parse_fixes
 from studies import mask
 
 MASK_BACKBONES = sorted(mask.BACKBONES)
@@ -196,3 +196,32 @@ def test_mask_study_runs_offline_on_local_weights_then_ensembles(offline, tiny_d
                                  str(tmp_path / "artifacts"), "--out",
                                  str(tmp_path / "sub.csv")]) == 0
     assert (tmp_path / "sub.csv").read_text().startswith("ImageID,ans\n")
+
+
+@pytest.mark.parametrize(("extra", "want"), [
+    ([], [r["backbone"] for r in mask.WARM_START]),
+    (["--fix", "backbone=resnet34"], ["resnet34"] * len(mask.WARM_START)),
+    (["--fix", "optimizer=sgd"], []),  # every recipe's Adam lr is outside the SGD branch
+    (["--no-warm-start"], []),
+])
+def test_warm_start_recipes_are_enqueued_once_in_order(offline, extra, want, synth_data,
+                                                       tmp_path, monkeypatch) -> None:
+    from tests.test_cli_errors import stop_at_data
+
+    stop_at_data(monkeypatch)
+    monkeypatch.setattr("search.run.check_weights", lambda *a, **k: None)
+    for _ in range(2):  # a rerun enqueues nothing more
+        assert run_mask(tmp_path, synth_data, "--trials", "5", "--corrections", "none",
+                        *extra) == 2
+    study = optuna.load_study(study_name="mask", storage=f"sqlite:///{tmp_path / 'mask.db'}")
+    waiting = [t.system_attrs["fixed_params"] for t in study.trials]
+    assert [p["backbone"] for p in waiting] == want
+
+
+@pytest.mark.parametrize("recipe", mask.WARM_START, ids=lambda r: r["backbone"])
+def test_each_warm_start_recipe_is_a_complete_valid_point_of_the_space(recipe) -> None:
+    """FixedTrial refuses any parameter the space asks for that the recipe lacks."""
+    cfg = mask.space(optuna.trial.FixedTrial(recipe)).validate()
+    assert (cfg.backbone, cfg.optimizer, cfg.scheduler, cfg.age_threshold) == (
+        recipe["backbone"], "adam", "cosine", 59)
+    assert fits(mask, recipe)
