@@ -55,6 +55,7 @@ from core.metrics import macro_f1
 from core.splits import folds_fingerprint, person_folds
 from core.weights import weights_file
 from search import artifacts
+from search.budget import Budget
 from search.space import check_fixed
 from search.workers import retried_from
 
@@ -198,11 +199,13 @@ class Objective:
                  epochs: int | None = None, device: str | None = None, per_fold: bool = False,
                  progress: bool = False, fit: Callable[..., FoldResult] = fit_fold,
                  predict_fn: Callable[..., np.ndarray] = predict, weights: Path | None = None,
-                 loader_workers: int | None = None, fixed: dict[str, Any] | None = None) -> None:
+                 loader_workers: int | None = None, fixed: dict[str, Any] | None = None,
+                 budget: Budget | None = None) -> None:
         self.study_module, self.data, self.store = study_module, data, store
         self.epochs, self.device, self.per_fold, self.progress = epochs, device, per_fold, progress
         self.fit, self.predict = fit, predict_fn
         self.weights, self.loader_workers, self.fixed = weights, loader_workers, fixed or {}
+        self.budget = budget
 
     def config(self, trial: optuna.Trial) -> TrainConfig:
         """The study's space with the run's fixed epochs, device, loader workers and local
@@ -312,6 +315,8 @@ class Objective:
                 continue
 
             def on_epoch(epoch: int, val_f1: float, k: int = k) -> bool:
+                if self.budget is not None:  # the deadline stops a trial between epochs
+                    self.budget.check()
                 if self.per_fold or not math.isfinite(val_f1):
                     return False
                 return report(val_f1, k * cfg.epochs + epoch)

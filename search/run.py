@@ -43,6 +43,7 @@ from core.errors import DataError
 from core.weights import WEIGHTS_ENV, check_weights, fingerprint, weights_dir
 from search import paths
 from search.artifacts import open_store
+from search.budget import Budget
 from search.objective import (
     DEFAULT_KEEP_CHECKPOINTS,
     CheckpointRetention,
@@ -127,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "default sqlite:///runs/<study>.db")
     p.add_argument("--artifacts", help="artifact folder or s3://bucket/prefix "
                                        "(default runs/artifacts)")
-    p.add_argument("--timeout", type=positive_float, help="stop starting trials after SECONDS")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--hours", type=positive_float,
+                        help="time budget: no trial starts that the study's record says cannot "
+                             "finish in time, and at the deadline the running trial stops at "
+                             "its next epoch (FAIL 'time budget', resumed by a rerun)")
+    budget.add_argument("--timeout", type=positive_float, help="the same budget in seconds")
     p.add_argument("--pruner", choices=PRUNERS,
                    help="default: median for a new study; on a rerun, the study's own pruner "
                         "(its report mode is fixed when it is created: wilcoxon reports per "
@@ -394,6 +400,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     study.pruner = make_pruner(pruner, n_folds * epochs, n_folds)
 
     t0 = time.perf_counter()
+    budget_s = args.hours * 3600 if args.hours else args.timeout
+    budget = Budget.of(budget_s)
 
     def report() -> str:
         return summary(study, time.perf_counter() - t0, args.trials, args.storage, args.artifacts)
@@ -426,12 +434,12 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     store = open_store(args.artifacts or paths.default_artifacts_dir())
     objective = Objective(module, data, store, epochs=epochs, device=args.device,
                           per_fold=mode == "fold", progress=args.progress, weights=folder,
-                          loader_workers=loader_workers, fixed=fixed["fixed"])
+                          loader_workers=loader_workers, fixed=fixed["fixed"], budget=budget)
     callbacks = [CheckpointRetention(store, keep=args.keep_checkpoints)]
     interrupted = False
     try:
         run_worker(study, objective, args.trials, lock=claim_lock(storage, storage_url, name),
-                   callbacks=callbacks, timeout=args.timeout, max_retry=args.max_retry,
+                   callbacks=callbacks, budget=budget, max_retry=args.max_retry,
                    poll_s=min(2.0, float(args.heartbeat_interval)))
     except TooManyFailures:
         if not worker:
@@ -442,6 +450,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         if not worker:
             print("\ninterrupted: the running trial is marked FAIL; rerun the same command to "
                   "continue", file=sys.stderr)
+    if not worker and budget is not None and count(study, FINISHED) < args.trials:
+        print(f"time budget reached ({budget_s / 3600:.2f} h): no trial left that can finish in "
+              "time; rerun with more --hours to continue (a stopped trial resumes from its "
+              "finished folds)", flush=True)
     if not worker:
         print(report(), flush=True)
     return 130 if interrupted else 0

@@ -42,6 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 from core.atomic import pid_alive
 from core.config import ConfigError
 from core.errors import DataError
+from search.budget import TIME_BUDGET, Budget, TimeBudgetExceeded
 from search.storage import journal_path
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -279,6 +280,9 @@ def run_one(study: optuna.Study, trial: optuna.Trial,
             frozen = study.tell(trial, state=TrialState.PRUNED)
             log.info("trial %d pruned. %s", trial.number, e)
             return frozen
+        except TimeBudgetExceeded:  # FAIL and queued again: a rerun resumes its finished folds
+            _retry_callback(None)(study, _fail(study, trial, TIME_BUDGET))
+            raise
         except fatal:
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
@@ -307,24 +311,29 @@ def _fail(study: optuna.Study, trial: optuna.Trial, why: str,
 def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_total: int, *,
                lock: Callable[[], contextlib.AbstractContextManager],
                callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
-               timeout: float | None = None, max_retry: int | None = None,
+               budget: Budget | None = None, max_retry: int | None = None,
                poll_s: float = 2.0, fatal: tuple[type[BaseException], ...] = FATAL,
                max_failures: int = MAX_CONSECUTIVE_FAILURES) -> int:
-    """Claim and run trials until the study has ``n_total`` finished ones (or ``timeout``).
+    """Claim and run trials until the study has ``n_total`` finished ones, or the ``budget``
+    says no trial can finish in the time left (a trial running at the deadline stops at its
+    next epoch boundary: that is the objective's part, ``Budget.check``).
 
     Returns the number of trials this worker ran. Raises ``TooManyFailures`` after
     ``max_failures`` failed trials in a row: then every trial is failing (a dead GPU, a full
     disk) and going on would only fill the study with FAIL trials.
     """
-    t0, ran, failed_in_a_row = time.monotonic(), 0, []
-    while timeout is None or time.monotonic() - t0 < timeout:
+    ran, failed_in_a_row = 0, []
+    while budget is None or budget.can_start(study):
         got = claim(study, n_total, lock, max_retry)
         if got is False:
             break
         if got is True:
             time.sleep(poll_s)
             continue
-        frozen = run_one(study, got, objective, fatal)
+        try:
+            frozen = run_one(study, got, objective, fatal)
+        except TimeBudgetExceeded:
+            return ran + 1
         ran += 1
         for callback in callbacks:
             callback(study, frozen)

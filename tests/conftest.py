@@ -162,3 +162,15 @@ def write_faces_folder(root: Path, people: Sequence[tuple[str, int]] = FACE_PEOP
 def faces_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``write_faces_folder`` once per session (16 people). Do not modify."""
     return write_faces_folder(tmp_path_factory.mktemp("faces"))
+
+
+STUDY_DATA_FOLDS = 2
+
+
+@pytest.fixture(scope="session")
+def study_data(tiny_data: Path):
+    """What ``search.run`` loads for ``tiny_data`` with 2 folds (table, folds, cache), without a
+    search; for objective tests with a stand-in ``fit``."""
+    from search.objective import load_study_data
+
+    return load_study_data(tiny_data, tiny_data / "corrections.csv", STUDY_DATA_FOLDS, 0)

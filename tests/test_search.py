@@ -36,13 +36,12 @@ from search.objective import (
     Objective,
     checkpoint_name,
     eval_fingerprint,
-    load_study_data,
 )
 from search.run import main
-from tests.conftest import FAST
+from tests.conftest import FAST, STUDY_DATA_FOLDS
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDS, EPOCHS = 2, 2
+FOLDS, EPOCHS = STUDY_DATA_FOLDS, 2
 
 
 def enqueue(url: str, name: str, n: int, **override) -> None:
@@ -57,12 +56,6 @@ def args(name: str, url: str, art: Path, data: Path, trials: int, *extra: str) -
     return ["--study", name, "--storage", url, "--artifacts", str(art), "--data", str(data),
             "--trials", str(trials), "--folds", str(FOLDS), "--epochs", str(EPOCHS),
             "--seed", "0", *extra]
-
-
-@pytest.fixture(scope="module")
-def study_data(tiny_data: Path):
-    """What ``search.run`` loads for ``tiny_data`` (table, folds, cache), without a search."""
-    return load_study_data(tiny_data, tiny_data / "corrections.csv", FOLDS, 0)
 
 
 @pytest.fixture(scope="module")
