@@ -300,3 +300,18 @@ def test_train_fold_cli_runs_one_fold_end_to_end(synth_data: Path, tmp_path: Pat
     assert rc == 0, out
     assert "epoch 1: val macro F1" in out and "best val macro F1" in out
     assert any((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_weight_decay_spares_biases_and_norm_layers(optimizer):
+    """Decaying a BatchNorm scale or a bias towards 0 only hurts: every 1-D parameter sits in a
+    group without weight decay, every weight matrix / kernel in one with the configured decay."""
+    from core.models import create_model
+
+    model = create_model(_cfg(backbone="test_resnet"))
+    opt = engine.make_optimizer(_cfg(optimizer=optimizer, weight_decay=0.1), model)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert len(decay) == len(list(model.parameters()))
+    for name, p in model.named_parameters():
+        assert decay[id(p)] == (0.0 if p.ndim <= 1 else 0.1), name
+    assert opt.param_groups[0].get("nesterov", False) == (optimizer == "sgd")
