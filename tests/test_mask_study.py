@@ -120,7 +120,7 @@ def test_fixes_are_fixed_per_study(offline, tmp_path, synth_data, capfd, monkeyp
                        "report_mode": "epoch", "corrections": None, "weights": None,
                        "fixed": {"backbone": "resnet18"}}.items():
         study.set_user_attr(key, value)
-    monkeypatch.setattr("search.run.check_weights", lambda *a, **k: None)
+    monkeypatch.setattr("search.study_settings.check_weights", lambda *a, **k: None)
     assert run_mask(tmp_path, synth_data, "--trials", "1", "--fix", "backbone=resnet34") == 2
     assert "created with fixed={'backbone': 'resnet18'}" in capfd.readouterr().err
 
@@ -209,7 +209,7 @@ def test_warm_start_recipes_are_enqueued_once_in_order(offline, extra, want, syn
     from tests.test_cli_errors import stop_at_data
 
     stop_at_data(monkeypatch)
-    monkeypatch.setattr("search.run.check_weights", lambda *a, **k: None)
+    monkeypatch.setattr("search.study_settings.check_weights", lambda *a, **k: None)
     for _ in range(2):  # a rerun enqueues nothing more
         assert run_mask(tmp_path, synth_data, "--trials", "5", "--corrections", "none",
                         *extra) == 2

@@ -90,6 +90,7 @@ def test_bench_quality_end_to_end(faces_folder: Path, tmp_path: Path,
                               storage=f"sqlite:///{root / 'seed0' / 'study.db'}")
     assert float(m[1]) == pytest.approx(study.best_value, abs=5e-5)
     assert seed["gap"] == pytest.approx(seed["oof"] - seed["heldout"])
+    assert seed["trials_finished"] == 1 and "WARNING" not in out
     # the submission's held-out F1, recomputed here from its CSV and the answers
     data = next((tmp_path / "runs").glob("quality_data-*"))
     answers = pd.read_csv(data / "eval_answers.csv").set_index("ImageID")["ans"]

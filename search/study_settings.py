@@ -1,0 +1,171 @@
+"""A study's fixed settings: what a trial means, fixed when the study is created.
+
+The folds, data folder, epochs, corrections, ``--fix`` values, pretrained weights (their
+fingerprint) and the pruner's report mode are stored as study user attrs when a study is
+created; a rerun that asks for different ones is refused, since its trials would not be
+comparable, and a rerun that does not ask takes the stored ones. Every check runs before the
+study is created, so a refused run stores nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from types import ModuleType
+
+import optuna
+
+from core.config import ConfigError
+from core.errors import DataError
+from core.weights import check_weights, fingerprint, weights_dir
+from search import paths
+from search.space import explore, parse_fixes
+from search.storage import study_names
+
+#: What a reported step means to each pruner: "epoch" = ``fold * epochs + epoch``, "fold" =
+#: ``fold``. "none" prunes nothing, so it reports in whichever mode the study has.
+REPORT_MODE = {"median": "epoch", "hyperband": "epoch", "halving": "epoch", "wilcoxon": "fold",
+               "none": None}
+PRUNERS = tuple(REPORT_MODE)
+DEFAULT_PRUNER = {"epoch": "median", "fold": "wilcoxon"}
+SAMPLERS = ("tpe", "random", "gp")
+#: Study user attrs that fix what a trial means; a rerun may not change them. ``report_mode``
+#: and ``corrections`` have no flag of their own: a rerun always takes the stored ones.
+FIXED_ATTRS = ("n_folds", "fold_seed", "data_dir", "epochs", "report_mode", "corrections",
+               "fixed", "weights")
+#: The flag that sets each fixed study attr, for the refusal message.
+FLAGS = {"n_folds": "--folds", "data_dir": "--data", "epochs": "--epochs", "fixed": "--fix",
+         "corrections": "--corrections", "weights": "--weights"}
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(name: str, n_steps: int, n_folds: int,
+                n_startup_trials: int = 3) -> optuna.pruners.BasePruner:
+    """``n_steps`` = folds * epochs: the last step any trial reports (epoch mode)."""
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_steps,
+                                              reduction_factor=3)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if name == "wilcoxon":
+        return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=min(2, n_folds))
+    return optuna.pruners.NopPruner()
+
+
+def pruner_mode(name: str | None) -> str:
+    """The report mode a new study created with pruner ``name`` gets."""
+    return REPORT_MODE.get(name or "median") or "epoch"
+
+
+def settle_pruner(study_name: str, asked: str | None, mode: str, created_with: str | None) -> str:
+    """The pruner this run uses: ``asked`` if it reads steps the study's way, else refuse.
+
+    Without ``--pruner``: the pruner the study was created with, or the mode's default.
+    """
+    if asked is None:
+        return created_with if created_with in PRUNERS and \
+            REPORT_MODE[created_with] in (None, mode) else DEFAULT_PRUNER[mode]
+    if REPORT_MODE[asked] not in (None, mode):
+        compatible = ", ".join(p for p, m in REPORT_MODE.items() if m in (None, mode))
+        raise ConfigError(
+            f"study {study_name!r} reports one value per {mode} (report_mode={mode!r}); "
+            f"--pruner {asked} reads steps per {REPORT_MODE[asked]}, which would mix step "
+            f"meanings (use one of {compatible}, or a new --study name)")
+    return asked
+
+
+def fixed_settings(study: optuna.Study, wanted: dict, given: set[str]) -> dict:
+    """Store the study's fixed settings on creation; on resume, refuse changed ones.
+
+    Settings the user did not pass on the command line are taken from the study, so
+    ``--trials 30`` alone resumes a study created with ``--folds 3 --data X``.
+    """
+    stored = study.user_attrs
+    if "n_folds" not in stored:
+        for key, value in wanted.items():
+            study.set_user_attr(key, value)
+        return dict(wanted)
+    settled = dict(wanted)
+    for key in FIXED_ATTRS:
+        if key not in stored:  # a study from before the key existed: it is fixed from now on
+            study.set_user_attr(key, wanted[key])
+            continue
+        if key in given and stored[key] != wanted[key]:
+            if key == "weights":
+                raise ConfigError(
+                    f"study {study.study_name!r} was created with other pretrained weights "
+                    f"({_weights_text(stored[key])}); these are {_weights_text(wanted[key])}: "
+                    "pass --weights with the study's files (or use a new --study name)")
+            raise ConfigError(
+                f"study {study.study_name!r} was created with {key}={stored[key]!r}; "
+                f"{FLAGS.get(key, key)} {wanted[key]!r} would make its trials incomparable "
+                "(use a new --study name, or drop the flag)")
+        settled[key] = stored[key]
+    return settled
+
+
+def _weights_text(fingerprint: dict | None) -> str:
+    if not fingerprint:
+        return "the Hugging Face cache"
+    return ", ".join(f"{n} sha256 {v['sha256'][:12]}" for n, v in sorted(fingerprint.items()))
+
+
+def resolve_corrections(module: ModuleType, data_dir: Path, given: str | None) -> Path | None:
+    """``--corrections FILE|none``, else the study's default for this data folder."""
+    if given is None:
+        return module.corrections(data_dir)
+    if given.lower() == "none":
+        return None
+    path = Path(given).expanduser()
+    if not path.is_file():
+        raise DataError(f"corrections file {given!r} does not exist (--corrections FILE|none)")
+    return path.resolve()
+
+
+def resolve_data(module: ModuleType, data: str | None) -> Path:
+    path = Path(data) if data else module.default_data(paths.runs_dir())
+    if not path.is_dir():
+        raise DataError(f"data folder {str(path)!r} does not exist")
+    return path.resolve()
+
+
+def settle(args: argparse.Namespace, module: ModuleType, storage, name: str) -> dict:
+    """This run's fixed settings: the stored ones on a rerun (changed ones refused), the asked
+    ones for a new study. Every check runs before the study is created, so a refused run
+    stores nothing and the suggested rerun is not refused as "different settings"."""
+    stored = (optuna.load_study(study_name=name, storage=storage).user_attrs
+              if name in study_names(storage) else {})
+    if "data_dir" in stored and args.data is None:
+        data_dir = Path(stored["data_dir"])
+    else:
+        data_dir = resolve_data(module, args.data)
+    fixed = parse_fixes(module, args.fix) if args.fix else stored.get("fixed") or {}
+    corrections = resolve_corrections(module, data_dir, args.corrections)
+    folder = weights_dir(args.weights)
+    backbones = explore(module, fixed).pretrained_backbones()
+    if args.worker_id is None:  # a missing download fails now, not after the cache is built
+        check_weights(backbones, folder, name)
+    return {
+        "report_mode": pruner_mode(args.pruner),
+        "pruner": args.pruner or "median",
+        "n_folds": args.folds or module.FOLDS,
+        "fold_seed": module.FOLD_SEED,
+        "data_dir": str(data_dir),
+        "epochs": args.epochs or module.EPOCHS,
+        "corrections": str(corrections) if corrections else None,
+        "fixed": fixed,
+        "weights": fingerprint(folder, backbones) if folder else None,
+        "study_module": module.__name__,
+        "_weights_dir": folder,
+    }
+
+
