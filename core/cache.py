@@ -21,12 +21,10 @@ import argparse
 import glob
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,15 +34,17 @@ import pandas as pd
 from tqdm import tqdm
 
 from core import faces as F
+from core import images as img_io
 from core.atomic import file_lock, remove_dead_temps, temp_path
 from core.cli import run_cli
 from core.errors import DataError
+from core.face_pass import detections
+from core.pool import Runner, chunks
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: every image cropped by the eval rule (no person fallback)
 ENV_ROOT = "MASK_SEARCH_CACHE"
 DEFAULT_ROOT_NAME = ".mask_search_cache"
 LOCK_NAME = ".lock"  # in the cache root: one build at a time (see build_cache)
-CHUNK = 64  # images per worker task: big enough to hide pool overhead, small for a smooth bar
 DEFAULT_FACES = F.FaceSettings()
 INDEX_COLUMNS = ("file", "split", "person", *F.BOX_COLUMNS, "prob", "box_source")
 
@@ -124,7 +124,7 @@ def source_listing(data_dir: str | Path) -> pd.DataFrame:
             bad.append((f, "permission denied" if isinstance(e, PermissionError)
                         else f"cannot read ({e.strerror or e})"))
     if bad:
-        raise bad_images_error(data_dir, bad)
+        raise img_io.bad_images_error(data_dir, bad)
     listing["size"] = np.array([s.st_size for s in stats], dtype=np.int64)
     listing["mtime_ns"] = np.array([s.st_mtime_ns for s in stats], dtype=np.int64)
     return listing
@@ -137,27 +137,6 @@ def _hash(obj: object, n: int = 16) -> str:
 def cache_key(data_dir: str | Path, image_size: tuple[int, int], faces: F.FaceSettings) -> dict:
     return {"version": CACHE_VERSION, "data": str(Path(data_dir).resolve()),
             "faces": faces.key(), "image_size": [int(image_size[0]), int(image_size[1])]}
-
-
-# ---- worker functions (top level so a process pool can pickle them) ----
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core already; nested threads only contend
-
-
-def _small_copies(paths: list[str], detect_size: int
-                  ) -> list[tuple[np.ndarray, tuple[int, int]] | str]:
-    """Downscaled copy and full (h, w) per path, or the reason it cannot be decoded: every bad
-    file of a chunk is reported, not just the first."""
-    out: list[tuple[np.ndarray, tuple[int, int]] | str] = []
-    for p in paths:
-        try:
-            img = F.read_rgb(p)
-        except F.BadImageError as e:
-            out.append(e.reason)
-            continue
-        out.append((F.downscale(img, detect_size), img.shape[:2]))
-    return out
 
 
 def crop_resize(img: np.ndarray, box: Sequence[int], size: tuple[int, int]) -> np.ndarray:
@@ -175,108 +154,14 @@ def _crop_chunk(npy: str, start: int, paths: list[str], boxes: np.ndarray,
     bad = []
     for i, (p, box) in enumerate(zip(paths, boxes, strict=True)):
         try:
-            out[start + i] = crop_resize(F.read_rgb(p), box, size)
-        except F.BadImageError as e:
+            out[start + i] = crop_resize(img_io.read_rgb(p), box, size)
+        except img_io.BadImageError as e:
             bad.append((start + i, e.reason))
     out.flush()
     return len(paths), bad
 
 
-#: How many bad files one error message lists (a wholly broken copy would list thousands).
-MAX_LISTED = 50
-
-
-def bad_images_error(data_dir: Path, bad: Sequence[tuple[str, str]]) -> DataError:
-    """One error for every undecodable image found in a pass: (file, reason) pairs.
-
-    Nothing is skipped, train or eval: a training image that cannot be decoded almost always
-    means a broken copy (skipping it would silently change the data and the folds), and the
-    submission needs a row for every eval image.
-    """
-    counts = pd.Series([r for _, r in bad]).value_counts()
-    summary = ", ".join(f"{n} {r}" for r, n in counts.items())
-    lines = [f"  {f}: {r}" for f, r in bad[:MAX_LISTED]]
-    if len(bad) > MAX_LISTED:
-        lines.append(f"  ... and {len(bad) - MAX_LISTED} more")
-    return DataError(f"{data_dir}: {len(bad)} image file(s) cannot be used ({summary}); no cache "
-                     f"was written. Copy them again from the original data, then rerun:\n"
-                     + "\n".join(lines))
-
-
-def _chunks(n: int, size: int = CHUNK) -> Iterator[slice]:
-    for s in range(0, n, size):
-        yield slice(s, min(n, s + size))
-
-
-class _Runner:
-    """Runs chunk tasks in a process pool, or in this process when ``workers <= 1``."""
-
-    def __init__(self, workers: int):
-        self.pool = None
-        if workers > 1:
-            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() \
-                else "spawn"  # no fork: the parent may hold torch threads
-            self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context(method),
-                                            initializer=_init_worker)
-
-    def map(self, fn, *iterables) -> Iterator:
-        if self.pool is None:
-            return map(fn, *iterables)
-        return self.pool.map(fn, *iterables)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-
-
 # ---- build ----
-
-def _detections(listing: pd.DataFrame, data_dir: Path, faces: F.FaceSettings, table: Path,
-                runner: _Runner, progress: bool) -> pd.DataFrame:
-    """Raw detections for every listed file, detecting only files new or changed since the
-    saved table; the table is updated atomically."""
-    saved = F.load_detections(table)
-    if saved.empty:
-        saved = saved.astype({"size": np.int64, "mtime_ns": np.int64})
-    keep = saved.merge(listing[["file", "size", "mtime_ns"]], on=["file", "size", "mtime_ns"])
-    todo = listing.loc[~listing["file"].isin(keep["file"]), "file"].tolist()
-    if todo:
-        detector = None  # loaded on the first decodable image (seconds; none if all are bad)
-        rows = listing.set_index("file").loc[todo, ["size", "mtime_ns"]]
-        found = np.full((len(todo), 5), np.nan)
-        sizes = np.zeros((len(todo), 2), dtype=np.int64)
-        ok = np.ones(len(todo), dtype=bool)
-        bad: list[tuple[str, str]] = []
-        slices = list(_chunks(len(todo), max(faces.batch_size, 1)))
-        paths = [[str(data_dir / f) for f in todo[s]] for s in slices]
-        with tqdm(total=len(todo), desc="face boxes", disable=not progress, unit="img") as bar:
-            for s, res in zip(slices, runner.map(_small_copies, paths,
-                                                 [faces.detect_size] * len(paths)), strict=True):
-                good = [k for k, r in enumerate(res) if not isinstance(r, str)]
-                for k, r in enumerate(res):
-                    if isinstance(r, str):
-                        ok[s.start + k] = False
-                        bad.append((todo[s.start + k], r))
-                if good:
-                    detector = detector or F.get_detector(faces)
-                    idx = [s.start + k for k in good]
-                    sizes[idx] = [res[k][1] for k in good]
-                    found[idx] = detector.detect_small([res[k][0] for k in good],
-                                                       sizes[idx].tolist())
-                bar.update(s.stop - s.start)
-        new = pd.DataFrame({"file": todo, "size": rows["size"].to_numpy(),
-                            "mtime_ns": rows["mtime_ns"].to_numpy(), "width": sizes[:, 1],
-                            "height": sizes[:, 0]})
-        new[[*F.BOX_COLUMNS, "prob"]] = found
-        new = new[ok]
-        if len(new):  # the good files' boxes are kept even when some files are bad
-            keep = pd.concat([keep, new], ignore_index=True) if len(keep) else new
-            F.save_detections(keep, table)
-        if bad:
-            order = {f: i for i, f in enumerate(listing["file"])}
-            raise bad_images_error(data_dir, sorted(bad, key=lambda b: order[b[0]]))
-    return keep.set_index("file").loc[listing["file"]].reset_index()
-
 
 def _install(tmp: Path, final: Path) -> None:
     """Put the finished ``tmp`` folder at ``final`` (caller holds the root's lock).
@@ -343,6 +228,23 @@ def build_cache(data_dir: str | Path, image_size: tuple[int, int] = (128, 96),
     return cache
 
 
+def _crop_pass(runner: Runner, npy: Path, files: list[str], box_arr: np.ndarray,
+               size: tuple[int, int], progress: bool) -> list[tuple[int, str]]:
+    """Decode each image once at full size, crop and resize it into its memmap row (chunks on
+    the runner's processes); the (row, reason) of each file that could not be decoded."""
+    slices = list(chunks(len(files)))
+    n = len(slices)
+    bad: list[tuple[int, str]] = []
+    with tqdm(total=len(files), desc=f"cache {size[0]}x{size[1]}", disable=not progress,
+              unit="img") as bar:
+        for done, chunk_bad in runner.map(_crop_chunk, [str(npy)] * n, [s.start for s in slices],
+                                          [files[s] for s in slices],
+                                          [box_arr[s] for s in slices], [size] * n):
+            bad.extend(chunk_bad)
+            bar.update(done)
+    return bad
+
+
 def _build(data_dir: Path, listing: pd.DataFrame, sources: list, key: dict,
            faces: F.FaceSettings, final: Path, workers: int | None, progress: bool) -> None:
     """Build the cache into a temp folder and install it at ``final`` (under the root's lock,
@@ -352,34 +254,25 @@ def _build(data_dir: Path, listing: pd.DataFrame, sources: list, key: dict,
     remove_dead_temps(root, f"{glob.escape(name)}*")  # killed builds' folders, old copies
     if workers is None:
         workers = min(os.cpu_count() or 1, 8)
-    runner = _Runner(workers)
+    runner = Runner(workers)
     tmp = temp_path(final)
     try:
         # rows are keyed by (relative path, size, mtime_ns), so a copy of the data (copy2 keeps
         # mtimes) reuses them; a changed file gets a new row
         table = root / f"boxes-{faces.detection_key()}.csv"
-        det = _detections(listing, data_dir, faces, table, runner, progress)
-        person = [p if s == "train" else None for p, s in zip(listing["person"], listing["split"],
-                                                              strict=True)]
-        boxes = F.resolve_boxes(det, faces, person)
+        det = detections(listing, data_dir, faces, table, runner, progress)
+        # crop parity (DESIGN rule 6): every image is cropped by the rule an eval image gets,
+        # never with its person's other boxes, since training images are also validation images
+        boxes = F.resolve_boxes(det, faces, person=None)
         tmp.mkdir()
         npy = tmp / "images.npy"
         np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(listing), h, w, 3))
-        slices = list(_chunks(len(listing)))
         box_arr = boxes[list(F.BOX_COLUMNS)].to_numpy()
-        files = [str(data_dir / f) for f in listing["file"]]
-        n = len(slices)
-        bad: list[tuple[int, str]] = []
-        with tqdm(total=len(listing), desc=f"cache {h}x{w}", disable=not progress,
-                  unit="img") as bar:
-            for done, chunk_bad in runner.map(_crop_chunk, [str(npy)] * n,
-                                              [s.start for s in slices],
-                                              [files[s] for s in slices],
-                                              [box_arr[s] for s in slices], [(h, w)] * n):
-                bad.extend(chunk_bad)
-                bar.update(done)
+        bad = _crop_pass(runner, npy, [str(data_dir / f) for f in listing["file"]], box_arr,
+                         (h, w), progress)
         if bad:  # files changed after their boxes were found (same size and mtime)
-            raise bad_images_error(data_dir, [(listing["file"].iat[i], r) for i, r in sorted(bad)])
+            raise img_io.bad_images_error(data_dir, [(listing["file"].iat[i], r)
+                                                     for i, r in sorted(bad)])
         index = listing[["file", "split", "person"]].copy()
         index[list(F.BOX_COLUMNS)] = box_arr
         index["prob"] = det["prob"].to_numpy()
@@ -408,10 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cache-root", default=None,
                     help=f"default: ${ENV_ROOT} or DATA/{DEFAULT_ROOT_NAME}")
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--detect-size", type=int, default=d.detect_size)
+    ap.add_argument("--reduce", type=int, default=d.reduce, choices=sorted(img_io.REDUCED_FLAGS),
+                    help="detect on a 1/N decode")
     ap.add_argument("--margin", type=float, default=d.margin)
     ap.add_argument("--min-prob", type=float, default=d.min_prob)
-    ap.add_argument("--min-face-size", type=int, default=d.min_face_size)
+    ap.add_argument("--min-face-size", type=int, default=d.min_face_size,
+                    help="smallest face searched for, in full-image pixels")
     ap.add_argument("--device", default=d.device)
     ap.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
     args = ap.parse_args(argv)
@@ -420,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _build_and_report(args: argparse.Namespace) -> int:
     """Body of ``python -m core.cache``: build (or reuse) the cache and say what it holds."""
-    settings = F.FaceSettings(detect_size=args.detect_size, margin=args.margin,
+    settings = F.FaceSettings(reduce=args.reduce, margin=args.margin,
                               min_prob=args.min_prob, min_face_size=args.min_face_size,
                               device=args.device)
     cache = build_cache(args.data, (args.height, args.width), settings, args.cache_root,

@@ -22,6 +22,7 @@ from PIL import Image
 
 import core.cache as C
 import core.faces as F
+import core.images as IM
 from core.cache import build_cache, crop_resize, main
 from core.dataset import load_eval_table, load_train_table
 from core.errors import DataError
@@ -46,7 +47,7 @@ def make_unreadable(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
                 raise PermissionError(13, "Permission denied", str(file))
             return builtins.open(file, *args, **kwargs)
 
-        monkeypatch.setattr(F, "open", guarded, raising=False)
+        monkeypatch.setattr(IM, "open", guarded, raising=False)
 
 
 # --- read_rgb: the reason per kind of bad file ---------------------------------------------
@@ -65,18 +66,18 @@ RGB = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)
 def test_read_rgb_names_the_reason(tmp_path: Path, content: bytes, reason: str) -> None:
     path = tmp_path / "mask1.jpg"
     path.write_bytes(content)
-    with pytest.raises(F.BadImageError, match=rf"mask1\.jpg: {re.escape(reason)}$") as e:
-        F.read_rgb(path)
+    with pytest.raises(IM.BadImageError, match=rf"mask1\.jpg: {re.escape(reason)}$") as e:
+        IM.read_rgb(path)
     assert e.value.reason == reason and isinstance(e.value, DataError)
 
 
 def test_truncated_png_and_missing_file(tmp_path: Path) -> None:
     Image.fromarray(RGB).save(tmp_path / "full.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:-200])
-    with pytest.raises(F.BadImageError, match="truncated PNG"):
-        F.read_rgb(tmp_path / "cut.png")
-    with pytest.raises(F.BadImageError, match="file not found"):
-        F.read_rgb(tmp_path / "gone.jpg")
+    with pytest.raises(IM.BadImageError, match="truncated PNG"):
+        IM.read_rgb(tmp_path / "cut.png")
+    with pytest.raises(IM.BadImageError, match="file not found"):
+        IM.read_rgb(tmp_path / "gone.jpg")
 
 
 def test_partial_decode_of_a_truncated_jpeg_is_caught(tmp_path: Path,
@@ -84,10 +85,10 @@ def test_partial_decode_of_a_truncated_jpeg_is_caught(tmp_path: Path,
     """OpenCV 4 decodes a cut-off JPEG into a half-gray image; it must not pass as the photo."""
     path = tmp_path / "cut.jpg"
     path.write_bytes(jpeg_bytes(RGB)[:900])
-    monkeypatch.setattr(F.cv2, "imdecode", lambda data, flags: np.full((64, 48, 3), 128,
+    monkeypatch.setattr(IM.cv2, "imdecode", lambda data, flags: np.full((64, 48, 3), 128,
                                                                         np.uint8))
-    with pytest.raises(F.BadImageError, match="truncated JPEG"):
-        F.read_rgb(path)
+    with pytest.raises(IM.BadImageError, match="truncated JPEG"):
+        IM.read_rgb(path)
 
 
 def test_bytes_after_the_jpeg_end_are_fine(tmp_path: Path) -> None:
@@ -96,7 +97,7 @@ def test_bytes_after_the_jpeg_end_are_fine(tmp_path: Path) -> None:
     path.write_bytes(jpeg_bytes(RGB) + b"SEFH" + bytes(range(200)))
     ref = tmp_path / "plain.jpg"
     ref.write_bytes(jpeg_bytes(RGB))
-    assert np.array_equal(F.read_rgb(path), F.read_rgb(ref))
+    assert np.array_equal(IM.read_rgb(path), IM.read_rgb(ref))
 
 
 def test_unreadable_file_is_permission_denied(tmp_path: Path,
@@ -104,8 +105,8 @@ def test_unreadable_file_is_permission_denied(tmp_path: Path,
     path = tmp_path / "locked.jpg"
     path.write_bytes(jpeg_bytes(RGB))
     make_unreadable(path, monkeypatch)
-    with pytest.raises(F.BadImageError, match=r"locked\.jpg: permission denied"):
-        F.read_rgb(path)
+    with pytest.raises(IM.BadImageError, match=r"locked\.jpg: permission denied"):
+        IM.read_rgb(path)
 
 
 def test_gray_rgba_and_16_bit_png_become_rgb(tmp_path: Path) -> None:
@@ -116,10 +117,10 @@ def test_gray_rgba_and_16_bit_png_become_rgb(tmp_path: Path) -> None:
     Image.fromarray(gray).save(tmp_path / "gray.png")
     cv2.imwrite(str(tmp_path / "gray16.png"), gray.astype(np.uint16) * 257)
     Image.fromarray(RGB).convert("P").save(tmp_path / "palette.png")
-    assert np.array_equal(F.read_rgb(tmp_path / "rgba.png"), RGB)
-    assert np.array_equal(F.read_rgb(tmp_path / "gray.png"), np.dstack([gray] * 3))
-    assert np.array_equal(F.read_rgb(tmp_path / "gray16.png"), np.dstack([gray] * 3))
-    palette = F.read_rgb(tmp_path / "palette.png")
+    assert np.array_equal(IM.read_rgb(tmp_path / "rgba.png"), RGB)
+    assert np.array_equal(IM.read_rgb(tmp_path / "gray.png"), np.dstack([gray] * 3))
+    assert np.array_equal(IM.read_rgb(tmp_path / "gray16.png"), np.dstack([gray] * 3))
+    palette = IM.read_rgb(tmp_path / "palette.png")
     want = np.asarray(Image.open(tmp_path / "palette.png").convert("RGB"))
     assert palette.dtype == np.uint8 and np.array_equal(palette, want)
 
@@ -158,7 +159,7 @@ def break_images(data: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 def convert_to_png(data: Path, k: int, stem: str, mode: str) -> tuple[str, np.ndarray]:
     """Replace a person's JPEG by an RGBA or gray PNG of it; return its file and expected RGB."""
     src = person_image(data, k, stem)
-    rgb = F.read_rgb(src)
+    rgb = IM.read_rgb(src)
     if mode == "RGBA":
         img = Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 90, np.uint8)]))
         want = rgb

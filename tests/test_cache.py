@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import core.faces as F
+import core.images as IM
 from core.cache import ImageCache, build_cache, crop_resize, default_cache_root, main
 from core.dataset import load_eval_table, load_train_table
 from core.errors import DataError
@@ -37,15 +38,21 @@ def copied(copy_of_synth: Path, copy_of_cache_root: Path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Records every image decode (in-process builds, workers=1)."""
+    """Records every image decode, full (crop) or reduced (detection), in in-process builds
+    (workers=1)."""
     calls: list[str] = []
-    real = F.read_rgb
+    real_full, real_small = IM.read_rgb, IM.read_small
 
     def counting(path):
         calls.append(str(path))
-        return real(path)
+        return real_full(path)
 
-    monkeypatch.setattr(F, "read_rgb", counting)
+    def counting_small(path, reduce):
+        calls.append(str(path))
+        return real_small(path, reduce)
+
+    monkeypatch.setattr(IM, "read_rgb", counting)
+    monkeypatch.setattr(IM, "read_small", counting_small)
     return calls
 
 
@@ -60,7 +67,7 @@ def test_cache_holds_every_image_cropped_and_resized(built: ImageCache, synth_da
     assert rows.tolist() == list(range(len(built) - 1, len(train) - 1, -1))
     for r in (0, len(train) + 1):  # a train and an eval image, byte for byte
         box = built.index.loc[r, ["x1", "y1", "x2", "y2"]].to_numpy()
-        want = crop_resize(F.read_rgb(synth_data / built.index.loc[r, "file"]), box, SIZE)
+        want = crop_resize(IM.read_rgb(synth_data / built.index.loc[r, "file"]), box, SIZE)
         assert np.array_equal(built.images[r], want)
     with pytest.raises(ValueError):
         built.images[0, 0, 0, 0] = 1  # read-only: trials cannot corrupt the cache
@@ -111,7 +118,7 @@ def test_touching_one_file_rebuilds(copied: tuple[Path, Path], decodes: list[str
 def test_error_mid_build_leaves_no_cache(copied: tuple[Path, Path],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     data, root = copied
-    real, calls = F.read_rgb, []
+    real, calls = IM.read_rgb, []
 
     def failing(path):
         calls.append(path)
@@ -120,11 +127,11 @@ def test_error_mid_build_leaves_no_cache(copied: tuple[Path, Path],
         return real(path)
 
     before = sorted(root.iterdir())
-    monkeypatch.setattr(F, "read_rgb", failing)
+    monkeypatch.setattr(IM, "read_rgb", failing)
     with pytest.raises(OSError, match="disk on fire"):
         build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
     assert sorted(root.iterdir()) == before  # no new folder, complete or not
-    monkeypatch.setattr(F, "read_rgb", real)
+    monkeypatch.setattr(IM, "read_rgb", real)
     cache = build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
     assert cache.images[:].any(axis=(1, 2, 3)).all()
 
@@ -136,15 +143,15 @@ def test_killed_build_leaves_no_valid_looking_cache(copied: tuple[Path, Path]) -
     before = set(root.iterdir())
     script = textwrap.dedent(f"""
         import os, signal
-        import core.faces as F
+        import core.images as IM
         from core.cache import build_cache
-        real, n = F.read_rgb, [0]
+        real, n = IM.read_rgb, [0]
         def dying(path):
             n[0] += 1
             if n[0] == 150:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(path)
-        F.read_rgb = dying
+        IM.read_rgb = dying
         build_cache({str(data)!r}, {SIZE!r}, cache_root={str(root)!r}, workers=1, progress=False)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -184,9 +191,9 @@ def test_cli_killed_mid_build_then_next_build_is_valid(copied: tuple[Path, Path]
     slowed so the kill lands mid-build): no cache that looks valid; the next build makes one."""
     data, root = copied
     before = set(root.iterdir())
-    slow = ("import sys, time, core.faces as F\n"
-            "real = F.read_rgb\n"
-            "F.read_rgb = lambda p: (time.sleep(0.02), real(p))[1]\n"
+    slow = ("import sys, time, core.images as IM\n"
+            "real = IM.read_rgb\n"
+            "IM.read_rgb = lambda p: (time.sleep(0.02), real(p))[1]\n"
             "from core.cache import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
     log = tmp_path / "stderr.txt"
@@ -258,8 +265,9 @@ def test_processes_building_at_once_build_once(copied: tuple[Path, Path], tmp_pa
             return wrap
         F.get_detector = logged("detector", F.get_detector)
         C._install = logged("install", C._install)
-        real = F.read_rgb
-        F.read_rgb = lambda p: (time.sleep(0.005), real(p))[1]  # a build of a second or more
+        import core.images as IM
+        real = IM.read_rgb
+        IM.read_rgb = lambda p: (time.sleep(0.005), real(p))[1]  # a build of a second or more
         Path({str(ready)!r}, str(os.getpid())).touch()
         while len(list(Path({str(ready)!r}).iterdir())) < 2:  # start both builds together
             time.sleep(0.005)

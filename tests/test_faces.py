@@ -16,6 +16,7 @@ from matplotlib import cbook
 from PIL import Image
 
 from core.errors import DataError
+from core.face_pass import detect_files
 from core.faces import (
     CENTER_BOX,
     DETECTION_COLUMNS,
@@ -23,10 +24,11 @@ from core.faces import (
     add_margin,
     get_detector,
     load_detections,
-    read_rgb,
     resolve_boxes,
     save_detections,
 )
+from core.images import read_rgb, read_small
+from core.pool import Runner
 
 CANVAS_HW = (512, 384)  # the competition's images: 384 wide, 512 high
 
@@ -87,7 +89,7 @@ def test_batch_of_mixed_sizes_and_a_blank_image() -> None:
     a_wide[:, 100:350] = astronaut()[0][:, :]
     blank = np.full_like(g_img, 200)
     det = get_detector(FaceSettings()).detect([blank, g_img, a_wide, a_img])
-    assert np.isnan(det[0]).all()
+    assert np.isnan(det[0, :5]).all() and det[0, 5] == 0  # no face, found by no pass
     assert iou(det[1, :4], g_box) >= 0.5 and iou(det[3, :4], a_box) >= 0.5
     assert iou(det[2, :4], np.add(astronaut()[1], (100, 0, 100, 0))) >= 0.5
 
@@ -135,7 +137,7 @@ def test_blank_photo_gets_fallback_box_and_flag() -> None:
     blank = np.full_like(img, 30)
     s = FaceSettings()
     det = get_detector(s).detect([img, blank])
-    table = _table([tuple(det[0]), None], w=384, h=512)
+    table = _table([tuple(det[0, :5]), None], w=384, h=512)
     out = resolve_boxes(table, s, [None, None])
     assert out["box_source"].tolist() == ["mtcnn", "dataset"]
     assert out.loc[0, ["x1", "y1", "x2", "y2"]].tolist() == out.loc[1, ["x1", "y1", "x2",
@@ -157,12 +159,17 @@ def test_settings_validate() -> None:
         FaceSettings(min_prob=1.5)
     assert "device" not in FaceSettings().key()
     assert FaceSettings(margin=0.1).detection_key() == FaceSettings().detection_key()
-    assert FaceSettings(detect_size=200).detection_key() != FaceSettings().detection_key()
+    assert FaceSettings(reduce=2).detection_key() != FaceSettings().detection_key()
+    assert FaceSettings(thresholds=(0.6, 0.7, 0.7)).detection_key() != \
+        FaceSettings().detection_key()
+    assert FaceSettings(retry_scale=0).key() != FaceSettings().key()
+    with pytest.raises(DataError, match="min_face_size"):
+        FaceSettings(reduce=8, min_face_size=80)  # 10 px on the 1/8 decode: below MTCNN's 12
 
 
 def _detections(n: int) -> pd.DataFrame:
     rows = [(f"train/images/p{i}/mask1.jpg", 100 + i, 10**18 + i, 48, 64, 1.0, 2.0, 30.0, 40.0,
-             0.99) for i in range(n)]
+             0.99, 1) for i in range(n)]
     return pd.DataFrame(rows, columns=list(DETECTION_COLUMNS))
 
 
@@ -209,3 +216,61 @@ def test_detection_table_survives_sigkill_mid_write(tmp_path) -> None:
     save_detections(_detections(4), table)
     assert sorted(tmp_path.iterdir()) == [table]
     assert load_detections(table).equals(_detections(4))
+
+
+def _bright_rect(size_hw: tuple[int, int], rect: tuple[int, int, int, int]) -> np.ndarray:
+    img = np.full((*size_hw, 3), 40, np.uint8)
+    x1, y1, x2, y2 = rect
+    img[y1:y2, x1:x2] = 230
+    return img
+
+
+def _rect_in(small: np.ndarray) -> np.ndarray:
+    """(x1, y1, x2, y2) of the bright pixels of a small decode, pixel edges."""
+    ys, xs = np.nonzero(small[..., 0] > 135)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float)
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+@pytest.mark.parametrize("reduce", [2, 4, 8])
+def test_reduced_decode_maps_back_to_full_pixels(tmp_path, ext: str, reduce: int) -> None:
+    """An odd-sized image (JPEG rounds its reduced size up, OpenCV's resize of a PNG down): a
+    rectangle found in the small decode, scaled by the returned factors, lands where it was
+    drawn, within one small pixel."""
+    rect = (101, 57, 263, 330)
+    path = tmp_path / f"odd{ext}"
+    Image.fromarray(_bright_rect((515, 401), rect)).save(path, quality=95)
+    small, full, (sy, sx) = read_small(path, reduce)
+    assert full == (515, 401)
+    assert abs(small.shape[0] * sy - 515) < reduce and abs(small.shape[1] * sx - 401) < reduce
+    mapped = _rect_in(small) * (sx, sy, sx, sy)
+    assert np.abs(mapped - rect).max() <= reduce, (mapped, rect)
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_reduced_decode_detection_matches_full_resolution(tmp_path, ext: str) -> None:
+    """The same pasted face saved as JPEG and PNG (no EXIF): found on the 1/4 decode by
+    ``detect_files`` where it was pasted, and nearly where full-resolution detection puts it."""
+    img, truth = paste(*grace_hopper(), 0.7, (20, 60))
+    path = tmp_path / f"face{ext}"
+    Image.fromarray(img).save(path, quality=95)
+    s = FaceSettings()
+    with Runner(1) as runner:
+        det, sizes, reasons = detect_files([str(path)], s, runner)
+    assert reasons == [None] and sizes.tolist() == [list(CANVAS_HW)]
+    assert det[0, 5] >= 1 and iou(det[0, :4], truth) >= 0.5, (det[0], truth)
+    full = get_detector(FaceSettings(reduce=1, min_face_size=s.min_face_size)).detect(
+        [read_rgb(path)])[0]
+    assert iou(det[0, :4], full[:4]) >= 0.8
+
+
+def test_second_pass_only_for_misses_and_marked_retry() -> None:
+    """``retry_scale`` reruns only images with no face; a face the first pass finds keeps pass 1,
+    and ``resolve_boxes`` names pass-2 boxes ``retry``."""
+    img, _ = paste(*astronaut(), 1.0, (70, 120))
+    blank = np.full_like(img, 200)
+    det = get_detector(FaceSettings()).detect([img, blank])
+    assert det[0, 5] == 1 and det[1, 5] == 0
+    table = _table([tuple(det[0, :5]), (10, 20, 50, 80, 0.9)], w=384, h=512)
+    table["pass"] = [1, 2]
+    assert resolve_boxes(table, FaceSettings())["box_source"].tolist() == ["mtcnn", "retry"]
