@@ -162,8 +162,10 @@ def default_loader_workers(device: str, processes: int = 1) -> int:
 
     On CUDA, augmentation and collation must run beside the GPU, not between its steps: each of
     ``processes`` training processes gets (its share of the cores) - 1, at most
-    ``MAX_AUTO_LOADER_WORKERS``. On the CPU the model and the loader share the same cores, and
-    ``python -m bench.train --preset mask`` measured in-process loading (0) fastest on 2 cores.
+    ``MAX_AUTO_LOADER_WORKERS``. On the CPU the model and the loader share the same cores and
+    loading is a small part of a step (augmenting one 384x288 image costs about 5 ms against
+    about 1 s for its training step with resnet18), so workers cannot pay for themselves: 0.
+    ``python -m bench.train --preset mask`` compares 0, 1 and 2 side by side.
     """
     if not device.startswith("cuda"):
         return 0
