@@ -1,17 +1,23 @@
-"""Pruning vs no pruning on the demo study: epochs trained and best value, side by side.
+"""Pruners vs no pruning on the demo study: epochs trained and best value, a fair race.
 
-Both arms run the same seeded TPE sampler on the same data and folds; one with the median
-pruner (as ``search.run --pruner median`` sets it up), one with none. Printed: total epochs
-trained, best out-of-fold macro F1, wall time, and the ratios (pruned / unpruned), for each
-pruner named in ``--pruners`` (median, hyperband and halving by default).
+Every arm runs the same number of trials with the same seeded TPE sampler on the same data and
+folds, for each of ``--seeds`` sampler seeds; arms are interleaved (seed 0: none, median, ...;
+seed 1: ...) so a machine that slows down mid-run slows every arm alike. Per seed, an arm's
+epochs are divided by no pruning's and its best out-of-fold macro F1 is compared with no
+pruning's; printed are the medians over seeds with their spread (min..max). ``wilcoxon`` reports
+once per fold (the per-fold step scheme), the others once per epoch.
 
-    python -m bench.search                       # 12 trials per arm on runs/demo_data
-    python -m bench.search --trials 4 --people 48 --epochs 2   # a quick look
+    python -m bench.search                        # 10 trials x 3 seeds per arm, runs/demo_data
+    python -m bench.search --trials 4 --seeds 1 --people 48 --epochs 2   # a quick look
+
+Last line, for scripts (the default pruner, medians over seeds):
+``search epochs_ratio=0.xx best_gap=+0.xxxx arm=median seeds=N``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -25,37 +31,57 @@ if not __package__:  # run as a file (python bench/NAME.py): import from the che
 
 from search.artifacts import open_store
 from search.objective import Objective, load_study_data
-from search.run import make_pruner
+from search.study_settings import DEFAULT_PRUNER, REPORT_MODE, make_pruner, make_sampler
 from studies import demo
 
+ARMS = ("none", "median", "hyperband", "halving", "wilcoxon")
 
-def arm(pruner: str, data, module, trials: int, epochs: int, seed: int, tmp: Path) -> dict:
+
+def arm(pruner: str, data, trials: int, epochs: int, seed: int, tmp: Path) -> dict:
+    """One search of ``trials`` trials with ``pruner`` and TPE seeded ``seed``."""
     n_folds = data.n_folds
-    study = optuna.create_study(direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=seed),
+    study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", seed),
                                 pruner=make_pruner(pruner, n_folds * epochs, n_folds))
-    obj = Objective(module, data, open_store(tmp / pruner), epochs=epochs)
+    obj = Objective(demo, data, open_store(tmp / f"{pruner}-{seed}"), epochs=epochs,
+                    per_fold=REPORT_MODE[pruner] == "fold")
     t0 = time.perf_counter()
     study.optimize(obj, n_trials=trials)
-    seconds = time.perf_counter() - t0
     done = study.get_trials(states=(TrialState.COMPLETE,))
     return {"epochs": sum(t.user_attrs.get("epochs_trained", 0) for t in study.trials),
             "best": max(t.value for t in done) if done else float("nan"),
             "pruned": len(study.get_trials(states=(TrialState.PRUNED,))),
-            "seconds": seconds}
+            "seconds": time.perf_counter() - t0}
+
+
+def spread(values: list[float], fmt: str) -> str:
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}..{max(values):{fmt}})"
+
+
+def report(runs: dict[tuple[str, int], dict], arms: list[str], seeds: list[int]) -> list[str]:
+    """Per arm: medians over seeds of the ratios to no pruning, with their spread."""
+    lines = [f"{'arm':10} {'epochs/none':>22} {'best - none':>28} {'pruned':>7} {'wall s':>7}"]
+    for name in arms:
+        ratio = [runs[name, s]["epochs"] / max(runs["none", s]["epochs"], 1) for s in seeds]
+        gap = [runs[name, s]["best"] - runs["none", s]["best"] for s in seeds]
+        pruned = statistics.median(runs[name, s]["pruned"] for s in seeds)
+        wall = statistics.median(runs[name, s]["seconds"] for s in seeds)
+        lines.append(f"{name:10} {spread(ratio, '.2f'):>22} {spread(gap, '+.4f'):>28} "
+                     f"{pruned:7.0f} {wall:7.0f}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--trials", type=int, default=10, help="trials per arm and seed")
+    p.add_argument("--seeds", type=int, default=3, help="TPE seeds per arm (0..N-1)")
     p.add_argument("--epochs", type=int, default=demo.EPOCHS)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="data folder (default: the demo study's runs/demo_data)")
     p.add_argument("--people", type=int, help="generate a smaller synthetic set of this size")
-    p.add_argument("--pruners", default="none,median,hyperband,halving",
-                   help="comma-separated arms; 'none' is the reference")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated; 'none' is added")
     a = p.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    arms = ["none", *[x for x in a.arms.split(",") if x and x != "none"]]
+    seeds = list(range(a.seeds))
     with tempfile.TemporaryDirectory(prefix="bench_search_") as t:
         tmp = Path(t)
         if a.people:
@@ -71,19 +97,23 @@ def main(argv: list[str] | None = None) -> None:
                                demo.FOLD_SEED)
         for size in demo.IMAGE_SIZES.values():  # build caches outside the timed arms
             data.cache(size)
-        names = ["none", *[x for x in a.pruners.split(",") if x and x != "none"]]
-        res = {name: arm(name, data, demo, a.trials, a.epochs, a.seed, tmp) for name in names}
-    n = res["none"]
-    print(f"demo study, {a.trials} trials per arm, {demo.FOLDS} folds x {a.epochs} epochs, "
-          f"TPE seed {a.seed}, {len(data.table)} training images")
-    print(f"{'pruner':8} {'epochs':>7} {'best F1':>8} {'pruned':>7} {'wall s':>8}")
-    for name, r in res.items():
-        print(f"{name:8} {r['epochs']:7d} {r['best']:8.4f} {r['pruned']:7d} {r['seconds']:8.1f}")
-    for name, m in res.items():
-        if name != "none":
-            print(f"{name}/none: epochs {m['epochs'] / max(n['epochs'], 1):.2f}x, best F1 "
-                  f"difference {m['best'] - n['best']:+.4f}, "
-                  f"wall {m['seconds'] / n['seconds']:.2f}x")
+        runs = {}
+        for seed in seeds:  # interleaved: every arm once per seed, in turn
+            for name in arms:
+                runs[name, seed] = arm(name, data, a.trials, a.epochs, seed, tmp)
+                r = runs[name, seed]
+                print(f"seed {seed} {name:10} epochs {r['epochs']:4d} best {r['best']:.4f} "
+                      f"pruned {r['pruned']:2d} wall {r['seconds']:.0f} s", flush=True)
+    print(f"demo study, {a.trials} trials per arm and seed, seeds {seeds}, {demo.FOLDS} folds "
+          f"x {a.epochs} epochs, {len(data.table)} training images; medians (min..max)")
+    print("\n".join(report(runs, arms, seeds)))
+    default = DEFAULT_PRUNER["epoch"]
+    if default in arms:
+        ratio = statistics.median(runs[default, s]["epochs"] / max(runs["none", s]["epochs"], 1)
+                                  for s in seeds)
+        gap = statistics.median(runs[default, s]["best"] - runs["none", s]["best"] for s in seeds)
+        print(f"search epochs_ratio={ratio:.2f} best_gap={gap:+.4f} arm={default} "
+              f"seeds={len(seeds)}")
 
 
 if __name__ == "__main__":

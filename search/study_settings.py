@@ -10,6 +10,7 @@ study is created, so a refused run stores nothing.
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -57,7 +58,10 @@ def make_pruner(name: str, n_steps: int, n_folds: int,
     if name == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     if name == "wilcoxon":
-        return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=min(2, n_folds))
+        with warnings.catch_warnings():  # experimental since Optuna 3.6; the k-fold pruner
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=0.1,
+                                                 n_startup_steps=min(2, n_folds))
     return optuna.pruners.NopPruner()
 
 

@@ -24,6 +24,7 @@ import search.ensemble
 import search.run
 from core.config import ConfigError, TrainConfig
 from core.errors import DataError
+from studies import STUDIES
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_DOWN = "postgresql://postgres@127.0.0.1:1/x"  # port 1: nothing listens, refused at once
@@ -179,7 +180,7 @@ def test_terminal_sees_exactly_one_line(runs):
     assert plain.returncode == 2
     assert plain.stdout == ""
     assert plain.stderr.splitlines() == [
-        "error: unknown study 'nope'; known studies: demo, mask"]
+        f"error: unknown study 'nope'; known studies: {', '.join(sorted(STUDIES))}"]
 
 
 @pytest.mark.parametrize("cli", ["run", "ensemble", "dashboard", "train_fold"])
