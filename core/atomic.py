@@ -31,11 +31,19 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # another user's live process
         return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):  # no /proc (not Linux) or it just exited: trust os.kill
+    fields = proc_stat(pid)
+    if fields is None:  # no /proc (not Linux) or it just exited: trust os.kill
         return True
-    return state not in ("Z", "X")
+    return fields[0] not in ("Z", "X")
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state first; Linux), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields or None
 
 
 def _temp_pid(temp: Path) -> int | None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import HEADS, ConfigError, TrainConfig
+from core.errors import first_line
 from core.labels import NUM_AGE, NUM_CLASSES, NUM_GENDER, NUM_MASK
 from core.weights import missing_weights
 
@@ -57,12 +58,6 @@ def _pretrained_help(backbone: str) -> str:
     )
 
 
-def _first_line(error: BaseException, limit: int = 200) -> str:
-    text = (str(error).strip().splitlines() or [""])[0]
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def check_weights_available(cfg: TrainConfig) -> None:
     """Raise ``ConfigError`` (with the fix) when ``cfg`` asks for hub weights that cannot be had.
 
@@ -100,7 +95,7 @@ def create_model(cfg: TrainConfig) -> nn.Module:
     except Exception as e:  # hub/network/cache errors come in many types; all mean "no weights"
         if not cfg.pretrained:
             raise
-        raise ConfigError(f"{_pretrained_help(cfg.backbone)} ({_first_line(e)})") from e
+        raise ConfigError(f"{_pretrained_help(cfg.backbone)} ({first_line(e)})") from e
     if cfg.head == "multi":
         return MultiHeadNet(net)
     net.multi_head = False

@@ -14,7 +14,7 @@ Why it looks like this:
   checkpoint, and the user attr ``fold_done_<k>``), so a retried trial can resume from its
   finished folds and an interrupted one loses at most the running fold.
 - A retry of a trial whose worker died (``RetryHeartbeatStaleTrialCallback``, or the journal
-  reaper in ``search.workers``) inherits the dead trial's user attrs; when its config and data
+  reaper in ``search.claims``) inherits the dead trial's user attrs; when its config and data
   are the same, it reuses those finished folds (probabilities, checkpoint, reported values) and
   trains only the rest. ``resumed_folds`` lists the reused ones.
 - ``data_fingerprint``, ``folds_fingerprint`` and ``eval_fingerprint`` (user attrs) say which
@@ -56,8 +56,8 @@ from core.splits import folds_fingerprint, person_folds
 from core.weights import weights_file
 from search import artifacts
 from search.budget import Budget
+from search.claims import retried_from
 from search.space import check_fixed
-from search.workers import retried_from
 
 #: Artifact names (user attr ``artifact_<name>`` holds the id; see ``search.artifacts``).
 OOF, EVAL, CONFUSION, CLASS_F1 = "oof", "eval", "confusion", "class_f1"

@@ -10,7 +10,7 @@ summary and exits 130.
 
 Many workers: ``--workers N`` starts N processes on the CPU (cores shared equally), ``--gpus
 0,1,2,3`` one process per GPU (``CUDA_VISIBLE_DEVICES``); several machines run the same command
-against one PostgreSQL ``--storage``. Workers claim trials through ``search.workers``, so the
+against one PostgreSQL ``--storage``. Workers claim trials through ``search.claims``, so the
 study still ends with exactly ``--trials`` finished trials, and a dead worker's trial is failed
 and retried from its finished folds.
 
@@ -44,6 +44,8 @@ from core.errors import DataError
 from search import paths
 from search.artifacts import open_store
 from search.budget import Budget
+from search.claims import FINISHED, claim_lock, log
+from search.launcher import launch, worker_envs
 from search.objective import (
     CheckpointRetention,
     Objective,
@@ -59,15 +61,7 @@ from search.study_settings import (
     settle,
     settle_pruner,
 )
-from search.workers import (
-    FINISHED,
-    TooManyFailures,
-    claim_lock,
-    launch,
-    log,
-    run_worker,
-    worker_envs,
-)
+from search.trial_loop import TooManyFailures, run_worker
 from studies import get_study
 
 

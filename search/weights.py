@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from core.atomic import atomic_write, remove_dead_temps
 from core.cli import run_cli
 from core.config import ConfigError
+from core.errors import first_line
 from core.weights import weights_file
 from search.space import explore, parse_fixes
 from studies import STUDIES, get_study
@@ -43,8 +44,8 @@ def fetch(backbone: str, out: Path) -> Path:
         model = timm.create_model(backbone, pretrained=True)
     except Exception as e:  # hub/network errors come in many types; all mean "no download"
         raise ConfigError(f"could not download pretrained weights for {backbone!r} "
-                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
-                          "this needs internet access to the Hugging Face Hub") from e
+                          f"({first_line(e)}); this needs internet access to the Hugging Face "
+                          "Hub") from e
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     path = out / f"{backbone}.safetensors"
     return atomic_write(path, lambda tmp: save_file(state, str(tmp)))

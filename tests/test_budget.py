@@ -10,8 +10,9 @@ from optuna.trial import TrialState
 
 from search import artifacts
 from search.budget import TIME_BUDGET, Budget
+from search.claims import claim_lock
 from search.objective import Objective
-from search.workers import ERROR_ATTR, claim_lock, run_worker
+from search.trial_loop import ERROR_ATTR, run_worker
 from studies import demo
 from tests.conftest import FAST
 from tests.test_search import fake_fit, fake_predict

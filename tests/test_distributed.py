@@ -31,6 +31,7 @@ from sqlalchemy.engine import make_url
 from core.config import ConfigError
 from core.labels import NUM_CLASSES
 from search import artifacts
+from search.claims import OWNER_ATTR, claim, claim_lock, reap, retried_from
 from search.objective import (
     EVAL,
     OOF,
@@ -42,17 +43,7 @@ from search.objective import (
 )
 from search.run import main
 from search.storage import open_storage
-from search.workers import (
-    ERROR_ATTR,
-    MAX_CONSECUTIVE_FAILURES,
-    OWNER_ATTR,
-    TooManyFailures,
-    claim,
-    claim_lock,
-    reap,
-    retried_from,
-    run_worker,
-)
+from search.trial_loop import ERROR_ATTR, MAX_CONSECUTIVE_FAILURES, TooManyFailures, run_worker
 from tests.conftest import FAST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,8 +344,8 @@ def test_bad_storage_urls_are_one_line(url: str, expect: str, tmp_path: Path, ca
 
 
 def test_gpus_start_one_worker_per_device_and_workers_share_the_cores() -> None:
+    from search.launcher import worker_envs
     from search.run import build_parser, child_argv
-    from search.workers import worker_envs
 
     argv = ["--study", "demo", "--trials", "8", "--gpus", "0,2"]
     assert build_parser().parse_args(argv).gpus == ["0", "2"]
