@@ -8,8 +8,12 @@ studies and has no login).
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from collections.abc import Sequence
+from typing import BinaryIO
+
+from optuna.artifacts.exceptions import ArtifactNotFound
 
 from core.cli import EXPECTED, run_cli
 from core.config import ConfigError
@@ -31,6 +35,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: What the dashboard serves for an artifact that checkpoint retention has deleted.
+REMOVED = (b"This artifact was removed by checkpoint retention: search.run keeps fold checkpoints "
+           b"of the best --keep-checkpoints complete trials only.\n")
+
+
+class RemovedSaysSo:
+    """The artifact store as the dashboard reads it: a removed artifact answers a short note.
+
+    Optuna keeps a finished trial's artifact list read-only, so the dashboard still lists a
+    checkpoint that retention deleted, and a missing file would be a 500 error page; the note
+    says what happened instead.
+    """
+
+    def __init__(self, store) -> None:
+        self._store = store
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        try:
+            return self._store.open_reader(artifact_id)
+        except ArtifactNotFound:
+            return io.BytesIO(REMOVED)
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self._store.write(artifact_id, content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        self._store.remove(artifact_id)
+
+
 def run(args: argparse.Namespace) -> int:
     name = paths.check_study_name(args.study)
     url = args.storage or paths.default_storage_url(name)
@@ -45,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"optuna-dashboard for study {name!r}: http://{args.host}:{args.port}/dashboard "
           "(Ctrl-C to stop)", flush=True)
     try:
-        run_server(storage, host=args.host, port=args.port, artifact_store=store)
+        run_server(storage, host=args.host, port=args.port,
+                   artifact_store=RemovedSaysSo(store))
     except KeyboardInterrupt:
         pass
     return 0

@@ -47,6 +47,12 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     oof = np.random.default_rng(0).random((5, 18)).astype(np.float32)
     artifacts.save_array(trial, store, "oof", oof)
     study.tell(trial, 0.5)
+    old = study.ask()  # a trial whose checkpoint retention has since removed
+    checkpoint = root / "fold0.pt"
+    checkpoint.write_bytes(b"weights")
+    artifacts.save_file(old, store, "checkpoint_fold0", checkpoint)
+    study.tell(old, 0.1)
+    assert artifacts.remove_artifact(study.trials[1], store, "checkpoint_fold0")
     port = free_port()
     with subprocess.Popen(  # `with` closes the pipe: no ResourceWarning
         [sys.executable, "-m", "search.dashboard", "--study", STUDY, "--storage", url,
@@ -155,3 +161,17 @@ def test_host_flag_reaches_the_server(tmp_path: Path, monkeypatch: pytest.Monkey
     assert dashboard.main(base) == 0
     assert dashboard.main([*base, "--host", "0.0.0.0", "--port", "9999"]) == 0
     assert seen == [("127.0.0.1", 8080), ("0.0.0.0", 9999)]
+
+
+def test_a_trial_whose_checkpoint_retention_removed_still_shows(server) -> None:
+    """The study page lists both trials (no error), and the removed file, which Optuna keeps
+    listed on the finished trial, answers a note saying why it is gone, not a 500 page."""
+    from search.dashboard import REMOVED
+
+    base, _, _ = server
+    sid = next(s["study_id"] for s in json.loads(get(base + "/api/studies"))["study_summaries"]
+               if s["study_name"] == STUDY)
+    trials = json.loads(get(f"{base}/api/studies/{sid}"))["trials"]
+    assert [t["number"] for t in trials] == [0, 1]
+    gone = trials[1]["artifacts"][0]
+    assert get(f"{base}/artifacts/{sid}/{trials[1]['trial_id']}/{gone['artifact_id']}") == REMOVED
