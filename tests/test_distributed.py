@@ -89,11 +89,13 @@ def tiny(tiny_data: Path) -> Path:
 
 
 def _start_workers(url: str, art: Path, data: Path, *extra: str, workers: int = WORKERS,
-                   epochs: int = EPOCHS) -> subprocess.Popen:
-    storage = open_storage(url)
-    study = optuna.create_study(study_name="demo", storage=storage, direction="maximize")
-    for _ in range(TRIALS):
-        study.enqueue_trial(FAST)
+                   epochs: int = EPOCHS, new: bool = True) -> subprocess.Popen:
+    """``search.run`` on a demo study of ``TRIALS`` fast enqueued trials (made when ``new``)."""
+    if new:
+        study = optuna.create_study(study_name="demo", storage=open_storage(url),
+                                    direction="maximize")
+        for _ in range(TRIALS):
+            study.enqueue_trial(FAST)
     argv = ["--study", "demo", "--storage", url, "--artifacts", str(art), "--data", str(data),
             "--trials", str(TRIALS), "--folds", str(FOLDS), "--epochs", str(epochs),
             "--pruner", "none", "--seed", "0", "--workers", str(workers), *extra]
@@ -127,7 +129,12 @@ def _check_kill_run(proc: subprocess.Popen, storage, art: Path, data: Path) -> N
             proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
     assert "killed by signal 9" in err
+    _check_resumed(storage, art, data, killed)
 
+
+def _check_resumed(storage, art: Path, data: Path, killed: FrozenTrial) -> None:
+    """Exactly N finished; the killed trial FAIL, its one retry COMPLETE from its saved folds;
+    every complete trial's artifacts load and agree with its value."""
     trials = optuna.load_study(study_name="demo", storage=storage).trials
     numbers = [t.number for t in trials]
     assert len(set(numbers)) == len(numbers)
@@ -188,6 +195,27 @@ def test_postgres_worker_killed_mid_trial_is_retried_from_its_folds(
         _check_kill_run(proc, storage, art, tiny)
     finally:
         storage.engine.dispose()  # close the pool before the fixture drops the database
+
+
+@pytest.mark.slow
+def test_lone_search_killed_mid_trial_then_rerun_resumes_it(tiny: Path, tmp_path: Path) -> None:
+    """The most common crash: one default process (SQLite, no --workers) SIGKILLed mid-trial,
+    then the same command again."""
+    url, art = f"sqlite:///{tmp_path / 'lone.db'}", tmp_path / "artifacts"
+    proc = _start_workers(url, art, tiny, workers=1)
+    try:
+        killed = _kill_mid_trial(proc, url)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    rerun = _start_workers(url, art, tiny, workers=1, new=False)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-3000:]
+    assert "worker gone, marked FAIL and queued for retry" in err
+    _check_resumed(open_storage(url), art, tiny, killed)
 
 
 @pytest.mark.slow
