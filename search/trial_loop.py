@@ -23,13 +23,15 @@ from optuna.trial import FrozenTrial, TrialState
 from core.config import ConfigError
 from core.errors import DataError, first_line
 from search.budget import TIME_BUDGET, Budget, TimeBudgetExceeded
-from search.claims import claim, heartbeats_on, log, retry_callback
+from search.claims import FINISHED, claim, heartbeats_on, log, retry_callback
 
 ERROR_ATTR = "error"  # user attr of a FAIL trial: why, in one line
 #: Errors every trial would hit (a bad study space, bad data): they stop the worker at once.
 FATAL: tuple[type[BaseException], ...] = (ConfigError, DataError)
 #: Failed trials in a row after which a worker gives up (see ``run_worker``).
 MAX_CONSECUTIVE_FAILURES = 5
+#: The ``error`` of a trial that finished when the study already had its N finished trials.
+SURPLUS = "surplus: the study already has its --trials finished trials"
 
 
 class TooManyFailures(RuntimeError):
@@ -65,18 +67,22 @@ class _Heartbeat:
 
 def run_one(study: optuna.Study, trial: optuna.Trial,
             objective: Callable[[optuna.Trial], float],
-            fatal: tuple[type[BaseException], ...] = FATAL) -> FrozenTrial:
+            fatal: tuple[type[BaseException], ...] = FATAL,
+            seal: Callable[[], bool] | None = None) -> FrozenTrial:
     """Run and tell one claimed trial; an exception marks it FAIL.
 
     Most exceptions (CUDA out of memory in one config, a numerical blow-up) belong to that
     trial: one warning line, the traceback at debug level, the trial's user attr ``error``, and
     the FAIL trial is returned, so an overnight search goes on. A ``fatal`` one (a config or
-    data problem every trial would hit) and Ctrl-C propagate.
+    data problem every trial would hit) and Ctrl-C propagate. ``seal`` (see ``run_worker``)
+    says whether a finished result may still be told as finished.
     """
     with _Heartbeat(study._storage, trial._trial_id):  # noqa: SLF001
         try:
             value = objective(trial)
         except optuna.TrialPruned as e:
+            if seal is not None and not seal():
+                return _fail(study, trial, SURPLUS)
             frozen = study.tell(trial, state=TrialState.PRUNED)
             log.info("trial %d pruned. %s", trial.number, e)
             return frozen
@@ -93,9 +99,22 @@ def run_one(study: optuna.Study, trial: optuna.Trial,
             raise
     if value is None or not math.isfinite(value):
         return _fail(study, trial, f"objective returned {value!r}")
+    if seal is not None and not seal():
+        return _fail(study, trial, SURPLUS)
     frozen = study.tell(trial, value)
     log.info("trial %d finished with value %.4f", trial.number, value)
     return frozen
+
+
+def _room_for_one(study: optuna.Study, n_total: int,
+                  lock: Callable[[], contextlib.AbstractContextManager]) -> bool:
+    """Whether the study has fewer than ``n_total`` finished trials, checked under the claim
+    lock at the moment a trial would finish. The claim made the same check when the trial
+    started, but a retry can be queued after that for a trial that was wrongly judged dead (a
+    heartbeat starved on a loaded machine) and still finishes: without this second check the
+    study would end with N + 1 (seen once in the PostgreSQL kill test under load)."""
+    with lock():
+        return len(study.get_trials(deepcopy=False, states=FINISHED)) < n_total
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, why: str,
@@ -131,7 +150,8 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
             time.sleep(poll_s)
             continue
         try:
-            frozen = run_one(study, got, objective, fatal)
+            frozen = run_one(study, got, objective, fatal,
+                             seal=lambda: _room_for_one(study, n_total, lock))
         except TimeBudgetExceeded:
             return ran + 1
         ran += 1

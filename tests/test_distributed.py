@@ -386,3 +386,22 @@ def test_gpus_start_one_worker_per_device_and_workers_share_the_cores() -> None:
     for bad in (["--gpus", "0,0"], ["--gpus", "a"], ["--gpus", "0", "--workers", "2"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["--study", "demo", "--trials", "1", *bad])
+
+
+def test_a_trial_finishing_after_the_study_reached_n_is_failed_not_counted(tmp_path) -> None:
+    """While this worker's trial ran, another process finished the N-th trial (a retry of a
+    trial wrongly judged dead, say): telling this one COMPLETE would make N + 1."""
+    from search.trial_loop import SURPLUS
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+
+    def objective(trial: optuna.Trial) -> float:
+        study.add_trial(optuna.trial.create_trial(value=0.9, params={}, distributions={}))
+        return 0.5
+
+    run_worker(study, objective, 1, lock=claim_lock(study._storage, url, "s"))
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 1
+    ours = study.trials[0]
+    assert ours.state == TrialState.FAIL and ours.user_attrs[ERROR_ATTR] == SURPLUS
