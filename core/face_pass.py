@@ -3,7 +3,7 @@ saved detection table, in parallel across cores.
 
 Each worker process decodes its chunk of files small (``core.images.read_small``), detects the
 chunk as MTCNN batches with one torch thread (one process per core beats one process with many
-threads: MTCNN on 96x128 images is mostly Python and small tensor calls), and returns boxes
+threads: MTCNN on small images is mostly Python and small tensor calls), and returns boxes
 already mapped to full-image pixels. The crop pass then decodes each image once at full size.
 """
 

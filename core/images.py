@@ -3,7 +3,7 @@
 Every image reaches the cache through ``read_rgb`` (full resolution, for the crop) and, when its
 face is detected, through ``read_small``: OpenCV's ``IMREAD_REDUCED_COLOR_{2,4,8}`` decodes a
 JPEG at 1/2, 1/4 or 1/8 size inside the DCT, several times cheaper than a full decode and a
-resize, and detection on a 96x128 copy needs no more. Both raise ``BadImageError`` with a short,
+resize, and detection on a 192x256 copy needs no more. Both raise ``BadImageError`` with a short,
 stable reason for a file that cannot be used, so a build lists every bad file at once.
 """
 

@@ -159,7 +159,7 @@ def test_settings_validate() -> None:
         FaceSettings(min_prob=1.5)
     assert "device" not in FaceSettings().key()
     assert FaceSettings(margin=0.1).detection_key() == FaceSettings().detection_key()
-    assert FaceSettings(reduce=2).detection_key() != FaceSettings().detection_key()
+    assert FaceSettings(reduce=4).detection_key() != FaceSettings().detection_key()
     assert FaceSettings(thresholds=(0.6, 0.7, 0.7)).detection_key() != \
         FaceSettings().detection_key()
     assert FaceSettings(retry_scale=0).key() != FaceSettings().key()
