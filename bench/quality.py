@@ -118,8 +118,7 @@ def _best_trial(out: Path) -> tuple[float, int, np.ndarray, int]:
     import optuna
     from optuna.trial import TrialState
 
-    from search.artifacts import load_array, open_store
-    from search.objective import EVAL
+    from search.artifacts import EVAL, load_array, open_store
 
     study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}")
     best = study.best_trial

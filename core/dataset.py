@@ -318,3 +318,15 @@ def data_fingerprint(table: pd.DataFrame) -> str:
     for p, f, lab in zip(table["person"], table["file"], table["label"], strict=True):
         h.update(f"{p}\t{f}\t{int(lab)}\n".encode())
     return h.hexdigest()[:16]
+
+
+def eval_fingerprint(eval_table: pd.DataFrame) -> str:
+    """Short hash of the eval table's files in order (``eval/info.csv``).
+
+    A trial's eval probabilities are rows in this order; the ensemble checks it so that an
+    edited or reordered info.csv (same row count) cannot put them on the wrong ImageIDs.
+    """
+    h = hashlib.sha256()
+    for f in eval_table["file"]:
+        h.update(f"{f}\n".encode())
+    return h.hexdigest()[:16]

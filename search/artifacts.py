@@ -9,6 +9,7 @@ stored in the trial's user attr ``artifact_<name>``: that is how a reader finds 
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -197,3 +198,40 @@ def remove_artifact(trial: FrozenTrial | Trial, store: ArtifactStore, name: str)
     if isinstance(trial, Trial):
         trial.set_user_attr(attr_name(name), "")
     return found
+
+
+#: Artifact names (user attr ``artifact_<name>`` holds the id; see ``search.artifacts``).
+OOF, EVAL, CONFUSION, CLASS_F1 = "oof", "eval", "confusion", "class_f1"
+
+
+def checkpoint_name(fold: int) -> str:
+    """Artifact name of fold ``fold``'s selected-epoch ``state_dict`` (``torch.save`` file)."""
+    return f"checkpoint_fold{fold}"
+
+
+def checkpoint_names(trial: FrozenTrial | optuna.Trial) -> list[str]:
+    """Names of the fold checkpoints ``trial`` has an artifact attr for (removed ones included).
+
+    An attr counts when its name is exactly ``checkpoint_name(k)`` for its trailing number k.
+    """
+    out = []
+    for key in trial.user_attrs:
+        m = re.fullmatch(rf"{re.escape(ATTR_PREFIX)}(.*?)(\d+)", key)
+        if m and attr_name(checkpoint_name(int(m[2]))) == key:
+            out.append(checkpoint_name(int(m[2])))
+    return out
+
+
+def oof_fold_name(fold: int) -> str:
+    """Artifact name of fold ``fold``'s validation probabilities (rows of that fold, in order)."""
+    return f"oof_fold{fold}"
+
+
+def eval_fold_name(fold: int) -> str:
+    """Artifact name of fold ``fold``'s model's eval probabilities."""
+    return f"eval_fold{fold}"
+
+
+def fold_done_attr(fold: int) -> str:
+    """User attr set (to a small summary dict) once fold ``fold`` is saved."""
+    return f"fold_done_{fold}"

@@ -26,10 +26,8 @@ Why it looks like this:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,72 +39,39 @@ import numpy as np
 import optuna
 import pandas as pd
 import torch
-from optuna.trial import FrozenTrial, TrialState
-from sklearn.metrics import confusion_matrix, f1_score
 
 from core.atomic import atomic_write
 from core.cache import ImageCache, build_cache
 from core.config import MACHINE_FIELDS, ConfigError, TrainConfig
-from core.dataset import data_fingerprint, load_eval_table, load_train_table, training_targets
+from core.dataset import (
+    data_fingerprint,
+    eval_fingerprint,
+    load_eval_table,
+    load_train_table,
+    training_targets,
+)
 from core.engine import FoldResult, RowView, fit_fold, predict
 from core.errors import DataError
-from core.labels import CLASS_NAMES, NUM_CLASSES
+from core.labels import NUM_CLASSES
 from core.metrics import macro_f1
 from core.splits import folds_fingerprint, person_folds
 from core.weights import weights_file
 from search import artifacts
+from search.artifacts import (
+    CLASS_F1,
+    CONFUSION,
+    EVAL,
+    OOF,
+    checkpoint_name,
+    checkpoint_names,
+    eval_fold_name,
+    fold_done_attr,
+    oof_fold_name,
+)
 from search.budget import Budget
 from search.claims import retried_from
 from search.space import check_fixed
-
-#: Artifact names (user attr ``artifact_<name>`` holds the id; see ``search.artifacts``).
-OOF, EVAL, CONFUSION, CLASS_F1 = "oof", "eval", "confusion", "class_f1"
-DEFAULT_KEEP_CHECKPOINTS = 10
-
-
-def checkpoint_name(fold: int) -> str:
-    """Artifact name of fold ``fold``'s selected-epoch ``state_dict`` (``torch.save`` file)."""
-    return f"checkpoint_fold{fold}"
-
-
-def checkpoint_names(trial: FrozenTrial | optuna.Trial) -> list[str]:
-    """Names of the fold checkpoints ``trial`` has an artifact attr for (removed ones included).
-
-    An attr counts when its name is exactly ``checkpoint_name(k)`` for its trailing number k.
-    """
-    out = []
-    for key in trial.user_attrs:
-        m = re.fullmatch(rf"{re.escape(artifacts.ATTR_PREFIX)}(.*?)(\d+)", key)
-        if m and artifacts.attr_name(checkpoint_name(int(m[2]))) == key:
-            out.append(checkpoint_name(int(m[2])))
-    return out
-
-
-def oof_fold_name(fold: int) -> str:
-    """Artifact name of fold ``fold``'s validation probabilities (rows of that fold, in order)."""
-    return f"oof_fold{fold}"
-
-
-def eval_fold_name(fold: int) -> str:
-    """Artifact name of fold ``fold``'s model's eval probabilities."""
-    return f"eval_fold{fold}"
-
-
-def fold_done_attr(fold: int) -> str:
-    """User attr set (to a small summary dict) once fold ``fold`` is saved."""
-    return f"fold_done_{fold}"
-
-
-def eval_fingerprint(eval_table: pd.DataFrame) -> str:
-    """Short hash of the eval table's files in order (``eval/info.csv``).
-
-    A trial's eval probabilities are rows in this order; the ensemble checks it so that an
-    edited or reordered info.csv (same row count) cannot put them on the wrong ImageIDs.
-    """
-    h = hashlib.sha256()
-    for f in eval_table["file"]:
-        h.update(f"{f}\n".encode())
-    return h.hexdigest()[:16]
+from search.trial_plots import class_f1, confusion_png
 
 
 @dataclass
@@ -159,37 +124,6 @@ def load_study_data(data_dir: str | Path, corrections: str | Path | None, n_fold
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def confusion_png(labels: np.ndarray, pred: np.ndarray, path: Path, title: str) -> None:
-    """Row-normalized 18x18 confusion matrix (true rows, predicted columns) as a PNG."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in any thread
-
-    cm = confusion_matrix(labels, pred, labels=list(range(NUM_CLASSES)))
-    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig = Figure(figsize=(9, 8), dpi=80)
-    ax = fig.add_subplot()
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(NUM_CLASSES), CLASS_NAMES, rotation=90, fontsize=7)
-    ax.set_yticks(range(NUM_CLASSES), CLASS_NAMES, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    for i, j in zip(*np.nonzero(cm), strict=True):
-        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
-                color="white" if norm[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-
-
-def class_f1(labels: np.ndarray, pred: np.ndarray) -> dict[str, float | None]:
-    """F1 per class name; None for a class absent from both truth and predictions."""
-    present = set(np.unique(labels)) | set(np.unique(pred))
-    scores = f1_score(labels, pred, labels=list(range(NUM_CLASSES)), average=None,
-                      zero_division=0)
-    return {name: (float(scores[c]) if c in present else None)
-            for c, name in enumerate(CLASS_NAMES)}
 
 
 class Objective:
@@ -329,15 +263,10 @@ class Objective:
             speeds += [h["images_per_s"] for h in result.history if "images_per_s" in h]
             trial.set_user_attr("epochs_trained", epochs_trained)
             if result.diverged:
-                self._drop_checkpoints(trial)
-                trial.set_user_attr("pruned_because", f"diverged in fold {k} "
-                                    f"(non-finite loss or predictions, lr={cfg.lr:g})")
-                raise optuna.TrialPruned(f"diverged in fold {k}")
+                self._prune(trial, f"diverged in fold {k} (non-finite loss or predictions, "
+                                   f"lr={cfg.lr:g})")
             if result.stopped_early:
-                self._drop_checkpoints(trial)
-                trial.set_user_attr("pruned_because", f"pruner at fold {k}, epoch "
-                                    f"{len(result.history) - 1}")
-                raise optuna.TrialPruned(f"pruned in fold {k}")
+                self._prune(trial, f"pruner at fold {k}, epoch {len(result.history) - 1}")
 
             eval_probs = self.predict(result.state_dict, cfg, eval_images).astype(np.float32)
             self._save_fold(trial, k, result, eval_probs)
@@ -346,9 +275,7 @@ class Objective:
             fold_f1.append(float(result.selected_f1))
             trial.set_user_attr("fold_f1", fold_f1)
             if self.per_fold and report(float(result.selected_f1), k):
-                self._drop_checkpoints(trial)
-                trial.set_user_attr("pruned_because", f"pruner after fold {k}")
-                raise optuna.TrialPruned(f"pruned after fold {k}")
+                self._prune(trial, f"pruner after fold {k}")
 
         value = macro_f1(labels, oof)
         trial.set_user_attr("images_per_s", float(np.mean(speeds)) if speeds else 0.0)
@@ -383,45 +310,11 @@ class Objective:
             js.write_text(json.dumps(class_f1(labels, pred), indent=1))
             artifacts.save_file(trial, self.store, CLASS_F1, js)
 
-    def _drop_checkpoints(self, trial: optuna.Trial) -> None:
-        """A pruned trial is never ensembled: every checkpoint it holds goes now (also folds a
-        retry inherited, and any fold numbered above the one that was pruned)."""
+    def _prune(self, trial: optuna.Trial, why: str) -> None:
+        """Stop the trial as PRUNED, saying why (user attr ``pruned_because``). A pruned trial
+        is never ensembled: every checkpoint it holds goes now (also folds a retry inherited,
+        and any fold numbered above the one that was pruned)."""
         for name in checkpoint_names(trial):
             artifacts.remove_artifact(trial, self.store, name)
-
-
-class CheckpointRetention:
-    """Study callback: keep fold checkpoints only for the best ``keep`` COMPLETE trials.
-
-    Probabilities stay for every complete trial (they are small and the ensemble ranks on them);
-    checkpoints are what fills a disk. Checkpoints of complete trials beyond the best ``keep``
-    and of FAIL/PRUNED trials go, except while a WAITING/RUNNING trial still refers to them: a
-    retry inherits its dead origin's attrs (same artifact ids) and resumes from those folds, so
-    an origin with a live retry is left alone, and no id a live or kept trial holds is removed.
-    Removing an already-removed checkpoint is a no-op, so every worker may run this after each
-    of its trials.
-    """
-
-    def __init__(self, store: Any, keep: int = DEFAULT_KEEP_CHECKPOINTS) -> None:
-        if keep < 0:
-            raise ValueError(f"keep must be >= 0, got {keep}")
-        self.store, self.keep = store, keep
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        trials = study.get_trials(deepcopy=False)
-        done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-        ranked = sorted(done, key=lambda t: (-t.value, t.number))
-        live = [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)]
-        origins = {retried_from(t) for t in live} - {None}
-
-        def ids(t: FrozenTrial) -> set[str]:
-            return {str(t.user_attrs[artifacts.attr_name(n)]) for n in checkpoint_names(t)
-                    if t.user_attrs[artifacts.attr_name(n)]}
-
-        protected = set().union(*(ids(t) for t in live + ranked[:self.keep]))
-        spent = [t for t in trials if t.state in (TrialState.FAIL, TrialState.PRUNED)
-                 and t.number not in origins]
-        for t in ranked[self.keep:] + spent:
-            for name in checkpoint_names(t):
-                if str(t.user_attrs[artifacts.attr_name(name)]) not in protected:
-                    artifacts.remove_artifact(t, self.store, name)
+        trial.set_user_attr("pruned_because", why)
+        raise optuna.TrialPruned(why)

@@ -46,11 +46,8 @@ from search.artifacts import open_store
 from search.budget import Budget
 from search.claims import FINISHED, claim_lock, log
 from search.launcher import launch, worker_envs
-from search.objective import (
-    CheckpointRetention,
-    Objective,
-    load_study_data,
-)
+from search.objective import Objective, load_study_data
+from search.retention import CheckpointRetention
 from search.run_args import build_parser
 from search.space import fixed_sampler, override_waiting, warm_start
 from search.storage import open_storage

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from core.weights import WEIGHTS_ENV
-from search.objective import DEFAULT_KEEP_CHECKPOINTS
+from search.retention import DEFAULT_KEEP_CHECKPOINTS
 from search.storage import DEFAULT_GRACE_S, DEFAULT_HEARTBEAT_S, DEFAULT_MAX_RETRY
 from search.study_settings import PRUNERS, SAMPLERS
 from studies import STUDIES

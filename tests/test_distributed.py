@@ -31,16 +31,16 @@ from sqlalchemy.engine import make_url
 from core.config import ConfigError
 from core.labels import NUM_CLASSES
 from search import artifacts
-from search.claims import OWNER_ATTR, claim, claim_lock, reap, retried_from
-from search.objective import (
+from search.artifacts import (
     EVAL,
     OOF,
     checkpoint_name,
     eval_fold_name,
     fold_done_attr,
-    load_study_data,
     oof_fold_name,
 )
+from search.claims import OWNER_ATTR, claim, claim_lock, reap, retried_from
+from search.objective import load_study_data
 from search.run import main
 from search.storage import open_storage
 from search.trial_loop import ERROR_ATTR, MAX_CONSECUTIVE_FAILURES, TooManyFailures, run_worker

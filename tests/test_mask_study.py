@@ -23,7 +23,7 @@ import search.run
 import search.weights
 from core.config import ConfigError
 from search import artifacts
-from search.objective import checkpoint_name
+from search.artifacts import checkpoint_name
 from search.space import check_fixed, fits, fixed_sampler, override_waiting, parse_fixes
 from studies import mask
 

@@ -23,20 +23,14 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from core.dataset import eval_fingerprint
 from core.engine import RowView
 from core.errors import DataError
 from core.labels import CLASS_NAMES, NUM_CLASSES
 from search import artifacts
-from search.objective import (
-    CLASS_F1,
-    CONFUSION,
-    EVAL,
-    OOF,
-    CheckpointRetention,
-    Objective,
-    checkpoint_name,
-    eval_fingerprint,
-)
+from search.artifacts import CLASS_F1, CONFUSION, EVAL, OOF, checkpoint_name
+from search.objective import Objective
+from search.retention import CheckpointRetention
 from search.run import main
 from tests.conftest import FAST, STUDY_DATA_FOLDS
 
@@ -348,6 +342,8 @@ def test_a_pruned_trial_drops_every_checkpoint_it_holds(tmp_path) -> None:
     store = artifacts.open_store(tmp_path / "a")
     trial = optuna.create_study().ask()
     saved = [artifacts.save_array(trial, store, checkpoint_name(k), np.zeros(2)) for k in (0, 2)]
-    Objective(None, None, store)._drop_checkpoints(trial)  # pruned in fold 1, fold 2 inherited
+    with pytest.raises(optuna.TrialPruned, match="pruner at fold 1"):  # fold 2 inherited
+        Objective(None, None, store)._prune(trial, "pruner at fold 1, epoch 0")
+    assert trial.user_attrs["pruned_because"] == "pruner at fold 1, epoch 0"
     assert not any((tmp_path / "a" / i).exists() for i in saved)
     assert not any(trial.user_attrs[artifacts.attr_name(checkpoint_name(k))] for k in (0, 2))

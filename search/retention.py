@@ -1,0 +1,51 @@
+"""Checkpoint retention: fold checkpoints fill a disk, so only the best trials keep theirs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search import artifacts
+from search.artifacts import checkpoint_names
+from search.claims import retried_from
+
+DEFAULT_KEEP_CHECKPOINTS = 10
+
+
+class CheckpointRetention:
+    """Study callback: keep fold checkpoints only for the best ``keep`` COMPLETE trials.
+
+    Probabilities stay for every complete trial (they are small and the ensemble ranks on them);
+    checkpoints are what fills a disk. Checkpoints of complete trials beyond the best ``keep``
+    and of FAIL/PRUNED trials go, except while a WAITING/RUNNING trial still refers to them: a
+    retry inherits its dead origin's attrs (same artifact ids) and resumes from those folds, so
+    an origin with a live retry is left alone, and no id a live or kept trial holds is removed.
+    Removing an already-removed checkpoint is a no-op, so every worker may run this after each
+    of its trials.
+    """
+
+    def __init__(self, store: Any, keep: int = DEFAULT_KEEP_CHECKPOINTS) -> None:
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}")
+        self.store, self.keep = store, keep
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trials = study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        ranked = sorted(done, key=lambda t: (-t.value, t.number))
+        live = [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)]
+        origins = {retried_from(t) for t in live} - {None}
+
+        def ids(t: FrozenTrial) -> set[str]:
+            return {str(t.user_attrs[artifacts.attr_name(n)]) for n in checkpoint_names(t)
+                    if t.user_attrs[artifacts.attr_name(n)]}
+
+        protected = set().union(*(ids(t) for t in live + ranked[:self.keep]))
+        spent = [t for t in trials if t.state in (TrialState.FAIL, TrialState.PRUNED)
+                 and t.number not in origins]
+        for t in ranked[self.keep:] + spent:
+            for name in checkpoint_names(t):
+                if str(t.user_attrs[artifacts.attr_name(name)]) not in protected:
+                    artifacts.remove_artifact(t, self.store, name)
