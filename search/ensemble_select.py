@@ -30,12 +30,12 @@ _EPS = 1e-7  # probabilities are clipped here before a log: a hard 0 would cost 
 class Selection:
     """How members are chosen from a ranked pool (defaults: the measured best)."""
 
-    objective: str = "logloss"
+    objective: str = "f1"
     size: int = 20  # greedy rounds after the initial members; the best prefix is kept
     init: int = 1  # sorted initialisation: the N best-ranked members, once each (0: none)
-    bags: int = 1  # 1 = no bagging; else repeat on random subsets and average the weights
+    bags: int = 10  # 1 = no bagging; else repeat on random subsets and average the weights
     bag_fraction: float = 0.5
-    margin: float = 0.0  # an addition must improve the objective by more than this
+    margin: float = 0.005  # an addition must improve the objective by more than this
     pool_margin: float | None = 0.05  # drop members below median(single F1) - this
     seed: int = 0
 

@@ -253,7 +253,8 @@ def test_cli_writes_submission_and_beats_best_single(maker, synth_data, capsys):
     report = json.loads(maker.out.with_suffix(".json").read_text())
     assert report["uses"] == "ensemble"
     assert sum(m["weight"] for m in report["members"]) == pytest.approx(1.0)
-    assert {m["trial"] for m in report["members"]} == {0, 1}
+    weights = {m["trial"]: m["weight"] for m in report["members"]}
+    assert {0, 1} <= set(weights)  # both halves of the answer (the third is right elsewhere)
     fig = report["figures"]
     assert fig["ensemble_eval_f1"] > fig["best_single_eval_f1"] + 0.05
     assert fig["submission_eval_f1"] == pytest.approx(macro_f1(maker.answers, sub["ans"]))
