@@ -287,3 +287,19 @@ def test_processes_building_at_once_build_once(copied: tuple[Path, Path], tmp_pa
     assert sorted(p.name for p in root.iterdir()) == before  # no temp or old folder left
     cache = ImageCache.open(first.path)
     assert cache.manifest["sources"] != first.manifest["sources"]  # the rebuilt one
+
+
+def test_box_settings_change_the_key_and_reuse_detections(built: ImageCache, copied,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wider margin is another cache (its crops hold the default ones), built from the saved
+    detections: nothing is detected again. Detection settings name another table."""
+    data, root = copied
+    monkeypatch.setattr(F, "get_detector", lambda s: pytest.fail("faces detected again"))
+    wide = build_cache(data, SIZE, F.FaceSettings(margin=0.4), cache_root=root, workers=1,
+                       progress=False)
+    assert wide.path.name != built.path.name
+    cols = ["x1", "y1", "x2", "y2"]
+    a, b = built.index[cols].to_numpy(), wide.index[cols].to_numpy()
+    assert (b[:, :2] <= a[:, :2]).all() and (b[:, 2:] >= a[:, 2:]).all() and (b != a).any()
+    assert F.FaceSettings(retry_scale=0).detection_key() != F.FaceSettings().detection_key()
+    assert F.FaceSettings(margin=0.4).detection_key() == F.FaceSettings().detection_key()
