@@ -163,11 +163,10 @@ def recipe_of(args: argparse.Namespace) -> Recipe:
 
 def _load_study(args: argparse.Namespace):
     """(study, storage, data_dir, table, folds, eval_table, ranked trials, notes, fps)."""
-    from core.dataset import data_fingerprint, load_eval_table, load_train_table
+    from core.dataset import data_fingerprint, eval_fingerprint, load_eval_table, load_train_table
     from core.splits import folds_fingerprint, person_folds
     from search import paths
     from search.ensemble_trials import check_against_now, open_study, rank_trials
-    from search.objective import eval_fingerprint  # imports torch: only when the CLI runs
 
     paths.check_study_name(args.study)
     storage = args.storage or paths.default_storage_url(args.study)

@@ -133,7 +133,7 @@ def _load(trial, store, name: str, rows: int, what: str) -> np.ndarray:
 
 def load_candidates(trials: list, store, n_train: int) -> list[Candidate]:
     """OOF probabilities of each trial; refuses a trial without OOF or eval probabilities."""
-    from search.objective import EVAL, OOF
+    from search.artifacts import EVAL, OOF
 
     out = []
     for rank, t in enumerate(trials, start=1):
@@ -147,7 +147,7 @@ def load_candidates(trials: list, store, n_train: int) -> list[Candidate]:
 def load_eval(cands: Sequence[Candidate], weights: np.ndarray, store,
               n_eval: int) -> list[np.ndarray | None]:
     """Eval probabilities of the members (weight > 0); ``None`` for the others (never read)."""
-    from search.objective import EVAL
+    from search.artifacts import EVAL
 
     return [_load(c.trial, store, EVAL, n_eval, "eval") if w > 0 else None
             for c, w in zip(cands, weights, strict=True)]

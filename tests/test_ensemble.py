@@ -16,12 +16,13 @@ import pandas as pd
 import pytest
 from optuna.artifacts.exceptions import ArtifactNotFound
 
-from core.dataset import data_fingerprint, load_eval_table, load_train_table
+from core.dataset import data_fingerprint, eval_fingerprint, load_eval_table, load_train_table
 from core.errors import DataError
 from core.labels import NUM_CLASSES
 from core.metrics import macro_f1
 from core.splits import folds_fingerprint, person_folds
 from search import artifacts
+from search.artifacts import EVAL, OOF
 from search.ensemble import (
     blend,
     cross_fitted_f1,
@@ -30,7 +31,6 @@ from search.ensemble import (
     write_submission,
 )
 from search.ensemble_score import main as score_main
-from search.objective import EVAL, OOF, eval_fingerprint
 
 N_FOLDS = 4
 HALF = NUM_CLASSES // 2
