@@ -4,7 +4,7 @@ Arms, each with its own model, optimizer and scheduler, doing the same steps on 
 (``core.engine.train_step``, the step every trial runs):
 
 - limit: one random batch already on the device: what the hardware does with no input at all;
-- ours, N workers: the engine's loader (``core.engine.make_loader``: rows of a memory-mapped
+- ours, N workers: the engine's loader (``core.loader.make_loader``: rows of a memory-mapped
   uint8 array shaped like the image cache -> ``train_transform`` -> batches, N worker
   processes, pinned memory on CUDA) -> the step; ``auto`` is ``default_loader_workers(device)``;
 - naive (``--naive``): every image decoded again from its 384x512 file (PIL), resized, the same
@@ -79,9 +79,11 @@ def _sync(device: str) -> None:
 
 def new_trainer(cfg: TrainConfig, total_steps: int) -> tuple:
     """(model, loss, optimizer, scheduler, mix rng) exactly as a fold builds them."""
-    from core.engine import make_optimizer, make_scheduler, memory_format_for, seed_everything
+    from core.engine import memory_format_for
+    from core.loader import seed_everything
     from core.losses import build_loss
     from core.models import create_model
+    from core.optim import make_optimizer, make_scheduler
 
     device = cfg.resolved_device()
     seed_everything(cfg.seed)
@@ -185,7 +187,7 @@ class NaivePhotos(torch.utils.data.Dataset):
 def worker_counts(tokens: Iterable[str], device: str) -> list[tuple[str, int]]:
     """(label, count) per distinct count: ``auto`` is ``default_loader_workers(device)``, and a
     count asked for twice (``0`` and ``auto`` on the CPU) is measured once, labelled "0 = auto"."""
-    from core.engine import default_loader_workers
+    from core.loader import default_loader_workers
 
     out: dict[int, list[str]] = {}
     for tok in tokens:
@@ -198,7 +200,7 @@ def worker_counts(tokens: Iterable[str], device: str) -> list[tuple[str, int]]:
 def end_to_end_arms(cfg: TrainConfig, args: argparse.Namespace, tmp: Path) -> list[Arm]:
     """The loader arms on synthetic photos; raises ImportError when Albumentations is missing."""
     from core.augment import train_transform  # Albumentations: the one extra the arms need
-    from core.engine import make_loader
+    from core.loader import make_loader
     from core.synth import generate
 
     device = cfg.resolved_device()

@@ -50,9 +50,10 @@ from core.dataset import (
     load_train_table,
     training_targets,
 )
-from core.engine import FoldResult, RowView, fit_fold, predict
+from core.engine import FoldResult, fit_fold, predict
 from core.errors import DataError
 from core.labels import NUM_CLASSES
+from core.loader import RowView
 from core.metrics import macro_f1
 from core.splits import folds_fingerprint, person_folds
 from core.weights import weights_file

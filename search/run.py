@@ -39,8 +39,8 @@ import optuna
 from optuna.trial import TrialState
 
 from core.cli import EXPECTED, run_cli
-from core.engine import default_loader_workers
 from core.errors import DataError
+from core.loader import default_loader_workers
 from search import paths
 from search.artifacts import open_store
 from search.budget import Budget

@@ -17,6 +17,8 @@ from sklearn.metrics import f1_score
 
 import core.augment as augment
 import core.engine as engine
+import core.loader as loader
+import core.optim as optim
 from core.config import TrainConfig
 from core.dataset import load_train_table, training_targets
 from core.labels import decode
@@ -190,18 +192,18 @@ def test_row_view_trains_and_predicts_like_the_copied_rows(data: dict, tmp_path:
     mm[:] = images
     y = data["table"]["label"].to_numpy()
     tr, va = np.flatnonzero(data["tr"])[:64], np.flatnonzero(data["va"])[:24]
-    view = engine.RowView(mm, va)
+    view = loader.RowView(mm, va)
     assert len(view) == 24 and view.shape == (24, *images.shape[1:]) and view.dtype == np.uint8
     np.testing.assert_array_equal(view[3], images[va[3]])
-    assert engine.ImageArrayDataset(view, None, lambda image: image).images is view
+    assert loader.ImageArrayDataset(view, None, lambda image: image).images is view
     cfg = _cfg(epochs=1)
     a = engine.fit_fold(cfg, images[tr], y[tr], images[va], y[va], progress=False)
-    b = engine.fit_fold(cfg, engine.RowView(mm, tr), y[tr], view, y[va], progress=False)
+    b = engine.fit_fold(cfg, loader.RowView(mm, tr), y[tr], view, y[va], progress=False)
     np.testing.assert_array_equal(a.val_probs, b.val_probs)
     np.testing.assert_array_equal(engine.predict(a.state_dict, cfg, view),
                                   engine.predict(a.state_dict, cfg, images[va]))
     with pytest.raises(ValueError, match="out of range"):
-        engine.RowView(mm, [len(images)])
+        loader.RowView(mm, [len(images)])
 
 
 def test_on_epoch_true_stops_now(data: dict):
@@ -260,8 +262,8 @@ def test_schedules_warm_up_then_follow_their_shape():
 
     def lrs(**kw) -> list[float]:
         cfg = _cfg(epochs=4, lr=1.0, **kw)
-        opt = engine.make_optimizer(cfg, p)
-        sched = engine.make_scheduler(cfg, opt, steps)
+        opt = optim.make_optimizer(cfg, p)
+        sched = optim.make_scheduler(cfg, opt, steps)
         out = []
         for _ in range(cfg.epochs * steps):
             out.append(opt.param_groups[0]["lr"])
@@ -309,7 +311,7 @@ def test_weight_decay_spares_biases_and_norm_layers(optimizer):
     from core.models import create_model
 
     model = create_model(_cfg(backbone="test_resnet"))
-    opt = engine.make_optimizer(_cfg(optimizer=optimizer, weight_decay=0.1), model)
+    opt = optim.make_optimizer(_cfg(optimizer=optimizer, weight_decay=0.1), model)
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert len(decay) == len(list(model.parameters()))
     for name, p in model.named_parameters():

@@ -30,10 +30,10 @@ import torch
 # only these lines.
 from core.augment import mix_batch
 from core.config import TrainConfig
-from core.engine import make_optimizer, make_scheduler
 from core.labels import NUM_CLASSES
 from core.losses import build_loss
 from core.models import create_model
+from core.optim import make_optimizer, make_scheduler
 from studies import mask
 
 RANDOM_DRAWS = 300

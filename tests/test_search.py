@@ -24,9 +24,9 @@ import torch
 from optuna.trial import TrialState
 
 from core.dataset import eval_fingerprint
-from core.engine import RowView
 from core.errors import DataError
 from core.labels import CLASS_NAMES, NUM_CLASSES
+from core.loader import RowView
 from search import artifacts
 from search.artifacts import CLASS_F1, CONFUSION, EVAL, OOF, checkpoint_name
 from search.objective import Objective

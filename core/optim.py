@@ -1,0 +1,60 @@
+"""The optimizer and the learning-rate schedule of a training run, from its config."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from timm.optim import create_optimizer_v2
+from torch import nn
+
+from core.config import OPTIMIZERS, ConfigError, TrainConfig
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module | Iterable) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD (Nesterov momentum when momentum > 0) from timm's optimizer factory.
+
+    Given the model, timm keeps weight decay off biases, norm layers and other 1-D parameters:
+    decaying a BatchNorm scale towards 0 (the mask space goes up to 0.1) only hurts. Given bare
+    parameters, every one is decayed.
+    """
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"config field 'optimizer': must be {', '.join(OPTIMIZERS)} "
+                          f"(got {cfg.optimizer!r})")
+    name = cfg.optimizer if cfg.optimizer != "sgd" else "sgd" if cfg.momentum > 0 else "momentum"
+    return create_optimizer_v2(model, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               momentum=cfg.momentum)
+
+
+def make_scheduler(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-iteration schedule: linear warmup over ``cfg.warmup_epochs`` (may be fractional), then
+    cosine to 0 / step decay every ``cfg.step_every`` epochs / constant; or one-cycle, whose own
+    rising phase is the warmup (``warmup_epochs / epochs`` of the run, 0.3 when unset)."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
+    if cfg.scheduler == "onecycle":
+        pct = cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs > 0 else 0.3
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=min(max(pct, 1e-3), 0.999),
+            cycle_momentum=False,  # keep the configured momentum/betas: one knob at a time
+        )
+
+    def after_warmup(step: int) -> float:
+        if cfg.scheduler == "cosine":
+            t = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+        if cfg.scheduler == "step":
+            return cfg.step_gamma ** (step // (cfg.step_every * steps_per_epoch))
+        return 1.0  # "none"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return after_warmup(step)
+
+    if cfg.scheduler not in ("cosine", "step", "none"):
+        raise ConfigError(f"config field 'scheduler': unknown {cfg.scheduler!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
