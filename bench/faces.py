@@ -43,7 +43,7 @@ import torch
 if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.quality_figures import HOLDS, containment, crop_shares
+from bench._quality_figures import HOLDS, containment, crop_shares
 from core import faces as F
 from core.cache import build_cache
 from core.face_pass import detect_files

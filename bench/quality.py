@@ -27,7 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.quality_figures import crop_shares, last_line, median, task_f1
+if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._quality_figures import crop_shares, last_line, median, task_f1
 from core.cli import run_cli
 from core.errors import DataError
 

@@ -17,7 +17,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from bench.quality_figures import containment, crop_shares, last_line, task_f1
+from bench._quality_figures import containment, crop_shares, last_line, task_f1
 from core.labels import encode
 from core.metrics import macro_f1
 
