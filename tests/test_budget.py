@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from search import artifacts
@@ -20,6 +21,7 @@ from tests.test_search import fake_fit, fake_predict
 EPOCHS, EPOCH_S = 3, 10.0
 
 
+@pytest.mark.slow
 def test_deadline_stops_the_trial_at_an_epoch_and_a_rerun_resumes_it(study_data, tmp_path,
                                                                       monkeypatch) -> None:
     clock = [1000.0]

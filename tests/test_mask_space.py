@@ -158,6 +158,7 @@ def quiet_optuna() -> None:
     optuna.logging.set_verbosity(level)
 
 
+@pytest.mark.slow
 def test_random_draws_validate_build_and_cover_the_space(models: ModelCache) -> None:
     trials = draw(mask.space, optuna.samplers.RandomSampler(seed=0), RANDOM_DRAWS, models,
                   tell=False)

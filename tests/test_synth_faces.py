@@ -141,6 +141,7 @@ def test_masks_cover_the_lower_face_only(real: Path, faces_folder: Path) -> None
     assert np.median(nose[0]) > np.median(nose[1])
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_whatever_the_out_path(real: Path, faces_folder: Path,
                                                     tmp_path: Path) -> None:
     again = generate(tmp_path / "x" / "elsewhere", faces_folder, people=PEOPLE,
