@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -126,3 +127,28 @@ def file_lock(path: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the last descriptor releases the lock
+
+
+def build_folder_once(out: str | Path, build: Callable[[Path], None],
+                      marker: str = "train/train.csv") -> Path:
+    """``out``, built by ``build(tmp)`` in a temporary folder beside it and renamed into place
+    the first time (``out/marker`` says it is complete); reused after that.
+
+    An interrupted first build leaves no half folder behind; when another process renamed its
+    identical build into place first, ours is dropped.
+    """
+    out = Path(out)
+    if (out / marker).is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process built it first: theirs is identical
+            if not (out / marker).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -6,12 +6,11 @@ It exists so that ``python -m search.run --study demo --trials 20`` shows the wh
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import optuna
 
+from core.atomic import build_folder_once
 from core.config import TrainConfig
 
 FOLDS = 3
@@ -29,23 +28,10 @@ def default_data(runs: Path) -> Path:
     Generated in a temporary folder next to it and renamed, so an interrupted first run
     never leaves half a data set behind.
     """
-    out = Path(runs) / "demo_data"
-    if (out / "train" / "train.csv").is_file():
-        return out
     from core.synth import generate
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo_data.", dir=out.parent))
-    try:
-        generate(tmp, people=PEOPLE, eval_people=EVAL_PEOPLE, seed=SYNTH_SEED, size=SYNTH_SIZE)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process generated it first: theirs is identical
-            if not (out / "train" / "train.csv").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return build_folder_once(Path(runs) / "demo_data", lambda tmp: generate(
+        tmp, people=PEOPLE, eval_people=EVAL_PEOPLE, seed=SYNTH_SEED, size=SYNTH_SIZE))
 
 
 def corrections(data_dir: Path) -> Path | None:

@@ -12,12 +12,11 @@ augmentation, mixing, lr, weight decay and the age threshold of the training tar
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 from pathlib import Path
 
 import optuna
 
+from core.atomic import build_folder_once
 from core.config import TrainConfig
 from core.errors import DataError
 
@@ -52,22 +51,10 @@ def ensure_data(runs: Path, faces_dir: Path, people: int = PEOPLE,
     """
     from core.synth_faces import generate
 
-    out = Path(runs) / data_name(faces_dir, people, eval_people, seed)
-    if (out / "train" / "train.csv").is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        generate(tmp, faces_dir, people=people, eval_people=eval_people, seed=seed,
-                 progress=progress)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process generated it first: theirs is identical
-            if not (out / "train" / "train.csv").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return build_folder_once(
+        Path(runs) / data_name(faces_dir, people, eval_people, seed),
+        lambda tmp: generate(tmp, faces_dir, people=people, eval_people=eval_people, seed=seed,
+                             progress=progress))
 
 
 def default_data(runs: Path) -> Path:
