@@ -462,3 +462,23 @@ def test_temps_of_killed_uploads_are_removed_by_the_next_write(tmp_path):
     alive.write_bytes(b"in progress")
     store.write("b", io.BytesIO(b"ok"))
     assert sorted(p.name for p in art.iterdir()) == [alive.name, "b"]
+
+
+def test_ensemble_during_a_running_search_reads_finished_trials_only(maker, capsys):
+    """A search still writing: one trial RUNNING with half its artifacts (OOF saved, no eval
+    yet), one WAITING. The ensemble uses the finished trials and writes the same submission as
+    without them."""
+    maker.add_pair()
+    assert maker.cli() == 0
+    before = maker.out.read_bytes()
+    running = maker.study.ask()
+    for key, value in maker.fps.items():
+        running.set_user_attr(key, value)
+    artifacts.save_array(running, maker.store, OOF, np.eye(18, dtype=np.float32)[maker.labels])
+    maker.study.enqueue_trial({})
+    capsys.readouterr()
+    assert maker.cli() == 0
+    assert maker.out.read_bytes() == before
+    members = {m["trial"] for m in json.loads(maker.out.with_suffix(".json").read_text())
+               ["members"]}
+    assert running.number not in members
