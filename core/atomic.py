@@ -10,12 +10,15 @@ the rename never crosses file systems) lets any later writer tell a temp whose p
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from core.errors import DataError
 
 
 def temp_path(path: str | Path) -> Path:
@@ -88,7 +91,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(temp)`` to write the whole file at a temp path, fsync it, rename it to ``path``.
 
     A crash, an exception or a kill mid-write leaves ``path`` as it was (the exception also
-    removes the temp; a kill leaves it, and the next write of ``path`` removes it). ``write``
+    removes the temp; a kill leaves it, and the next write of ``path`` removes it). A full disk
+    is a ``DataError`` naming the path: one line from every CLI, and it stops a search at once
+    (every later trial would hit it too). ``write``
     gets a path, not a handle, so ``torch.save``, ``DataFrame.to_csv`` and ``Figure.savefig``
     (pass ``format=``: the temp ends in ``.tmp``) all fit.
     """
@@ -101,8 +106,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # the user's to fix: one line
+            raise DataError(f"no space left on the device writing {path} "
+                            f"({shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there); "
+                            "nothing was left half-written: free some space and rerun") from e
         raise
     _fsync_dir(path.parent)
     return path

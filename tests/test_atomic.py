@@ -3,6 +3,7 @@ the file lock makes a second process wait."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from core.atomic import atomic_write, file_lock, pid_alive, remove_dead_temps, temp_path
+from core.errors import DataError
 
 
 def _dead_pid() -> int:
@@ -115,3 +117,40 @@ def test_file_lock_makes_second_process_wait(tmp_path: Path) -> None:
         log.write_text("parent\n")
     assert proc.wait(timeout=60) == 0
     assert log.read_text() == "parent\nchild\n"
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_the_old_one(tmp_path) -> None:
+    target = tmp_path / "submission.csv"
+    target.write_text("old\n")
+    with pytest.raises(DataError, match=r"no space left on the device writing .*submission.csv "
+                                        r"\(\d+ MiB free there\); nothing was left half-written"):
+        atomic_write(target, _disk_full)
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]  # no temp left
+    atomic_write(target, lambda tmp: tmp.write_text("new\n"))  # with space again, it works
+    assert target.read_text() == "new\n"
+
+
+def test_a_full_disk_during_an_artifact_upload_or_checkpoint_is_the_same_line(tmp_path,
+                                                                              monkeypatch):
+    import numpy as np
+    import optuna
+    import torch
+
+    from search import artifacts
+    from search.objective import _atomic_torch_save
+
+    store = artifacts.open_store(tmp_path / "store")
+    trial = optuna.create_study().ask()
+    monkeypatch.setattr("search.artifacts.shutil.copyfileobj", _disk_full)
+    with pytest.raises(DataError, match="no space left on the device writing"):
+        artifacts.save_array(trial, store, "oof", np.zeros(3))
+    assert not any(p.is_file() for p in (tmp_path / "store").rglob("*"))
+    monkeypatch.setattr("search.objective.torch.save", _disk_full)
+    with pytest.raises(DataError, match=r"writing .*fold0.pt"):
+        _atomic_torch_save({"w": torch.zeros(1)}, tmp_path / "fold0.pt")
+    assert not (tmp_path / "fold0.pt").exists()
