@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -30,31 +29,30 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module | Iterable) -> torch.optim
 def make_scheduler(
     cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-iteration schedule: linear warmup over ``cfg.warmup_epochs`` (may be fractional), then
-    cosine to 0 / step decay every ``cfg.step_every`` epochs / constant; or one-cycle, whose own
-    rising phase is the warmup (``warmup_epochs / epochs`` of the run, 0.3 when unset)."""
+    """Per-iteration schedule from torch's own schedulers: linear warmup over
+    ``cfg.warmup_epochs`` (may be fractional), then cosine to 0 / step decay every
+    ``cfg.step_every`` epochs / constant; or one-cycle, whose own rising phase is the warmup
+    (``warmup_epochs / epochs`` of the run, 0.3 when unset)."""
+    sched = torch.optim.lr_scheduler
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
     if cfg.scheduler == "onecycle":
         pct = cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs > 0 else 0.3
-        return torch.optim.lr_scheduler.OneCycleLR(
+        return sched.OneCycleLR(
             optimizer, max_lr=cfg.lr, total_steps=total, pct_start=min(max(pct, 1e-3), 0.999),
             cycle_momentum=False,  # keep the configured momentum/betas: one knob at a time
         )
-
-    def after_warmup(step: int) -> float:
-        if cfg.scheduler == "cosine":
-            t = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
-        if cfg.scheduler == "step":
-            return cfg.step_gamma ** (step // (cfg.step_every * steps_per_epoch))
-        return 1.0  # "none"
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return after_warmup(step)
-
-    if cfg.scheduler not in ("cosine", "step", "none"):
+    after_warmup = {
+        "cosine": lambda: sched.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup)),
+        "step": lambda: sched.StepLR(optimizer, step_size=cfg.step_every * steps_per_epoch,
+                                     gamma=cfg.step_gamma),
+        "none": lambda: sched.ConstantLR(optimizer, factor=1.0, total_iters=0),
+    }
+    if cfg.scheduler not in after_warmup:
         raise ConfigError(f"config field 'scheduler': unknown {cfg.scheduler!r}")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if warmup <= 0:
+        return after_warmup[cfg.scheduler]()
+    # factor (step + 1) / (warmup + 1) during the warmup, exactly 1 when the main schedule starts
+    ramp = sched.LinearLR(optimizer, start_factor=1 / (warmup + 1), total_iters=warmup)
+    return sched.SequentialLR(optimizer, [ramp, after_warmup[cfg.scheduler]()],
+                              milestones=[warmup])

@@ -272,7 +272,8 @@ def test_schedules_warm_up_then_follow_their_shape():
         return out
 
     cos = lrs(scheduler="cosine", warmup_epochs=0.5)  # 5 warmup steps
-    assert cos[:5] == sorted(cos[:5]) and cos[0] < 0.25 and cos[5] == pytest.approx(1.0)
+    # pinned: warmup step k runs at (k + 1) / 6 of lr, the main schedule starts at exactly lr
+    assert cos[:6] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])
     assert cos[5:] == sorted(cos[5:], reverse=True) and cos[-1] < 0.01
     step = lrs(scheduler="step", step_every=2, step_gamma=0.1)
     assert step[0] == step[19] == 1.0 and step[20] == step[39] == pytest.approx(0.1)
