@@ -78,7 +78,8 @@ def _sync(device: str) -> None:
 
 
 def new_trainer(cfg: TrainConfig, total_steps: int) -> tuple:
-    """(model, loss, optimizer, scheduler, mix rng) exactly as a fold builds them."""
+    """(model, loss, optimizer, scheduler, mixup) exactly as a fold builds them."""
+    from core.augment import create_mixup
     from core.engine import memory_format_for
     from core.loader import seed_everything
     from core.losses import build_loss
@@ -89,9 +90,9 @@ def new_trainer(cfg: TrainConfig, total_steps: int) -> tuple:
     seed_everything(cfg.seed)
     model = create_model(cfg).to(device, memory_format=memory_format_for(device, cfg)).train()
     criterion = build_loss(cfg, np.arange(cfg.batch_size) % 18).to(device)
-    optimizer = make_optimizer(cfg, model.parameters())
+    optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=total_steps)
-    return model, criterion, optimizer, scheduler, np.random.default_rng(cfg.seed)
+    return model, criterion, optimizer, scheduler, create_mixup(cfg)
 
 
 def warm_steps(cfg: TrainConfig, asked: int | None) -> int:
@@ -110,19 +111,19 @@ def run_window(arm: Arm, steps: int, warm: int | None) -> float:
     """images/s of ``steps`` steps of ``arm`` after its untimed first batch and warm steps."""
     from core.engine import train_step
 
-    model, criterion, optimizer, scheduler, rng = arm.trainer
+    model, criterion, optimizer, scheduler, mixup = arm.trainer
     device = arm.cfg.resolved_device()
     source = arm.batches()
     x, y = next(source)  # workers started, first batch made: not what a long epoch pays
     for _ in range(warm_steps(arm.cfg, warm)):
-        train_step(model, criterion, optimizer, scheduler, x, y, arm.cfg, device, rng)
+        train_step(model, criterion, optimizer, scheduler, x, y, arm.cfg, device, mixup)
         x, y = next(source)
     _sync(device)
     t, n = time.perf_counter(), 0
     for i in range(steps):
         if i:
             x, y = next(source)
-        train_step(model, criterion, optimizer, scheduler, x, y, arm.cfg, device, rng)
+        train_step(model, criterion, optimizer, scheduler, x, y, arm.cfg, device, mixup)
         n += len(x)
     _sync(device)
     rate = n / (time.perf_counter() - t)

@@ -16,13 +16,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
+from timm.data import Mixup  # noqa: E402
 
-from core.config import ConfigError, TrainConfig  # noqa: E402
+from core.config import TrainConfig  # noqa: E402
 from core.labels import NUM_CLASSES  # noqa: E402
-from core.losses import soft_targets  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,9 +57,7 @@ def train_transform(cfg: TrainConfig) -> A.Compose:
     Input uint8 HWC RGB, output float32 CHW ImageNet-normalized tensor. Strength 0 gives
     exactly ``eval_transform``. The Compose is seeded from ``cfg.seed`` for reproducible runs.
     """
-    s = float(cfg.aug_strength)
-    if not 0.0 <= s <= 1.0:
-        raise ConfigError(f"config field 'aug_strength': must be in [0, 1] (got {s!r})")
+    s = float(cfg.aug_strength)  # in [0, 1]: TrainConfig.validate checks it
     if s == 0.0:
         return eval_transform(cfg)
     # Augment after the resize so the ranges mean the same at every input size.
@@ -88,46 +85,29 @@ def train_transform(cfg: TrainConfig) -> A.Compose:
     return A.Compose(steps + _tail(cfg)[1:], seed=cfg.seed)
 
 
-def _numpy_rng(rng: torch.Generator | np.random.Generator | None) -> np.random.Generator:
-    """A numpy Generator drawn from ``rng``: torch has no seeded Beta sampler."""
-    if isinstance(rng, np.random.Generator):
-        return rng
-    seed = int(torch.randint(0, 2**62, (1,), generator=rng).item())
-    return np.random.default_rng(seed)
+def create_mixup(cfg: TrainConfig) -> Mixup | None:
+    """timm's batch-wise CutMix or MixUp (``cfg.mix``), applied with probability ``cfg.mix_prob``;
+    None when mixing is off.
 
-
-def mix_batch(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    cfg: TrainConfig,
-    rng: torch.Generator | np.random.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CutMix or MixUp (``cfg.mix``) on the whole batch with probability ``cfg.mix_prob``.
-
-    ``y`` is int class indices (N,) or soft targets (N, 18); the result is always soft (N, 18)
-    float32 whose rows sum to 1, so the loss has one path. Deterministic given ``rng`` (a
-    ``torch.Generator`` on the CPU, or a numpy Generator). ``x`` is not modified in place.
+    ``correct_lam``: a CutMix box clipped at the border pastes less than lam asks for, and the
+    targets follow the area actually pasted. timm draws from numpy's global state, which
+    ``seed_everything`` seeds, so a seeded fold mixes the same way every time.
     """
-    y_soft = soft_targets(y, NUM_CLASSES).to(x.device)
-    if cfg.mix == "none" or cfg.mix_prob <= 0 or x.shape[0] < 2:
-        return x, y_soft
-    np_rng = _numpy_rng(rng)
-    if np_rng.random() >= cfg.mix_prob:
-        return x, y_soft
-    n = x.shape[0]
-    perm = torch.from_numpy(np_rng.permutation(n)).to(x.device)
-    lam = float(np_rng.beta(cfg.mix_alpha, cfg.mix_alpha))
-    if cfg.mix == "mixup":
-        mixed = lam * x + (1.0 - lam) * x[perm]
-    elif cfg.mix == "cutmix":
-        h, w = x.shape[-2:]
-        cut_h, cut_w = int(round(h * np.sqrt(1 - lam))), int(round(w * np.sqrt(1 - lam)))
-        cy, cx = int(np_rng.integers(h)), int(np_rng.integers(w))
-        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, h)
-        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, w)
-        mixed = x.clone()
-        mixed[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
-        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually pasted, after clipping
-    else:
-        raise ConfigError(f"config field 'mix': must be none, cutmix or mixup (got {cfg.mix!r})")
-    return mixed, lam * y_soft + (1.0 - lam) * y_soft[perm]
+    if cfg.mix == "none" or cfg.mix_prob <= 0:
+        return None
+    return Mixup(mixup_alpha=cfg.mix_alpha if cfg.mix == "mixup" else 0.0,
+                 cutmix_alpha=cfg.mix_alpha if cfg.mix == "cutmix" else 0.0,
+                 prob=cfg.mix_prob, mode="batch", correct_lam=True, label_smoothing=0.0,
+                 num_classes=NUM_CLASSES)
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup: Mixup | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, targets) after ``mixup``: soft (N, 18) targets, ``x`` mixed in place (timm).
+
+    timm pairs image i with image N-1-i, so it needs an even batch: an odd one (a fold's last
+    batch) and ``mixup=None`` leave the batch and its int targets as they are.
+    """
+    if mixup is None or len(x) % 2:
+        return x, y
+    return mixup(x, y)

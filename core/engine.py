@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.data import Mixup
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from core.augment import eval_transform, mix_batch, train_transform
+from core.augment import create_mixup, eval_transform, mix_batch, train_transform
 from core.config import ConfigError, TrainConfig
 from core.labels import NUM_CLASSES
 from core.loader import Images, make_loader, seed_everything
@@ -142,7 +143,7 @@ def train_step(
     y: torch.Tensor,
     cfg: TrainConfig,
     device: str,
-    mix_rng: np.random.Generator | None = None,
+    mixup: Mixup | None = None,
 ) -> torch.Tensor:
     """One optimizer step on a CPU batch; returns the loss as a detached device scalar.
 
@@ -151,9 +152,7 @@ def train_step(
     """
     x = x.to(device, non_blocking=True, memory_format=memory_format_for(device, cfg))
     y = y.to(device, non_blocking=True)
-    target = y
-    if cfg.mix != "none" and cfg.mix_prob > 0:
-        x, target = mix_batch(x, y, cfg, mix_rng)
+    x, target = mix_batch(x, y, mixup)
     with _autocast(device, cfg):
         outputs = model(x)
     loss = criterion(outputs.float(), target)
@@ -169,7 +168,7 @@ def train_step(
 
 def _train_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Any, loader: DataLoader, cfg: TrainConfig, device: str,
-                 mix_rng: np.random.Generator, desc: str, progress: bool
+                 mixup: Mixup | None, desc: str, progress: bool
                  ) -> tuple[float, int, float]:
     """One pass over the training batches: (mean loss, NaN when it diverged; images; seconds).
 
@@ -182,7 +181,7 @@ def _train_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.
     with tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True) as bar:
         for step, (x, y) in enumerate(bar):
             loss_sum += train_step(model, criterion, optimizer, scheduler, x, y, cfg, device,
-                                   mix_rng) * len(x)
+                                   mixup) * len(x)
             seen += len(x)
             if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
                 running = loss_sum.item() / seen
@@ -226,7 +225,7 @@ def fit_fold(
     val_loader = make_loader(val_images, val_labels, eval_transform(cfg), cfg.batch_size, cfg,
                              train=False, device=device)
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
-    mix_rng = np.random.default_rng(cfg.seed)
+    mixup = create_mixup(cfg)
 
     history: list[dict[str, Any]] = []
     best_f1, best_epoch = 0.0, -1
@@ -238,7 +237,7 @@ def fit_fold(
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         loss, seen, train_seconds = _train_epoch(
-            model, criterion, optimizer, scheduler, train_loader, cfg, device, mix_rng,
+            model, criterion, optimizer, scheduler, train_loader, cfg, device, mixup,
             f"epoch {epoch + 1}/{cfg.epochs}", progress)
         probs = (_predict_loader(model, val_loader, cfg, device, tta=cfg.tta)
                  if math.isfinite(loss) else None)
