@@ -33,20 +33,22 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from core import faces as F
+from core import faces as face_rules
 from core import images as img_io
 from core.atomic import file_lock, remove_dead_temps, temp_path
 from core.cli import run_cli
 from core.errors import DataError
 from core.face_pass import detections
+from core.faces import FaceSettings
+from core.loader import RowView
 from core.pool import Runner, chunks
 
 CACHE_VERSION = 2  # 2: every image cropped by the eval rule (no person fallback)
 ENV_ROOT = "MASK_SEARCH_CACHE"
 DEFAULT_ROOT_NAME = ".mask_search_cache"
 LOCK_NAME = ".lock"  # in the cache root: one build at a time (see build_cache)
-DEFAULT_FACES = F.FaceSettings()
-INDEX_COLUMNS = ("file", "split", "person", *F.BOX_COLUMNS, "prob", "box_source")
+DEFAULT_FACES = FaceSettings()
+INDEX_COLUMNS = ("file", "split", "person", *face_rules.BOX_COLUMNS, "prob", "box_source")
 
 
 def default_cache_root(data_dir: str | Path) -> Path:
@@ -91,6 +93,10 @@ class ImageCache:
     def image_size(self) -> tuple[int, int]:
         return int(self.images.shape[1]), int(self.images.shape[2])
 
+    def view(self, files: Sequence[str]) -> RowView:
+        """``files``' images in that order, as a view on the memmap (nothing copied to RAM)."""
+        return RowView(self.images, self.rows(files))
+
     def rows(self, files: Sequence[str]) -> np.ndarray:
         """Row numbers of ``files`` (paths relative to the data dir, as in the tables)."""
         if not self._pos:
@@ -134,7 +140,7 @@ def _hash(obj: object, n: int = 16) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:n]
 
 
-def cache_key(data_dir: str | Path, image_size: tuple[int, int], faces: F.FaceSettings) -> dict:
+def cache_key(data_dir: str | Path, image_size: tuple[int, int], faces: FaceSettings) -> dict:
     return {"version": CACHE_VERSION, "data": str(Path(data_dir).resolve()),
             "faces": faces.key(), "image_size": [int(image_size[0]), int(image_size[1])]}
 
@@ -195,7 +201,7 @@ def _open_current(final: Path, key: dict, sources: list) -> ImageCache | None:
 
 
 def build_cache(data_dir: str | Path, image_size: tuple[int, int] = (128, 96),
-                faces: F.FaceSettings = DEFAULT_FACES, cache_root: str | Path | None = None,
+                faces: FaceSettings = DEFAULT_FACES, cache_root: str | Path | None = None,
                 workers: int | None = None, progress: bool = True) -> ImageCache:
     """Open the cache for (data, faces, image_size), building it first when missing or stale.
 
@@ -246,7 +252,7 @@ def _crop_pass(runner: Runner, npy: Path, files: list[str], box_arr: np.ndarray,
 
 
 def _build(data_dir: Path, listing: pd.DataFrame, sources: list, key: dict,
-           faces: F.FaceSettings, final: Path, workers: int | None, progress: bool) -> None:
+           faces: FaceSettings, final: Path, workers: int | None, progress: bool) -> None:
     """Build the cache into a temp folder and install it at ``final`` (under the root's lock,
     which also covers the read-detect-write of the face-box table that all image sizes share)."""
     root, name = final.parent, final.name
@@ -263,18 +269,18 @@ def _build(data_dir: Path, listing: pd.DataFrame, sources: list, key: dict,
         det = detections(listing, data_dir, faces, table, runner, progress)
         # crop parity (DESIGN rule 6): every image is cropped by the rule an eval image gets,
         # never with its person's other boxes, since training images are also validation images
-        boxes = F.resolve_boxes(det, faces, person=None)
+        boxes = face_rules.resolve_boxes(det, faces, person=None)
         tmp.mkdir()
         npy = tmp / "images.npy"
         np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(listing), h, w, 3))
-        box_arr = boxes[list(F.BOX_COLUMNS)].to_numpy()
+        box_arr = boxes[list(face_rules.BOX_COLUMNS)].to_numpy()
         bad = _crop_pass(runner, npy, [str(data_dir / f) for f in listing["file"]], box_arr,
                          (h, w), progress)
         if bad:  # files changed after their boxes were found (same size and mtime)
             raise img_io.bad_images_error(data_dir, [(listing["file"].iat[i], r)
                                                      for i, r in sorted(bad)])
         index = listing[["file", "split", "person"]].copy()
-        index[list(F.BOX_COLUMNS)] = box_arr
+        index[list(face_rules.BOX_COLUMNS)] = box_arr
         index["prob"] = det["prob"].to_numpy()
         index["box_source"] = boxes["box_source"].to_numpy()
         index[list(INDEX_COLUMNS)].to_csv(tmp / "index.csv", index=False)
@@ -292,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from core.config import TrainConfig
 
     default_h, default_w = TrainConfig().image_size
-    d = F.FaceSettings()
+    d = FaceSettings()
     ap = argparse.ArgumentParser(prog="python -m core.cache",
                                  description="Prebuild the face-cropped image cache of a data set.")
     ap.add_argument("--data", required=True, help="data folder (train/, eval/)")
@@ -315,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _build_and_report(args: argparse.Namespace) -> int:
     """Body of ``python -m core.cache``: build (or reuse) the cache and say what it holds."""
-    settings = F.FaceSettings(reduce=args.reduce, margin=args.margin,
+    settings = FaceSettings(reduce=args.reduce, margin=args.margin,
                               min_prob=args.min_prob, min_face_size=args.min_face_size,
                               device=args.device)
     cache = build_cache(args.data, (args.height, args.width), settings, args.cache_root,

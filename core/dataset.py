@@ -320,6 +320,11 @@ def data_fingerprint(table: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
+def folds_fingerprint(folds: np.ndarray) -> str:
+    """Short hash of a fold assignment: trials ensemble only predictions made on equal folds."""
+    return hashlib.sha256(np.ascontiguousarray(folds, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
 def eval_fingerprint(eval_table: pd.DataFrame) -> str:
     """Short hash of the eval table's files in order (``eval/info.csv``).
 
@@ -330,3 +335,12 @@ def eval_fingerprint(eval_table: pd.DataFrame) -> str:
     for f in eval_table["file"]:
         h.update(f"{f}\n".encode())
     return h.hexdigest()[:16]
+
+
+def fingerprints(table: pd.DataFrame, folds: np.ndarray, eval_table: pd.DataFrame
+                 ) -> dict[str, str]:
+    """The user attrs that say which rows a trial's OOF and eval probabilities belong to: a
+    retry resumes, and the ensemble combines, only trials whose three match."""
+    return {"data_fingerprint": data_fingerprint(table),
+            "folds_fingerprint": folds_fingerprint(folds),
+            "eval_fingerprint": eval_fingerprint(eval_table)}

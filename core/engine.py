@@ -191,6 +191,17 @@ def _train_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.
     return loss_sum.item() / max(seen, 1), seen, time.perf_counter() - t0
 
 
+def _fold_inputs(cfg: TrainConfig, train_images: Images, train_targets: np.ndarray,
+                 val_images: Images, val_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Checked inputs of a fold: a valid config, images at its size, int64 targets and labels."""
+    cfg.validate()
+    _check_size(train_images, cfg, "train_images")
+    _check_size(val_images, cfg, "val_images")
+    if len(train_images) == 0 or len(val_images) == 0:
+        raise ValueError("fit_fold needs at least one training and one validation image")
+    return np.asarray(train_targets, dtype=np.int64), np.asarray(val_labels, dtype=np.int64)
+
+
 def fit_fold(
     cfg: TrainConfig,
     train_images: Images,
@@ -207,14 +218,8 @@ def fit_fold(
     so far comes back with ``stopped_early=True``. The selected epoch's weights (on the CPU) and
     validation probabilities are kept (``cfg.select_epoch``; see ``FoldResult``).
     """
-    cfg.validate()
-    _check_size(train_images, cfg, "train_images")
-    _check_size(val_images, cfg, "val_images")
-    train_targets = np.asarray(train_targets, dtype=np.int64)
-    val_labels = np.asarray(val_labels, dtype=np.int64)
-    if len(train_images) == 0 or len(val_images) == 0:
-        raise ValueError("fit_fold needs at least one training and one validation image")
-
+    train_targets, val_labels = _fold_inputs(cfg, train_images, train_targets, val_images,
+                                             val_labels)
     device = cfg.resolved_device()
     seed_everything(cfg.seed)
     model = create_model(cfg).to(device, memory_format=memory_format_for(device, cfg))
@@ -241,16 +246,14 @@ def fit_fold(
             f"epoch {epoch + 1}/{cfg.epochs}", progress)
         probs = (_predict_loader(model, val_loader, cfg, device, tta=cfg.tta)
                  if math.isfinite(loss) else None)
-        if probs is None or not np.isfinite(probs).all():  # a search tries absurd settings
-            diverged = True
-            history.append({"epoch": epoch, "train_loss": loss, "val_f1": float("nan"),
-                            "seconds": time.perf_counter() - t0,
-                            "images_per_s": seen / train_seconds, "diverged": True})
-            break
-        val_f1 = macro_f1(val_labels, probs)
+        diverged = probs is None or not np.isfinite(probs).all()  # a search tries absurd settings
+        val_f1 = float("nan") if diverged else macro_f1(val_labels, probs)
         history.append({"epoch": epoch, "train_loss": loss, "val_f1": val_f1,
-                        "seconds": time.perf_counter() - t0,
-                        "images_per_s": seen / train_seconds, "lr": scheduler.get_last_lr()[0]})
+                        "seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds,
+                        **({"diverged": True} if diverged else
+                           {"lr": scheduler.get_last_lr()[0]})})
+        if diverged:
+            break
         if val_f1 > best_f1 or best_epoch < 0:
             best_f1, best_epoch = val_f1, epoch
         # "last" snapshots every finished epoch: a later epoch may diverge and wreck the weights.

@@ -15,12 +15,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from core import faces as F
+from core import faces as face_rules
 from core import images as img_io
+from core.faces import FaceSettings
 from core.pool import Runner, chunks, in_worker
 
 
-def detect_chunk(paths: list[str], settings: F.FaceSettings
+def detect_chunk(paths: list[str], settings: FaceSettings
                  ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """(N, 6) detections (``FaceDetector.detect_small``), (N, 2) full (h, w), and per file the
     reason it cannot be decoded (None when it can): every bad file of a chunk is reported."""
@@ -44,11 +45,11 @@ def detect_chunk(paths: list[str], settings: F.FaceSettings
         sizes[k] = hw
         good.append(k)
     if good:  # the detector loads on the first decodable image (seconds; none if all are bad)
-        det[good] = F.get_detector(settings).detect_small(smalls, scales)
+        det[good] = face_rules.get_detector(settings).detect_small(smalls, scales)
     return det, sizes, reasons
 
 
-def detect_files(paths: list[str], settings: F.FaceSettings, runner: Runner,
+def detect_files(paths: list[str], settings: FaceSettings, runner: Runner,
                  progress: bool = False) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """``detect_chunk`` over all ``paths`` in chunks of ``batch_size``, on the runner's
     processes (in this process when the device is not the CPU: one GPU serves every batch)."""
@@ -65,12 +66,12 @@ def detect_files(paths: list[str], settings: F.FaceSettings, runner: Runner,
     return det, sizes, reasons
 
 
-def detections(listing: pd.DataFrame, data_dir: Path, faces: F.FaceSettings, table: Path,
+def detections(listing: pd.DataFrame, data_dir: Path, faces: FaceSettings, table: Path,
                runner: Runner, progress: bool) -> pd.DataFrame:
     """Raw detections for every listed file, detecting only files new or changed since the
     saved table; the table is updated atomically. Undecodable files stop the build with one
     error listing them all (after the good files' boxes are saved, so a rerun keeps them)."""
-    saved = F.load_detections(table)
+    saved = face_rules.load_detections(table)
     if saved.empty:
         saved = saved.astype({"size": np.int64, "mtime_ns": np.int64})
     keep = saved.merge(listing[["file", "size", "mtime_ns"]], on=["file", "size", "mtime_ns"])
@@ -82,13 +83,13 @@ def detections(listing: pd.DataFrame, data_dir: Path, faces: F.FaceSettings, tab
         new = pd.DataFrame({"file": todo, "size": rows["size"].to_numpy(),
                             "mtime_ns": rows["mtime_ns"].to_numpy(), "width": sizes[:, 1],
                             "height": sizes[:, 0]})
-        new[[*F.BOX_COLUMNS, "prob"]] = found[:, :5]
+        new[[*face_rules.BOX_COLUMNS, "prob"]] = found[:, :5]
         new["pass"] = found[:, 5].astype(np.int64)
         ok = np.array([r is None for r in reasons], dtype=bool)
         new = new[ok]
         if len(new):  # the good files' boxes are kept even when some files are bad
             keep = pd.concat([keep, new], ignore_index=True) if len(keep) else new
-            F.save_detections(keep, table)
+            face_rules.save_detections(keep, table)
         if not ok.all():
             bad = [(f, r) for f, r in zip(todo, reasons, strict=True) if r is not None]
             order = {f: i for i, f in enumerate(listing["file"])}

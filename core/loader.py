@@ -23,7 +23,7 @@ class RowView:
 
     ``memmap[rows]`` would load every selected image into RAM (gigabytes per fold on the real
     set, per worker); this reads ``images[rows[i]]`` only when item ``i`` is asked for. Enough
-    of the array interface (``len``, ``shape``, ``ndim``, ``dtype``, int/slice indexing) for
+    of the array interface (``len``, ``shape``, ``ndim``, ``dtype``, int/slice/mask indexing) for
     ``ImageArrayDataset``, ``fit_fold`` and ``predict``.
     """
 
@@ -39,8 +39,9 @@ class RowView:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int | slice) -> np.ndarray | RowView:
-        if isinstance(i, slice):
+    def __getitem__(self, i: int | slice | np.ndarray) -> np.ndarray | RowView:
+        """One image for an int; a narrower view for a slice, a boolean mask or row numbers."""
+        if isinstance(i, (slice, np.ndarray)):
             return RowView(self.images, self.rows[i])
         return self.images[int(self.rows[i])]
 

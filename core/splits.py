@@ -9,7 +9,6 @@ images, but it balances people directly and is 7x smaller.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 
 import numpy as np
@@ -60,8 +59,3 @@ def person_folds(table: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> np.nda
         fold_of_person[val] = k
     lookup = pd.Series(fold_of_person, index=people["person"])
     return lookup.loc[table["person"]].to_numpy(dtype=np.int64)
-
-
-def folds_fingerprint(folds: np.ndarray) -> str:
-    """Short hash of a fold assignment: trials ensemble only predictions made on equal folds."""
-    return hashlib.sha256(np.ascontiguousarray(folds, dtype=np.int64).tobytes()).hexdigest()[:16]

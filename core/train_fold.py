@@ -68,14 +68,12 @@ def run(args: argparse.Namespace) -> float:
     folds = person_folds(table, n_folds=args.folds, seed=args.seed)
     cache = build_cache(args.data, image_size=tuple(cfg.image_size),
                         progress=not args.quiet)
-    rows = cache.rows(table["file"].tolist())
+    images = cache.view(table["file"].tolist())  # read as asked, never copied into RAM
     targets = training_targets(table, cfg.age_threshold)
-    tr = (folds != args.fold).nonzero()[0]
-    va = (folds == args.fold).nonzero()[0]
-    # Fancy indexing copies the fold into memory once; sorted rows read the memmap in order.
-    train_images = cache.images[rows[tr]]
-    val_images = cache.images[rows[va]]
-    print(f"fold {args.fold}/{args.folds}: {len(tr)} training images, {len(va)} validation "
+    tr, va = folds != args.fold, folds == args.fold
+    train_images, val_images = images[tr], images[va]
+    print(f"fold {args.fold}/{args.folds}: {len(train_images)} training images, "
+          f"{len(val_images)} validation "
           f"images, config {cfg.to_json()}", flush=True)
 
     def report(epoch: int, f1: float) -> bool:

@@ -163,8 +163,8 @@ def recipe_of(args: argparse.Namespace) -> Recipe:
 
 def _load_study(args: argparse.Namespace):
     """(study, storage, data_dir, table, folds, eval_table, ranked trials, notes, fps)."""
-    from core.dataset import data_fingerprint, eval_fingerprint, load_eval_table, load_train_table
-    from core.splits import folds_fingerprint, person_folds
+    from core.dataset import fingerprints, load_eval_table, load_train_table
+    from core.splits import person_folds
     from search import paths
     from search.ensemble_trials import check_against_now, open_study, rank_trials
 
@@ -184,9 +184,7 @@ def _load_study(args: argparse.Namespace):
     table = load_train_table(data_dir, corrections=attrs.get("corrections"))
     folds = person_folds(table, int(attrs["n_folds"]), seed=int(attrs["fold_seed"]))
     eval_table = load_eval_table(data_dir)
-    now = {"data_fingerprint": data_fingerprint(table),
-           "folds_fingerprint": folds_fingerprint(folds),
-           "eval_fingerprint": eval_fingerprint(eval_table)}
+    now = fingerprints(table, folds, eval_table)
     check_against_now(ranked, now, data_dir)
     return storage, data_dir, table, folds, eval_table, ranked, notes, now
 

@@ -20,8 +20,9 @@ Why it looks like this:
 - ``data_fingerprint``, ``folds_fingerprint`` and ``eval_fingerprint`` (user attrs) say which
   rows a trial's OOF and eval probabilities belong to; the ensemble refuses mismatches.
 - Data (tables, folds, image caches) is loaded once per process in ``StudyData``. Folds and the
-  eval set reach the engine as ``RowView``s on the cache's memmap, never as copies: a copy per
-  fold (and of the eval set per trial) costs ~10 GB of RAM per worker on the real set.
+  eval set reach the engine as views on the cache's memmap (``ImageCache.view``), never as
+  copies: a copy per fold (and of the eval set per trial) costs ~10 GB of RAM per worker on the
+  real set.
 """
 
 from __future__ import annotations
@@ -43,19 +44,13 @@ import torch
 from core.atomic import atomic_write
 from core.cache import ImageCache, build_cache
 from core.config import MACHINE_FIELDS, ConfigError, TrainConfig
-from core.dataset import (
-    data_fingerprint,
-    eval_fingerprint,
-    load_eval_table,
-    load_train_table,
-    training_targets,
-)
+from core.dataset import fingerprints, load_eval_table, load_train_table, training_targets
 from core.engine import FoldResult, fit_fold, predict
 from core.errors import DataError
 from core.labels import NUM_CLASSES
 from core.loader import RowView
 from core.metrics import macro_f1
-from core.splits import folds_fingerprint, person_folds
+from core.splits import person_folds
 from core.weights import weights_file
 from search import artifacts
 from search.artifacts import (
@@ -104,13 +99,16 @@ class StudyData:
             self._caches[key] = build_cache(self.data_dir, key, progress=self.progress, **kwargs)
         return self._caches[key]
 
-    def train_rows(self, image_size: tuple[int, int]) -> np.ndarray:
-        return self.cache(image_size).rows(self.table["file"].tolist())
+    def train_images(self, image_size: tuple[int, int]) -> RowView:
+        """The training images in table order, as a view on the cache (nothing copied to RAM)."""
+        return self.cache(image_size).view(self.table["file"].tolist())
 
     def eval_images(self, image_size: tuple[int, int]) -> RowView:
         """The eval images in info.csv order, as a view on the cache (nothing copied to RAM)."""
-        cache = self.cache(image_size)
-        return RowView(cache.images, cache.rows(self.eval_table["file"].tolist()))
+        return self.cache(image_size).view(self.eval_table["file"].tolist())
+
+    def fingerprints(self) -> dict[str, str]:
+        return fingerprints(self.table, self.folds, self.eval_table)
 
 
 def load_study_data(data_dir: str | Path, corrections: str | Path | None, n_folds: int,
@@ -182,9 +180,7 @@ class Objective:
             return config is not None and {**config, **machine} == {**cfg.to_dict(), **machine}
 
         if not (same(attrs.get("config"))
-                and attrs.get("data_fingerprint") == data_fingerprint(self.data.table)
-                and attrs.get("folds_fingerprint") == folds_fingerprint(self.data.folds)
-                and attrs.get("eval_fingerprint") == eval_fingerprint(self.data.eval_table)):
+                and all(attrs.get(k) == v for k, v in self.data.fingerprints().items())):
             return {}
         return {k: attrs[fold_done_attr(k)] for k in range(self.data.n_folds)
                 if isinstance(attrs.get(fold_done_attr(k)), dict)}
@@ -207,11 +203,9 @@ class Objective:
         labels = data.labels
         done = self.resumable(trial, cfg)
         trial.set_user_attr("config", cfg.to_dict())
-        trial.set_user_attr("data_fingerprint", data_fingerprint(data.table))
-        trial.set_user_attr("folds_fingerprint", folds_fingerprint(data.folds))
-        trial.set_user_attr("eval_fingerprint", eval_fingerprint(data.eval_table))
-        rows = data.train_rows(cfg.image_size)
-        images = data.cache(cfg.image_size).images
+        for name, value in data.fingerprints().items():
+            trial.set_user_attr(name, value)
+        images = data.train_images(cfg.image_size)
         eval_images = data.eval_images(cfg.image_size)
         targets = training_targets(data.table, cfg.age_threshold)
 
@@ -220,8 +214,7 @@ class Objective:
         fold_f1: list[float] = []
         speeds: list[float] = []
         reported: set[int] = set()
-        epochs_trained = 0
-        resumed: list[int] = []
+        epochs_trained, resumed = 0, []
         trial.set_user_attr("epochs_trained", 0)  # a retry inherits the dead trial's count
 
         def report(value: float, step: int) -> bool:
@@ -233,18 +226,11 @@ class Objective:
 
         for k in range(data.n_folds):
             val = data.folds == k
-            tr_idx, val_idx = rows[~val], rows[val]
-            saved = (self._load_fold(trial, k, int(val.sum()), len(eval_images))
-                     if k in done else None)
+            saved = self._resume_fold(trial, k, done, cfg, report) if k in done else None
             if saved is not None:  # a retry: this fold finished before its worker died
-                oof[val] = saved[0]
-                eval_sum += saved[1]
-                fold_f1.append(float(done[k]["f1"]))
-                # Re-report what the pruner saw then (it already let these steps pass).
-                values = [done[k]["f1"]] if self.per_fold else done[k].get("curve", [])
-                for e, v in enumerate(values):
-                    if math.isfinite(v):
-                        report(float(v), k if self.per_fold else k * cfg.epochs + e)
+                oof[val], fold_eval, f1 = saved
+                eval_sum += fold_eval
+                fold_f1.append(f1)
                 resumed.append(k)
                 trial.set_user_attr("resumed_folds", resumed)
                 continue
@@ -256,9 +242,7 @@ class Objective:
                     return False
                 return report(val_f1, k * cfg.epochs + epoch)
 
-            # Views on the memmap: fancy-indexing it would copy the fold's images into RAM.
-            result = self.fit(cfg, RowView(images, tr_idx), targets[~val],
-                              RowView(images, val_idx), labels[val],
+            result = self.fit(cfg, images[~val], targets[~val], images[val], labels[val],
                               on_epoch=on_epoch, progress=self.progress)
             epochs_trained += len(result.history)
             speeds += [h["images_per_s"] for h in result.history if "images_per_s" in h]
@@ -282,6 +266,22 @@ class Objective:
         trial.set_user_attr("images_per_s", float(np.mean(speeds)) if speeds else 0.0)
         self._save_trial(trial, labels, oof, (eval_sum / data.n_folds).astype(np.float32), value)
         return value
+
+    def _resume_fold(self, trial: optuna.Trial, k: int, done: dict[int, dict], cfg: TrainConfig,
+                     report: Callable[[float, int], bool]
+                     ) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """A finished fold of the dead trial: (OOF slice, eval probs, F1), its values reported
+        again at their steps (the pruner already let them pass); None when its files are gone
+        or do not fit, and the fold trains again."""
+        saved = self._load_fold(trial, k, int((self.data.folds == k).sum()),
+                                len(self.data.eval_table))
+        if saved is None:
+            return None
+        values = [done[k]["f1"]] if self.per_fold else done[k].get("curve", [])
+        for e, v in enumerate(values):
+            if math.isfinite(v):
+                report(float(v), k if self.per_fold else k * cfg.epochs + e)
+        return saved[0], saved[1], float(done[k]["f1"])
 
     def _save_fold(self, trial: optuna.Trial, k: int, result: FoldResult,
                    eval_probs: np.ndarray) -> None:

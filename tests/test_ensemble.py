@@ -16,11 +16,15 @@ import pandas as pd
 import pytest
 from optuna.artifacts.exceptions import ArtifactNotFound
 
-from core.dataset import data_fingerprint, eval_fingerprint, load_eval_table, load_train_table
+from core.dataset import (
+    fingerprints,
+    load_eval_table,
+    load_train_table,
+)
 from core.errors import DataError
 from core.labels import NUM_CLASSES
 from core.metrics import macro_f1
-from core.splits import folds_fingerprint, person_folds
+from core.splits import person_folds
 from search import artifacts
 from search.artifacts import EVAL, OOF
 from search.ensemble import (
@@ -199,9 +203,7 @@ class StudyMaker:
         self.labels = table["label"].to_numpy()
         folds = person_folds(table, N_FOLDS, seed=3)
         eval_table = load_eval_table(data)
-        self.fps = {"data_fingerprint": data_fingerprint(table),
-                    "folds_fingerprint": folds_fingerprint(folds),
-                    "eval_fingerprint": eval_fingerprint(eval_table)}
+        self.fps = fingerprints(table, folds, eval_table)
         self.eval_ids = eval_table["ImageID"].tolist()
         answers = pd.read_csv(data / "eval_answers.csv", dtype={"ImageID": str})
         self.answers = answers.set_index("ImageID")["ans"].loc[self.eval_ids].to_numpy()

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.dataset import load_train_table
+from core.dataset import folds_fingerprint, load_train_table
 from core.errors import DataError
-from core.splits import folds_fingerprint, person_folds
+from core.splits import person_folds
 
 
 def people_table(n_people: int, seed: int) -> pd.DataFrame:
