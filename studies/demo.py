@@ -12,6 +12,7 @@ import optuna
 
 from core.atomic import build_folder_once
 from core.config import TrainConfig
+from studies.cpu_training import cpu_training
 
 FOLDS = 3
 FOLD_SEED = 0
@@ -54,12 +55,5 @@ def space(trial: optuna.Trial) -> TrainConfig:
                                                 ["none", "inverse", "sqrt_inverse"]),
         label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.2),
         aug_strength=trial.suggest_float("aug_strength", 0.0, 0.6),
-        optimizer="adamw",
-        lr=trial.suggest_float("lr", 1e-4, 3e-2, log=True),
-        weight_decay=trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
-        scheduler="cosine",
-        epochs=EPOCHS,
-        batch_size=32,
-        age_threshold=trial.suggest_int("age_threshold", 57, 60),
-        tta=False,
+        **cpu_training(trial, lr=(1e-4, 3e-2), epochs=EPOCHS),
     )

@@ -72,9 +72,9 @@ def space(trial: optuna.Trial) -> TrainConfig:
         "class_weights", ["none", "inverse", "sqrt_inverse", "effective"])
     return TrainConfig(
         backbone=trial.suggest_categorical("backbone", list(BACKBONES)),
-        pretrained=True,
         image_size=IMAGE_SIZES[trial.suggest_categorical("image_size", list(IMAGE_SIZES))],
         head=trial.suggest_categorical("head", ["single", "multi"]),
+        pretrained=True,  # the competition's backbones start from ImageNet weights
         drop_rate=trial.suggest_float("drop_rate", 0.0, 0.5),
         loss=loss,
         focal_gamma=trial.suggest_float("focal_gamma", 0.5, 3.0) if loss == "focal" else 0.0,

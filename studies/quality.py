@@ -19,6 +19,7 @@ import optuna
 from core.atomic import build_folder_once
 from core.config import TrainConfig
 from core.errors import DataError
+from studies.cpu_training import cpu_training
 
 FOLDS = 3
 FOLD_SEED = 0
@@ -88,12 +89,5 @@ def space(trial: optuna.Trial) -> TrainConfig:
         aug_strength=trial.suggest_float("aug_strength", 0.0, 0.8),
         mix=mix,
         mix_prob=trial.suggest_float("mix_prob", 0.1, 0.8) if mix != "none" else 0.0,
-        optimizer="adamw",
-        lr=trial.suggest_float("lr", 3e-4, 1e-2, log=True),
-        weight_decay=trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
-        scheduler="cosine",
-        epochs=EPOCHS,
-        batch_size=32,
-        age_threshold=trial.suggest_int("age_threshold", 57, 60),
-        tta=False,
+        **cpu_training(trial, lr=(3e-4, 1e-2), epochs=EPOCHS),
     )
