@@ -31,7 +31,7 @@ if not __package__:  # run as a file (python bench/NAME.py): import from the che
 
 from search.artifacts import open_store
 from search.objective import Objective, load_study_data
-from search.study_settings import DEFAULT_PRUNER, REPORT_MODE, make_pruner, make_sampler
+from search.study_settings import DEFAULT_PRUNER, REPORT_MODE, create_pruner, create_sampler
 from studies import demo
 
 ARMS = ("none", "median", "hyperband", "halving", "wilcoxon")
@@ -40,8 +40,8 @@ ARMS = ("none", "median", "hyperband", "halving", "wilcoxon")
 def arm(pruner: str, data, trials: int, epochs: int, seed: int, tmp: Path) -> dict:
     """One search of ``trials`` trials with ``pruner`` and TPE seeded ``seed``."""
     n_folds = data.n_folds
-    study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", seed),
-                                pruner=make_pruner(pruner, n_folds * epochs, n_folds))
+    study = optuna.create_study(direction="maximize", sampler=create_sampler("tpe", seed),
+                                pruner=create_pruner(pruner, n_folds * epochs, n_folds))
     obj = Objective(demo, data, open_store(tmp / f"{pruner}-{seed}"), epochs=epochs,
                     per_fold=REPORT_MODE[pruner] == "fold")
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ Arms, each with its own model, optimizer and scheduler, doing the same steps on 
 (``core.engine.train_step``, the step every trial runs):
 
 - limit: one random batch already on the device: what the hardware does with no input at all;
-- ours, N workers: the engine's loader (``core.loader.make_loader``: rows of a memory-mapped
+- ours, N workers: the engine's loader (``core.loader.create_loader``: rows of a memory-mapped
   uint8 array shaped like the image cache -> ``train_transform`` -> batches, N worker
   processes, pinned memory on CUDA) -> the step; ``auto`` is ``default_loader_workers(device)``;
 - naive (``--naive``): every image decoded again from its 384x512 file (PIL), resized, the same
@@ -82,16 +82,16 @@ def new_trainer(cfg: TrainConfig, total_steps: int) -> tuple:
     from core.augment import create_mixup
     from core.engine import memory_format_for
     from core.loader import seed_everything
-    from core.losses import build_loss
+    from core.losses import create_loss
     from core.models import create_model
-    from core.optim import make_optimizer, make_scheduler
+    from core.optim import create_optimizer, create_scheduler
 
     device = cfg.resolved_device()
     seed_everything(cfg.seed)
     model = create_model(cfg).to(device, memory_format=memory_format_for(device, cfg)).train()
-    criterion = build_loss(cfg, np.arange(cfg.batch_size) % 18).to(device)
-    optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=total_steps)
+    criterion = create_loss(cfg, np.arange(cfg.batch_size) % 18).to(device)
+    optimizer = create_optimizer(cfg, model)
+    scheduler = create_scheduler(cfg, optimizer, steps_per_epoch=total_steps)
     return model, criterion, optimizer, scheduler, create_mixup(cfg)
 
 
@@ -201,7 +201,7 @@ def worker_counts(tokens: Iterable[str], device: str) -> list[tuple[str, int]]:
 def end_to_end_arms(cfg: TrainConfig, args: argparse.Namespace, tmp: Path) -> list[Arm]:
     """The loader arms on synthetic photos; raises ImportError when Albumentations is missing."""
     from core.augment import train_transform  # Albumentations: the one extra the arms need
-    from core.loader import make_loader
+    from core.loader import create_loader
     from core.synth import generate
 
     device = cfg.resolved_device()
@@ -217,7 +217,7 @@ def end_to_end_arms(cfg: TrainConfig, args: argparse.Namespace, tmp: Path) -> li
     for label, workers in counts:
         c = dataclasses.replace(cfg, num_workers=workers)
         arms.append(Arm(f"ours, {workers} loader workers ({label})", c, lambda c=c: iter(
-            make_loader(rows, labels, train_transform(c), c.batch_size, c, True, device))))
+            create_loader(rows, labels, train_transform(c), c.batch_size, c, True, device))))
     if args.naive:
         c = arms[0].cfg
         cycled = [files[i % len(files)] for i in range(n)]  # as many rows as ours: no wrap

@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 from core.augment import create_mixup, eval_transform, mix_batch, train_transform
 from core.config import ConfigError, TrainConfig
 from core.labels import NUM_CLASSES
-from core.loader import Images, make_loader, seed_everything
-from core.losses import build_loss
+from core.loader import Images, create_loader, seed_everything
+from core.losses import create_loss
 from core.metrics import macro_f1  # also re-exported as core.engine.macro_f1
 from core.models import create_model, to_probabilities
-from core.optim import make_optimizer, make_scheduler
+from core.optim import create_optimizer, create_scheduler
 
 #: How often (in steps) the loop syncs with the device to check the loss and update the bar.
 #: Checking every step would stall the GPU pipeline; every few steps catches a NaN early enough.
@@ -121,7 +121,7 @@ def predict(
         model.load_state_dict(model_or_state_dict)
     model = model.to(device, memory_format=memory_format_for(device, cfg))
     _check_size(images, cfg, "images")
-    loader = make_loader(images, None, eval_transform(cfg), batch_size or cfg.batch_size, cfg,
+    loader = create_loader(images, None, eval_transform(cfg), batch_size or cfg.batch_size, cfg,
                          train=False, device=device)
     return _predict_loader(model, loader, cfg, device, cfg.tta if tta is None else tta)
 
@@ -223,13 +223,13 @@ def fit_fold(
     device = cfg.resolved_device()
     seed_everything(cfg.seed)
     model = create_model(cfg).to(device, memory_format=memory_format_for(device, cfg))
-    criterion = build_loss(cfg, train_targets).to(device)
-    optimizer = make_optimizer(cfg, model)
-    train_loader = make_loader(train_images, train_targets, train_transform(cfg), cfg.batch_size,
+    criterion = create_loss(cfg, train_targets).to(device)
+    optimizer = create_optimizer(cfg, model)
+    train_loader = create_loader(train_images, train_targets, train_transform(cfg), cfg.batch_size,
                                cfg, train=True, device=device)
-    val_loader = make_loader(val_images, val_labels, eval_transform(cfg), cfg.batch_size, cfg,
+    val_loader = create_loader(val_images, val_labels, eval_transform(cfg), cfg.batch_size, cfg,
                              train=False, device=device)
-    scheduler = make_scheduler(cfg, optimizer, len(train_loader))
+    scheduler = create_scheduler(cfg, optimizer, len(train_loader))
     mixup = create_mixup(cfg)
 
     history: list[dict[str, Any]] = []

@@ -125,7 +125,7 @@ def default_loader_workers(device: str, processes: int = 1) -> int:
     return max(0, min(MAX_AUTO_LOADER_WORKERS, (cores or 1) // max(1, processes) - 1))
 
 
-def make_loader(
+def create_loader(
     images: Images,
     labels: np.ndarray | None,
     transform: Callable,

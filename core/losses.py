@@ -151,7 +151,7 @@ class MultiHeadLoss(nn.Module):
                    for lp, tt, w in zip(heads, t, weights, strict=True))
 
 
-def build_loss(
+def create_loss(
     cfg: TrainConfig,
     targets: np.ndarray | torch.Tensor,
     multi_head: bool | None = None,

@@ -11,7 +11,7 @@ from torch import nn
 from core.config import OPTIMIZERS, ConfigError, TrainConfig
 
 
-def make_optimizer(cfg: TrainConfig, model: nn.Module | Iterable) -> torch.optim.Optimizer:
+def create_optimizer(cfg: TrainConfig, model: nn.Module | Iterable) -> torch.optim.Optimizer:
     """Adam / AdamW / SGD (Nesterov momentum when momentum > 0) from timm's optimizer factory.
 
     Given the model, timm keeps weight decay off biases, norm layers and other 1-D parameters:
@@ -26,7 +26,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module | Iterable) -> torch.optim
                                momentum=cfg.momentum)
 
 
-def make_scheduler(
+def create_scheduler(
     cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-iteration schedule from torch's own schedulers: linear warmup over

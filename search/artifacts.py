@@ -4,6 +4,18 @@ Why a module: the objective writes and the ensemble reads the same artifacts, so
 rule lives here once. Each artifact is uploaded with ``optuna.artifacts.upload_artifact``
 (which records its metadata on the trial, so optuna-dashboard lists it) and its id is also
 stored in the trial's user attr ``artifact_<name>``: that is how a reader finds it by name.
+
+What a trial leaves (the contract the ensemble, dashboard and retries read):
+
+- per fold ``k``, when the fold ends: ``oof_fold<k>`` (float32, that fold's rows in table
+  order), ``eval_fold<k>`` (float32 (N_eval, 18)), ``checkpoint_fold<k>`` (a state_dict), then
+  the user attr ``fold_done_<k>`` = ``{f1, selected_epoch, best_f1, best_epoch, epochs, curve}``;
+- a complete trial: ``oof`` (float32 (N_train, 18), table order), ``eval`` (float32
+  (N_eval, 18), info.csv order, mean of the fold models), ``confusion`` (PNG), ``class_f1``
+  (JSON, class name -> F1 or null);
+- user attrs ``config``, the three fingerprints (``core.dataset.fingerprints``), ``fold_f1``,
+  ``epochs_trained``, ``images_per_s``, ``worker``; when relevant ``resumed_folds``,
+  ``pruned_because``, ``error`` (a FAIL's reason), ``clamped`` (``{name: {sampled, used}}``).
 """
 
 from __future__ import annotations

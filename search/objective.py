@@ -3,10 +3,9 @@
 Why it looks like this:
 - Folds are fixed per study (``person_folds`` with the study's seed), so every trial's
   out-of-fold (OOF) predictions line up row for row and can be ensembled later.
-- Pruning: one value per epoch of each fold at step ``fold * epochs + epoch``, so a step means
-  the same thing in every trial and Median/Halving/Hyperband compare like with like; with
-  ``per_fold=True`` (the Wilcoxon pruner) one value per fold at step ``fold``. A step is never
-  reported twice (that is checked, not hoped).
+- Pruning: the step scheme is ``search.study_settings.REPORT_MODE`` (per epoch of each fold,
+  or per fold with ``per_fold=True``), so a step means the same thing in every trial. A step is
+  never reported twice (that is checked, not hoped).
 - The objective value is macro F1 over all OOF predictions together against the TRUE labels.
   Each fold contributes its SELECTED epoch (``TrainConfig.select_epoch``): by default the last
   one, so no epoch is picked on the labels the trial is scored on; "best" is optimistic.

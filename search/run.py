@@ -52,9 +52,9 @@ from search.run_args import build_parser
 from search.space import fixed_sampler, override_waiting, warm_start
 from search.storage import open_storage
 from search.study_settings import (
+    create_pruner,
+    create_sampler,
     fixed_settings,
-    make_pruner,
-    make_sampler,
     settle,
     settle_pruner,
 )
@@ -157,7 +157,7 @@ def open_run(args: argparse.Namespace) -> Run:
     if created and not args.no_warm_start:  # the study's known-good recipes go first, once
         for params in warm_start(module, fixed["fixed"]):
             study.enqueue_trial(params)
-    study.sampler = fixed_sampler(make_sampler(args.sampler, seed), fixed["fixed"])
+    study.sampler = fixed_sampler(create_sampler(args.sampler, seed), fixed["fixed"])
     override_waiting(study, storage, fixed["fixed"])
     if not Path(fixed["data_dir"]).is_dir():
         raise DataError(f"data folder {fixed['data_dir']!r} (stored on study {name!r}) does "
@@ -165,7 +165,7 @@ def open_run(args: argparse.Namespace) -> Run:
     n_folds, epochs = int(fixed["n_folds"]), int(fixed["epochs"])
     pruner = settle_pruner(name, args.pruner, str(fixed["report_mode"]),
                            study.user_attrs.get("pruner"))
-    study.pruner = make_pruner(pruner, n_folds * epochs, n_folds)
+    study.pruner = create_pruner(pruner, n_folds * epochs, n_folds)
     budget = Budget.of(args.hours * 3600 if args.hours else args.timeout)
     return Run(args, module, storage, storage_url, study, fixed, weights, budget)
 

@@ -39,7 +39,7 @@ FLAGS = {"n_folds": "--folds", "data_dir": "--data", "epochs": "--epochs", "fixe
          "corrections": "--corrections", "weights": "--weights"}
 
 
-def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+def create_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "gp":
@@ -47,7 +47,7 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def make_pruner(name: str, n_steps: int, n_folds: int,
+def create_pruner(name: str, n_steps: int, n_folds: int,
                 n_startup_trials: int = 3) -> optuna.pruners.BasePruner:
     """``n_steps`` = folds * epochs: the last step any trial reports (epoch mode)."""
     if name == "median":

@@ -244,7 +244,7 @@ def stop_at_data(monkeypatch: pytest.MonkeyPatch) -> dict:
         return optuna.pruners.NopPruner()
 
     monkeypatch.setattr("search.run.load_study_data", load)
-    monkeypatch.setattr("search.run.make_pruner", pruner)
+    monkeypatch.setattr("search.run.create_pruner", pruner)
     return seen
 
 

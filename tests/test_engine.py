@@ -262,8 +262,8 @@ def test_schedules_warm_up_then_follow_their_shape():
 
     def lrs(**kw) -> list[float]:
         cfg = _cfg(epochs=4, lr=1.0, **kw)
-        opt = optim.make_optimizer(cfg, p)
-        sched = optim.make_scheduler(cfg, opt, steps)
+        opt = optim.create_optimizer(cfg, p)
+        sched = optim.create_scheduler(cfg, opt, steps)
         out = []
         for _ in range(cfg.epochs * steps):
             out.append(opt.param_groups[0]["lr"])
@@ -312,7 +312,7 @@ def test_weight_decay_spares_biases_and_norm_layers(optimizer):
     from core.models import create_model
 
     model = create_model(_cfg(backbone="test_resnet"))
-    opt = optim.make_optimizer(_cfg(optimizer=optimizer, weight_decay=0.1), model)
+    opt = optim.create_optimizer(_cfg(optimizer=optimizer, weight_decay=0.1), model)
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert len(decay) == len(list(model.parameters()))
     for name, p in model.named_parameters():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from core.config import ConfigError, TrainConfig
 from core.errors import DataError
 from core.labels import NUM_CLASSES, decode, encode
-from core.losses import build_loss, class_weights
+from core.losses import class_weights, create_loss
 
 # A small hand-made target vector: class 0 x4, class 1 x2, class 5 x1, class 17 x1; the other
 # 14 classes are absent.
@@ -76,24 +76,24 @@ def _batch(n=16, seed=0):
 def test_focal_gamma_zero_is_cross_entropy_hard(weights):
     logits, hard, _ = _batch()
     cfg = TrainConfig(loss="focal", focal_gamma=0.0, class_weights=weights)
-    loss = build_loss(cfg, TARGETS)
+    loss = create_loss(cfg, TARGETS)
     w = class_weights(TARGETS, weights)
     torch.testing.assert_close(loss(logits, hard), F.cross_entropy(logits, hard, weight=w))
 
 
 def test_focal_gamma_zero_is_cross_entropy_soft_and_smoothed():
     logits, hard, soft = _batch()
-    loss = build_loss(TrainConfig(loss="focal", focal_gamma=0.0), TARGETS)
+    loss = create_loss(TrainConfig(loss="focal", focal_gamma=0.0), TARGETS)
     torch.testing.assert_close(loss(logits, soft), F.cross_entropy(logits, soft))
-    smooth = build_loss(TrainConfig(loss="ce", label_smoothing=0.1), TARGETS)
+    smooth = create_loss(TrainConfig(loss="ce", label_smoothing=0.1), TARGETS)
     torch.testing.assert_close(smooth(logits, hard),
                                F.cross_entropy(logits, hard, label_smoothing=0.1))
 
 
 def test_focal_down_weights_easy_examples():
     logits, hard, _ = _batch()
-    ce = build_loss(TrainConfig(loss="ce", focal_gamma=2.0), TARGETS)  # "ce" ignores gamma
-    focal = build_loss(TrainConfig(loss="focal", focal_gamma=2.0), TARGETS)
+    ce = create_loss(TrainConfig(loss="ce", focal_gamma=2.0), TARGETS)  # "ce" ignores gamma
+    focal = create_loss(TrainConfig(loss="focal", focal_gamma=2.0), TARGETS)
     torch.testing.assert_close(ce(logits, hard), F.cross_entropy(logits, hard))
     assert 0 < focal(logits, hard) < ce(logits, hard)
     # per-example reference: -(1 - p_y)^gamma log p_y, mean
@@ -111,7 +111,7 @@ def test_multi_head_loss_is_sum_of_head_losses():
     hard = torch.randint(0, NUM_CLASSES, (8,), generator=g)
     m, gd, a = (torch.as_tensor(v) for v in decode(hard.numpy()))
     cfg = TrainConfig(head="multi", class_weights="inverse")
-    loss = build_loss(cfg, TARGETS)
+    loss = create_loss(cfg, TARGETS)
     wm, wg, wa = (class_weights(np.asarray(p), "inverse", num_classes=k)
                   for p, k in zip(decode(TARGETS), (3, 2, 3), strict=True))
     expected = (F.cross_entropy(zm, m, weight=wm) + F.cross_entropy(zg, gd, weight=wg)
@@ -119,14 +119,14 @@ def test_multi_head_loss_is_sum_of_head_losses():
     torch.testing.assert_close(loss(log_probs18, hard), expected)
     # soft one-hot targets give the same loss as hard ones
     torch.testing.assert_close(loss(log_probs18, F.one_hot(hard, 18).float()), expected)
-    # build_loss follows the flag over cfg.head
-    assert build_loss(TrainConfig(head="single"), TARGETS, multi_head=True).multi_head
+    # create_loss follows the flag over cfg.head
+    assert create_loss(TrainConfig(head="single"), TARGETS, multi_head=True).multi_head
 
 
 def test_multi_head_weights_come_from_marginal_counts():
     # 3 wear-mask images and 1 not-worn: mask weights 1/3 vs 1, incorrect absent -> rarest (1)
     t = encode(np.array([0, 0, 0, 2]), np.array([0, 1, 1, 1]), np.array([0, 1, 2, 2]))
-    loss = build_loss(TrainConfig(head="multi", class_weights="inverse"), t)
+    loss = create_loss(TrainConfig(head="multi", class_weights="inverse"), t)
     np.testing.assert_allclose(loss.w_mask.numpy(), np.array([1 / 3, 1, 1]) / (7 / 3) * 3,
                                rtol=1e-6)
     np.testing.assert_allclose(loss.w_gender.numpy(), np.array([1, 1 / 3]) / (4 / 3) * 2,
@@ -136,7 +136,7 @@ def test_multi_head_weights_come_from_marginal_counts():
 def test_loss_backpropagates_and_accepts_bfloat16():
     logits, hard, _ = _batch()
     logits = logits.bfloat16().requires_grad_()
-    loss = build_loss(TrainConfig(loss="focal", focal_gamma=1.5, class_weights="effective",
+    loss = create_loss(TrainConfig(loss="focal", focal_gamma=1.5, class_weights="effective",
                                   label_smoothing=0.05), TARGETS)(logits, hard)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()

@@ -31,9 +31,9 @@ import torch
 from core.augment import create_mixup, mix_batch
 from core.config import TrainConfig
 from core.labels import NUM_CLASSES
-from core.losses import build_loss
+from core.losses import create_loss
 from core.models import create_model
-from core.optim import make_optimizer, make_scheduler
+from core.optim import create_optimizer, create_scheduler
 from studies import mask
 
 RANDOM_DRAWS = 300
@@ -70,7 +70,7 @@ class ModelCache:
 def check_loss(cfg: TrainConfig, outputs: torch.Tensor) -> None:
     """The config's loss on the model's outputs, with hard targets and after its CutMix/MixUp,
     is finite and gives finite gradients."""
-    criterion = build_loss(cfg, TARGETS)
+    criterion = create_loss(cfg, TARGETS)
     y = torch.tensor([0, NUM_CLASSES - 1])
     x = torch.zeros(2, 3, 8, 6)  # only the targets matter here; a small image mixes faster
     _, soft = mix_batch(x, y, create_mixup(dataclasses.replace(cfg, mix_prob=1.0)))
@@ -89,10 +89,10 @@ def check_schedule(cfg: TrainConfig, model: torch.nn.Module) -> None:
     The walk uses an optimizer over one spare parameter: stepping Adam on a ResNet-50 350 times
     would dominate the test, and the schedule does not depend on which parameters it drives.
     """
-    make_optimizer(cfg, model.parameters())
+    create_optimizer(cfg, model.parameters())
     spare = torch.nn.Parameter(torch.zeros(1))
-    optimizer = make_optimizer(cfg, [spare])
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=STEPS_PER_EPOCH)
+    optimizer = create_optimizer(cfg, [spare])
+    scheduler = create_scheduler(cfg, optimizer, steps_per_epoch=STEPS_PER_EPOCH)
     lrs = []
     for _ in range(cfg.epochs * STEPS_PER_EPOCH):
         lrs.append(optimizer.param_groups[0]["lr"])
