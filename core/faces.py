@@ -208,8 +208,18 @@ def add_margin(boxes: np.ndarray, sizes: np.ndarray, margin: float) -> np.ndarra
     return np.stack([x1, y1, x2, y2], axis=1).astype(np.int64)
 
 
+def fallback_box(det: pd.DataFrame, settings: FaceSettings) -> np.ndarray | None:
+    """The data set's median found box, normalized by image size (x1, y1, x2, y2 in [0, 1]):
+    what an image with no face found gets. None when no face was found at all."""
+    wh = det[["width", "height"]].to_numpy(dtype=np.float64)
+    norm = det[list(BOX_COLUMNS)].to_numpy(dtype=np.float64) / np.concatenate([wh, wh], axis=1)
+    found = det["prob"].to_numpy(dtype=np.float64) >= settings.min_prob  # NaN -> False
+    return np.median(norm[found], axis=0) if found.any() else None
+
+
 def resolve_boxes(det: pd.DataFrame, settings: FaceSettings,
-                  person: Sequence[str | None] | None = None) -> pd.DataFrame:
+                  person: Sequence[str | None] | None = None,
+                  fallback: np.ndarray | None = None) -> pd.DataFrame:
     """Final crop box per image from raw detections, with the fallback order.
 
     ``det`` has ``width``, ``height``, ``x1..y2`` and ``prob`` (NaN = no face); ``person`` names
@@ -218,7 +228,9 @@ def resolve_boxes(det: pd.DataFrame, settings: FaceSettings,
     present) marks it ``retry``. Misses take the median of the same person's found boxes (only
     with ``person``), else the data set's median box,
     else ``CENTER_BOX``; medians are taken on boxes normalized by image size, so images of
-    different sizes mix. Returns ``x1..y2`` (ints, margin added, clipped) and ``box_source``.
+    different sizes mix. ``fallback`` (normalized, from ``fallback_box``) replaces the median of
+    ``det`` itself: photos outside a data set are cropped as that data set's eval images are.
+    Returns ``x1..y2`` (ints, margin added, clipped) and ``box_source``.
     """
     n = len(det)
     wh = det[["width", "height"]].to_numpy(dtype=np.float64)
@@ -238,12 +250,10 @@ def resolve_boxes(det: pd.DataFrame, settings: FaceSettings,
                 source[take] = "person"
     rest = source == ""
     if rest.any():
-        if found.any():
-            norm[rest] = np.median(norm[found], axis=0)
-            source[rest] = "dataset"
-        else:
-            norm[rest] = CENTER_BOX
-            source[rest] = "center"
+        if fallback is None:
+            fallback = fallback_box(det, settings)
+        norm[rest] = CENTER_BOX if fallback is None else fallback
+        source[rest] = "center" if fallback is None else "dataset"
     sizes = wh[:, ::-1]  # (h, w)
     boxes = add_margin(norm * scale, sizes, settings.margin)
     out = pd.DataFrame(boxes, columns=list(BOX_COLUMNS), index=det.index)

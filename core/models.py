@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import HEADS, ConfigError, TrainConfig
+from core.config import ConfigError, TrainConfig
 from core.errors import first_line
 from core.labels import NUM_AGE, NUM_CLASSES, NUM_GENDER, NUM_MASK
 from core.weights import missing_weights
@@ -77,11 +77,7 @@ def create_model(cfg: TrainConfig) -> nn.Module:
     Every returned module has a ``multi_head`` attribute. Raises ``ConfigError`` for an unknown
     backbone or for pretrained weights that cannot be had (offline), saying how to fix it.
     """
-    if cfg.head not in HEADS:
-        raise ConfigError(f"config field 'head': must be {' or '.join(HEADS)} "
-                          f"(got {cfg.head!r})")
-    if not timm.is_model(cfg.backbone):
-        raise ConfigError(f"config field 'backbone': '{cfg.backbone}' is not a timm model name")
+    cfg.validate()  # head and backbone name: one check, one wording (TrainConfig)
     num_out = NUM_CLASSES if cfg.head == "single" else NUM_MASK + NUM_GENDER + NUM_AGE
     kwargs: dict = {"num_classes": num_out, "drop_rate": cfg.drop_rate}
     weights_file = cfg.pretrained_file if cfg.pretrained else None

@@ -8,19 +8,17 @@ import torch
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from core.config import OPTIMIZERS, ConfigError, TrainConfig
+from core.config import TrainConfig
 
 
 def create_optimizer(cfg: TrainConfig, model: nn.Module | Iterable) -> torch.optim.Optimizer:
-    """Adam / AdamW / SGD (Nesterov momentum when momentum > 0) from timm's optimizer factory.
+    """Adam / AdamW / SGD (Nesterov momentum when momentum > 0) from timm's optimizer factory,
+    for a validated ``cfg`` (``TrainConfig.validate`` checks the names once).
 
     Given the model, timm keeps weight decay off biases, norm layers and other 1-D parameters:
     decaying a BatchNorm scale towards 0 (the mask space goes up to 0.1) only hurts. Given bare
     parameters, every one is decayed.
     """
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"config field 'optimizer': must be {', '.join(OPTIMIZERS)} "
-                          f"(got {cfg.optimizer!r})")
     name = cfg.optimizer if cfg.optimizer != "sgd" else "sgd" if cfg.momentum > 0 else "momentum"
     return create_optimizer_v2(model, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                momentum=cfg.momentum)
@@ -48,8 +46,6 @@ def create_scheduler(
                                      gamma=cfg.step_gamma),
         "none": lambda: sched.ConstantLR(optimizer, factor=1.0, total_iters=0),
     }
-    if cfg.scheduler not in after_warmup:
-        raise ConfigError(f"config field 'scheduler': unknown {cfg.scheduler!r}")
     if warmup <= 0:
         return after_warmup[cfg.scheduler]()
     # factor (step + 1) / (warmup + 1) during the warmup, exactly 1 when the main schedule starts
