@@ -20,10 +20,14 @@ What a trial leaves (the contract the ensemble, dashboard and retries read):
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import mimetypes
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -129,6 +133,42 @@ def save_file(trial: Trial, store: ArtifactStore, name: str, path: str | Path) -
     artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
     trial.set_user_attr(attr_name(name), artifact_id)
     return artifact_id
+
+
+#: Where optuna-dashboard looks for artifacts added to a trial after it finished: Optuna
+#: refuses to change a finished trial (``UpdateFinishedTrialError``), so their records live on
+#: the study, keyed by trial id (optuna_dashboard.artifact._backend, kept for this purpose).
+FINISHED_TRIAL_PREFIX = "dashboard:artifacts:"
+
+
+def attach_to_finished(study: optuna.Study, trial: FrozenTrial, store: ArtifactStore,
+                       path: str | Path) -> str:
+    """Add ``path`` to a finished trial's artifacts (the dashboard lists it under the trial);
+    a file of the same name attached before is replaced. Returns the artifact id."""
+    path = Path(path)
+    for key, meta in finished_artifacts(study, trial).items():
+        if meta["filename"] == path.name:
+            # "null": the dashboard skips a record that reads as None (keys cannot be deleted)
+            study._storage.set_study_system_attr(study._study_id, key, "null")
+            with contextlib.suppress(ArtifactNotFound):
+                store.remove(meta["artifact_id"])
+    aid = str(uuid.uuid4())
+    with open(path, "rb") as f:
+        store.write(aid, f)
+    meta = {"artifact_id": aid, "filename": path.name,
+            "mimetype": mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+            "encoding": None}
+    study._storage.set_study_system_attr(
+        study._study_id, f"{FINISHED_TRIAL_PREFIX}{trial._trial_id}:{aid}", json.dumps(meta))
+    return aid
+
+
+def finished_artifacts(study: optuna.Study, trial: FrozenTrial) -> dict[str, dict]:
+    """The artifacts ``attach_to_finished`` added to ``trial``: study attr key -> record."""
+    prefix = f"{FINISHED_TRIAL_PREFIX}{trial._trial_id}:"
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    found = {k: json.loads(v) for k, v in attrs.items() if k.startswith(prefix)}
+    return {k: meta for k, meta in found.items() if meta is not None}
 
 
 def save_array(trial: Trial, store: ArtifactStore, name: str, array: np.ndarray,

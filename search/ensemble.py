@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts",
                    help="artifact store: folder or s3://bucket/prefix (default runs/artifacts)")
     p.add_argument("--data", help="data folder (default: the study's user attr data_dir)")
+    p.add_argument("--no-gradcam", action="store_true",
+                   help="skip the best trial's Grad-CAM grid (made on the CPU, seconds)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -163,26 +165,16 @@ def recipe_of(args: argparse.Namespace) -> Recipe:
 
 def _load_study(args: argparse.Namespace):
     """(study, storage, data_dir, table, folds, eval_table, ranked trials, notes, fps)."""
-    from core.dataset import fingerprints, load_eval_table, load_train_table
-    from core.splits import person_folds
+    from core.dataset import fingerprints, load_eval_table
     from search import paths
     from search.ensemble_trials import check_against_now, open_study, rank_trials
+    from search.finished_study import study_rows
 
     paths.check_study_name(args.study)
     storage = args.storage or paths.default_storage_url(args.study)
     study = open_study(args.study, storage)
     ranked, notes = rank_trials(study)
-    attrs = study.user_attrs
-    data_dir = args.data or attrs.get("data_dir")
-    if not data_dir:
-        raise DataError(f"study {args.study!r} has no user attr 'data_dir'; pass --data")
-    data_dir = Path(data_dir)
-    for key in ("n_folds", "fold_seed"):
-        if key not in attrs:
-            raise DataError(f"study {args.study!r} has no user attr {key!r} (not made by "
-                            "search.run?)")
-    table = load_train_table(data_dir, corrections=attrs.get("corrections"))
-    folds = person_folds(table, int(attrs["n_folds"]), seed=int(attrs["fold_seed"]))
+    data_dir, table, folds = study_rows(study, args.data)
     eval_table = load_eval_table(data_dir)
     now = fingerprints(table, folds, eval_table)
     check_against_now(ranked, now, data_dir)
@@ -237,7 +229,26 @@ def run(args: argparse.Namespace) -> dict:
     write_submission(out, eval_table["ImageID"].tolist(), submission)
     write_json(out.with_suffix(".json"), payload)
     _print_report(payload)
+    if not args.no_gradcam:
+        _explain_best(args.study, storage, store, cands[0].number)
     return payload
+
+
+def _explain_best(name: str, storage: str, store, number: int) -> None:
+    """The best trial's Grad-CAM grid, so the dashboard shows where it looks. A trial that
+    cannot be explained (its checkpoints removed, say) is a note, never a failed ensemble."""
+    from core.errors import first_line
+    from search.ensemble_trials import open_study
+    from search.explain import explain, gradcam_name
+    from search.finished_study import FinishedStudy
+
+    try:
+        explain(FinishedStudy(name, storage, open_study(name, storage), store), number)
+    except Exception as e:  # the submission is written; this picture is a bonus
+        print(f"note: no Grad-CAM for trial {number}: {first_line(e)}")
+        return
+    print(f"attached {gradcam_name(number)} to trial {number} (Grad-CAM; the dashboard "
+          f"lists it, python -m search.report --study {name} shows it)")
 
 
 def _figures(cmp: dict, cands: list, labels: np.ndarray) -> dict:

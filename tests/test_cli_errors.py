@@ -21,6 +21,9 @@ import pytest
 import core.train_fold
 import search.dashboard
 import search.ensemble
+import search.explain
+import search.predict
+import search.report
 import search.run
 from core.config import ConfigError, TrainConfig
 from core.errors import DataError
@@ -34,6 +37,9 @@ CLIS: dict[str, Callable[[list[str]], int]] = {
     "ensemble": search.ensemble.main,
     "dashboard": search.dashboard.main,
     "train_fold": core.train_fold.main,
+    "predict": search.predict.main,
+    "explain": search.explain.main,
+    "report": search.report.main,
 }
 
 
@@ -95,7 +101,34 @@ CASES = [
     ("train_fold", ["--data", "{tmp}", "--set", "lr=-1"], ["'lr'"]),
     ("train_fold", ["--data", "{tmp}", "--fold", "7"], ["--fold"]),
     ("train_fold", ["--data", "{tmp}", "--set", "nonsense"], ["key=value"]),
+    ("predict", ["--study", "nope", "x.jpg"], ["nope", "search.run first"]),
+    ("explain", ["--study", "nope"], ["nope", "search.run first"]),
+    ("report", ["--study", "nope"], ["nope", "search.run first"]),
 ]
+
+AFTER_SEARCH = ("predict", "explain", "report")
+
+
+def after_search_argv(cli: str, url: str) -> list[str]:
+    return ["--study", "demo", "--storage", url, *(["photo.jpg"] if cli == "predict" else [])]
+
+
+@pytest.mark.parametrize("cli", AFTER_SEARCH)
+def test_a_study_without_a_complete_trial_is_one_line(cli, tmp_path, capfd):
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    study = optuna.create_study(study_name="demo", storage=url, direction="maximize")
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    line = one_error(capfd, CLIS[cli](after_search_argv(cli, url)))
+    assert "no complete trial" in line and "search.run --study demo" in line
+
+
+@pytest.mark.parametrize("cli", ("predict", "report"))
+def test_a_study_without_an_ensemble_says_to_write_it(cli, tmp_path, capfd):
+    url = f"sqlite:///{tmp_path / 'done.db'}"
+    study = optuna.create_study(study_name="demo", storage=url, direction="maximize")
+    study.tell(study.ask(), 0.5)
+    line = one_error(capfd, CLIS[cli](after_search_argv(cli, url)))
+    assert "no ensemble yet" in line and "python -m search.ensemble --study demo" in line
 
 
 @pytest.mark.parametrize(("cli", "argv", "words"), CASES,

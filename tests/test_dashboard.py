@@ -6,6 +6,7 @@ tested is that our command wires the storage and the artifact store into optuna-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -53,9 +54,16 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     artifacts.save_file(old, store, "checkpoint_fold0", checkpoint)
     study.tell(old, 0.1)
     assert artifacts.remove_artifact(study.trials[1], store, "checkpoint_fold0")
+    with dashboard_at(url, art) as base:
+        yield base, oof, root
+
+
+@contextlib.contextmanager
+def dashboard_at(url: str, art: Path):
+    """``search.dashboard`` on a free port for ``url``'s study; yields its base URL."""
     port = free_port()
     with subprocess.Popen(  # `with` closes the pipe: no ResourceWarning
-        [sys.executable, "-m", "search.dashboard", "--study", STUDY, "--storage", url,
+        [sys.executable, "-m", "search.dashboard", "--study", study_name(url), "--storage", url,
          "--artifacts", str(art), "--port", str(port)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -72,37 +80,17 @@ def server(tmp_path_factory: pytest.TempPathFactory):
                         proc.kill()
                         pytest.fail(f"dashboard did not start: {proc.communicate()[0][-2000:]}")
                     time.sleep(0.3)
-            yield base, oof, root
+            yield base
         finally:
             if proc.poll() is None:
                 proc.terminate()
                 proc.communicate(timeout=20)
 
 
-def test_api_lists_the_study_and_serves_the_trials_artifact(server) -> None:
-    base, oof, root = server
-    studies = json.loads(get(base + "/api/studies"))["study_summaries"]
-    ours = [s for s in studies if s["study_name"] == STUDY]
-    assert len(ours) == 1
-    sid = ours[0]["study_id"]
-    detail = json.loads(get(f"{base}/api/studies/{sid}"))
-    trial = detail["trials"][0]
-    names = [a["filename"] for a in trial["artifacts"]]
-    assert names == ["oof.npy"]
-    blob = get(f"{base}/artifacts/{sid}/{trial['trial_id']}/{trial['artifacts'][0]['artifact_id']}")
-    (root / "got.npy").write_bytes(blob)
-    np.testing.assert_array_equal(np.load(root / "got.npy"), oof)
-
-
-def test_dashboard_refuses_an_unknown_study(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'x.db'}"
-    optuna.create_study(study_name="other", storage=url)
-    r = subprocess.run([sys.executable, "-m", "search.dashboard", "--study", "missing",
-                        "--storage", url, "--artifacts", str(tmp_path / "a")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [
-        f"error: study 'missing' is not in {url}; studies there: other"]
+def study_name(url: str) -> str:
+    """The one study in ``url``."""
+    (summary,) = optuna.get_all_study_summaries(url)
+    return summary.study_name
 
 
 def chromium() -> str:
