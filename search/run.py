@@ -58,7 +58,7 @@ from search.study_settings import (
     settle,
     settle_pruner,
 )
-from search.trial_loop import TooManyFailures, run_worker
+from search.trial_loop import StorageUnreachable, TooManyFailures, run_worker
 from studies import get_study
 
 
@@ -252,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.debug:  # failed trials' tracebacks (logged at debug level)
         log.setLevel(logging.DEBUG)
-    return run_cli(lambda: run(args, argv), args.debug, expected=(*EXPECTED, TooManyFailures))
+    return run_cli(lambda: run(args, argv), args.debug,
+                   expected=(*EXPECTED, TooManyFailures, StorageUnreachable))
 
 
 if __name__ == "__main__":

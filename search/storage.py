@@ -104,6 +104,8 @@ def open_storage(url: str, *, heartbeat_interval: int | None = DEFAULT_HEARTBEAT
         if path and path != ":memory:":
             _make_parent(url, Path(path))
         kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+    else:  # a server restart cuts pooled connections: test each one before it is used
+        kwargs = {"pool_pre_ping": True}
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
             warnings.simplefilter("ignore", ExperimentalWarning)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import optuna
+import sqlalchemy.exc
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
@@ -34,8 +35,31 @@ MAX_CONSECUTIVE_FAILURES = 5
 SURPLUS = "surplus: the study already has its --trials finished trials"
 
 
+#: What a database server that is restarting or gone raises (PostgreSQL; SQLite never does);
+#: Optuna passes them on as such, or wrapped in a ``StorageInternalError`` (``is_outage``).
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (sqlalchemy.exc.OperationalError,
+                                                   sqlalchemy.exc.InterfaceError)
+#: How long a worker waits for its storage to come back before it gives up.
+STORAGE_OUTAGE_S = 300
+#: The ``error`` of a trial that was running when the storage went away.
+STORAGE_LOST = "storage connection lost"
+
+
+def is_outage(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what caused it) says the storage's server is unreachable."""
+    while error is not None:
+        if isinstance(error, STORAGE_ERRORS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class TooManyFailures(RuntimeError):
     """A worker's last trials all failed; the message says how many and the last error."""
+
+
+class StorageUnreachable(RuntimeError):
+    """The storage stayed unreachable for ``STORAGE_OUTAGE_S``; one line says so."""
 
 
 class _Heartbeat:
@@ -53,7 +77,11 @@ class _Heartbeat:
 
             def beat() -> None:
                 while not self.stop.wait(interval):
-                    self.storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+                    try:
+                        self.storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+                    except Exception as e:  # a server restart: beat again next time
+                        if not is_outage(e):
+                            raise
 
             self.thread = threading.Thread(target=beat, daemon=True)
             self.thread.start()
@@ -93,6 +121,8 @@ def run_one(study: optuna.Study, trial: optuna.Trial,
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
         except Exception as e:  # noqa: BLE001  (one trial's failure, not the search's)
+            if is_outage(e):  # the storage's, not the trial's: run_worker waits it out
+                raise
             return _fail(study, trial, first_line(e), exc_info=True)
         except BaseException:
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -143,17 +173,23 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
     """
     ran, failed_in_a_row = 0, []
     while budget is None or budget.can_start(study):
-        got = claim(study, n_total, lock, max_retry)
-        if got is False:
-            break
-        if got is True:
-            time.sleep(poll_s)
-            continue
+        got = None
         try:
+            got = claim(study, n_total, lock, max_retry)
+            if got is False:
+                break
+            if got is True:
+                time.sleep(poll_s)
+                continue
             frozen = run_one(study, got, objective, fatal,
                              seal=lambda: _room_for_one(study, n_total, lock))
         except TimeBudgetExceeded:
             return ran + 1
+        except Exception as e:  # a server restart: wait, fail the cut trial, queue it again
+            if not is_outage(e):
+                raise
+            _ride_out_outage(study, got if isinstance(got, optuna.Trial) else None, lock, e)
+            continue
         ran += 1
         for callback in callbacks:
             callback(study, frozen)
@@ -170,6 +206,33 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
                 f"{frozen.user_attrs.get(ERROR_ATTR, 'unknown')}); this worker stops, since "
                 "something breaks every trial (see the warnings above; --debug shows tracebacks)")
     return ran
+
+
+def _ride_out_outage(study: optuna.Study, trial: optuna.Trial | None,
+                     lock: Callable[[], contextlib.AbstractContextManager],
+                     error: BaseException) -> None:
+    """Wait for the storage to answer again; then the trial it cut (if still RUNNING: another
+    worker may have reaped it meanwhile) is FAIL and queued for a retry, which resumes from its
+    saved folds. Gives up with ``StorageUnreachable`` after ``STORAGE_OUTAGE_S``."""
+    log.warning("storage connection lost (%s); waiting up to %d s for it", first_line(error),
+                STORAGE_OUTAGE_S)
+    deadline = time.monotonic() + STORAGE_OUTAGE_S
+    while True:
+        try:
+            with lock():
+                if trial is not None and study._storage.get_trial(  # noqa: SLF001
+                        trial._trial_id).state == TrialState.RUNNING:  # noqa: SLF001
+                    retry_callback(None)(study, _fail(study, trial, STORAGE_LOST))
+            log.warning("storage is back")
+            return
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            if time.monotonic() > deadline:
+                raise StorageUnreachable(
+                    f"the storage stayed unreachable for {STORAGE_OUTAGE_S} s ({first_line(e)}); "
+                    "start it and run the same command again: finished folds are kept") from None
+            time.sleep(2)
 
 
 def _release_accelerator_memory() -> None:

@@ -12,6 +12,7 @@ gets a fresh database, dropped afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -195,6 +196,54 @@ def test_postgres_worker_killed_mid_trial_is_retried_from_its_folds(
         _check_kill_run(proc, storage, art, tiny)
     finally:
         storage.engine.dispose()  # close the pool before the fixture drops the database
+
+
+def _restart_postgres() -> None:
+    script = ROOT / "tools" / "postgres.sh"
+    done = subprocess.run(["bash", "-c", f'source "{script}" && restart_postgres'],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_postgres_restart_while_two_workers_run_ends_with_exactly_n(
+        pg_url: str, tiny: Path, tmp_path: Path) -> None:
+    """``pg_ctl restart`` (fast: every connection is cut) while 2 workers train: they wait for
+    the server, the trials the cut broke are FAIL and retried from their saved folds, and the
+    search ends by itself with exactly N finished and nothing run twice."""
+    art = tmp_path / "artifacts"
+    with contextlib.suppress(KeyError):  # the module's database: the kill test's study
+        optuna.delete_study(study_name="demo", storage=pg_url)
+    proc = _start_workers(pg_url, art, tiny, "--heartbeat-interval", "1", "--grace-period", "8",
+                          workers=2)
+    storage = open_storage(pg_url)
+    try:
+        study = optuna.load_study(study_name="demo", storage=storage)
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and proc.poll() is None:
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if any(fold_done_attr(0) in t.user_attrs for t in running):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        storage.engine.dispose()  # our own connections are cut too
+        _restart_postgres()
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]  # the workers waited for the server
+        trials = optuna.load_study(study_name="demo", storage=storage).trials
+        finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        assert len(finished) == TRIALS, [(t.number, t.state.name) for t in trials]
+        assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        # every finished trial is a different enqueued one or the retry of a failed one
+        origin = [retried_from(t) if retried_from(t) is not None else t.number
+                  for t in finished]
+        assert len(set(origin)) == len(origin), origin
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.communicate(timeout=60)
+        storage.engine.dispose()
 
 
 @pytest.mark.slow

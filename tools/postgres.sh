@@ -28,3 +28,12 @@ stop_postgres() {
   if [ "$(id -u)" = 0 ]; then as="runuser -u postgres --"; fi
   $as "$bin/pg_ctl" -D "$PG_DIR/data" -m fast stop >/dev/null 2>&1 || true
 }
+
+restart_postgres() {  # the reliability test: a server restart while workers are connected
+  local bin
+  bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  local as=""
+  if [ "$(id -u)" = 0 ]; then as="runuser -u postgres --"; fi
+  $as "$bin/pg_ctl" -D "$PG_DIR/data" -o "-h 127.0.0.1 -p $PG_PORT -k /tmp" -l "$PG_DIR/log" \
+    -m fast -w restart >/dev/null
+}
