@@ -87,6 +87,30 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno == errno.ENOSPC
+
+
+def disk_full(path: Path) -> DataError:
+    """The one line for a full disk: what was being written, and the space left there."""
+    folder = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    return DataError(f"no space left on the device writing {path} "
+                     f"({shutil.disk_usage(folder).free / 2**20:.0f} MiB free there); "
+                     "nothing was left half-written: free some space and rerun")
+
+
+def reserve_space(path: Path) -> None:
+    """Allocate a (sparse, memory-mapped) file's whole size now. On a disk that fills up, a
+    sparse file fails later with SIGBUS in the middle of a write (no message, no cleanup);
+    reserved, a full disk is an ENOSPC here. File systems that cannot reserve keep it sparse."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(temp)`` to write the whole file at a temp path, fsync it, rename it to ``path``.
 
@@ -108,10 +132,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # the user's to fix: one line
-            raise DataError(f"no space left on the device writing {path} "
-                            f"({shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there); "
-                            "nothing was left half-written: free some space and rerun") from e
+        if is_disk_full(e):  # the user's to fix: one line
+            raise disk_full(path) from e
         raise
     _fsync_dir(path.parent)
     return path

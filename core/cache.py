@@ -35,7 +35,14 @@ from tqdm import tqdm
 
 from core import faces as face_rules
 from core import images as img_io
-from core.atomic import file_lock, remove_dead_temps, temp_path
+from core.atomic import (
+    disk_full,
+    file_lock,
+    is_disk_full,
+    remove_dead_temps,
+    reserve_space,
+    temp_path,
+)
 from core.cli import run_cli
 from core.errors import DataError
 from core.face_pass import detections
@@ -169,6 +176,7 @@ def _crop_chunk(npy: str, start: int, paths: list[str], boxes: np.ndarray,
 
 # ---- build ----
 
+
 def _install(tmp: Path, final: Path) -> None:
     """Put the finished ``tmp`` folder at ``final`` (caller holds the root's lock).
 
@@ -273,6 +281,7 @@ def _build(data_dir: Path, listing: pd.DataFrame, sources: list, key: dict,
         tmp.mkdir()
         npy = tmp / "images.npy"
         np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(listing), h, w, 3))
+        reserve_space(npy)
         box_arr = boxes[list(face_rules.BOX_COLUMNS)].to_numpy()
         bad = _crop_pass(runner, npy, [str(data_dir / f) for f in listing["file"]], box_arr,
                          (h, w), progress)
@@ -288,6 +297,10 @@ def _build(data_dir: Path, listing: pd.DataFrame, sources: list, key: dict,
                     "box_sources": index["box_source"].value_counts().to_dict()}
         (tmp / "manifest.json").write_text(json.dumps(manifest))  # last: marks it complete
         _install(tmp, final)
+    except OSError as e:
+        if is_disk_full(e):  # one line naming the cache; the temp folder goes (finally)
+            raise disk_full(final) from e
+        raise
     finally:
         runner.close()
         if tmp.exists():

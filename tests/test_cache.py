@@ -303,3 +303,31 @@ def test_box_settings_change_the_key_and_reuse_detections(built: ImageCache, cop
     assert (b[:, :2] <= a[:, :2]).all() and (b[:, 2:] >= a[:, 2:]).all() and (b != a).any()
     assert F.FaceSettings(retry_scale=0).detection_key() != F.FaceSettings().detection_key()
     assert F.FaceSettings(margin=0.4).detection_key() == F.FaceSettings().detection_key()
+
+
+def test_a_full_disk_during_the_build_is_one_line_and_leaves_no_cache(
+        copied: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills while the image memmap is reserved: one DataError naming the cache
+    folder, no folder left that looks like a cache (nor its temp), and the next build with
+    space works. (The memmap is reserved up front so a full disk is this error, not a SIGBUS
+    in the middle of writing images.)"""
+    import errno
+    import os
+
+    data, root = copied
+    before = set(root.iterdir())
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(DataError) as info:
+        build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("no space left on the device writing ")
+    assert str(root) in message and "images-" in message
+    new = sorted(p.name for p in set(root.iterdir()) - before)
+    assert not [n for n in new if n.startswith("images-")], new  # neither a cache nor its temp
+    monkeypatch.undo()
+    cache = build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
+    assert cache.images[:].any(axis=(1, 2, 3)).all()
