@@ -227,16 +227,17 @@ def run(args: argparse.Namespace) -> dict:
         "answers": str(data_dir / "eval_answers.csv") if answers is not None else None,
     }
     write_submission(out, eval_table["ImageID"].tolist(), submission)
+    if not args.no_gradcam:
+        payload["gradcam"] = _explain_best(args.study, storage, store, cands[0].number)
     write_json(out.with_suffix(".json"), payload)
     _print_report(payload)
-    if not args.no_gradcam:
-        _explain_best(args.study, storage, store, cands[0].number)
     return payload
 
 
-def _explain_best(name: str, storage: str, store, number: int) -> None:
-    """The best trial's Grad-CAM grid, so the dashboard shows where it looks. A trial that
-    cannot be explained (its checkpoints removed, say) is a note, never a failed ensemble."""
+def _explain_best(name: str, storage: str, store, number: int) -> str:
+    """The best trial's Grad-CAM grid, so the dashboard shows where it looks; the line that
+    says so. A trial that cannot be explained (its checkpoints removed, say) is a note in that
+    line, never a failed ensemble."""
     from core.errors import first_line
     from search.ensemble_trials import open_study
     from search.explain import explain, gradcam_name
@@ -245,10 +246,9 @@ def _explain_best(name: str, storage: str, store, number: int) -> None:
     try:
         explain(FinishedStudy(name, storage, open_study(name, storage), store), number)
     except Exception as e:  # the submission is written; this picture is a bonus
-        print(f"note: no Grad-CAM for trial {number}: {first_line(e)}")
-        return
-    print(f"attached {gradcam_name(number)} to trial {number} (Grad-CAM; the dashboard "
-          f"lists it, python -m search.report --study {name} shows it)")
+        return f"no Grad-CAM for trial {number}: {first_line(e)}"
+    return (f"attached {gradcam_name(number)} to trial {number} (Grad-CAM; the dashboard "
+            f"lists it, python -m search.report --study {name} shows it)")
 
 
 def _figures(cmp: dict, cands: list, labels: np.ndarray) -> dict:
@@ -292,6 +292,8 @@ def _print_report(payload: dict) -> None:
     kind = payload["recipe"]["offsets_tried"]
     offsets = f"{kind} offsets" if payload["offsets"] else "plain argmax"
     print(f"submission uses {what}, {offsets}, {len(payload['members'])} member(s)")
+    if payload.get("gradcam"):
+        print(payload["gradcam"])
     print(f"wrote {payload['submission']} and {Path(payload['submission']).with_suffix('.json')}")
     if payload["answers"]:
         print(f"score it: python -m search.ensemble_score {payload['submission']} "
