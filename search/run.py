@@ -209,8 +209,9 @@ def search_here(run: Run, loader_workers: int) -> bool:
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """The parent's path (prints, launches workers or searches itself) or a worker's (quiet)."""
     worker = args.worker_id is not None
-    if worker:  # Ctrl-C arrives forwarded by the parent; a shell may have started us ignoring it
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGINT always ends the search cleanly: a shell without job control starts background
+    # commands ignoring it (``cmd &``), and a worker gets it forwarded by its parent
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run = open_run(args)
     finished = count(run.study, FINISHED)
     n_workers = len(args.gpus) if args.gpus else args.workers
