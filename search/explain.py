@@ -87,18 +87,26 @@ def gradcam_grid(found: FinishedStudy, number: int, out: Path, per_state: int = 
     images = build_cache(data_dir, tuple(cfg.image_size), progress=False).view(
         table["file"].tolist())
     states = fold_states(trial, found.store, found.n_folds)
+    rows = np.concatenate(chosen).astype(np.int64)
+    crops = np.stack([np.asarray(images[int(r)]) for r in rows])
+    preds = oof[rows].argmax(axis=1)
+    cams = np.zeros(crops.shape[:3], np.float32)
+    for k in np.unique(folds[rows]):  # one model per fold, all of its images in one pass
+        at = folds[rows] == k
+        cams[at] = heat_maps(cfg, states[int(k)], crops[at], preds[at])
+    at_row = {int(r): i for i, r in enumerate(rows)}
     fig = Figure(figsize=(2.2 * per_state, 2.9 * len(chosen)))
     axes = fig.subplots(len(chosen), per_state, squeeze=False)
-    for m, rows in enumerate(chosen):
+    for m, state_rows in enumerate(chosen):
         for j, ax in enumerate(axes[m]):
             ax.axis("off")
-            if j >= len(rows):
+            if j >= len(state_rows):
                 continue
-            r = int(rows[j])
-            img = np.asarray(images[r])
-            pred = int(oof[r].argmax())
-            cam = heat_maps(cfg, states[int(folds[r])], img[None], np.array([pred]))[0]
-            ax.imshow(show_cam_on_image(img.astype(np.float32) / 255, cam, use_rgb=True))
+            r = int(state_rows[j])
+            i = at_row[r]
+            pred = int(preds[i])
+            ax.imshow(show_cam_on_image(crops[i].astype(np.float32) / 255, cams[i],
+                                        use_rgb=True))
             wrong = pred != labels[r]
             ax.set_title(f"true {class_name(labels[r])}\npred {class_name(pred)} "
                          f"{oof[r, pred]:.2f}", fontsize=7, color="tab:red" if wrong else "black")

@@ -8,6 +8,7 @@ missing, has no complete trial, or has no ensemble yet; and load a trial's model
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 from dataclasses import dataclass
@@ -41,19 +42,23 @@ class FinishedStudy:
     study: optuna.Study
     store: Any
 
+    @functools.cached_property
+    def trials(self) -> list[optuna.trial.FrozenTrial]:
+        """Every trial, read once: the tools after a search read, they do not wait for more."""
+        return self.study.get_trials(deepcopy=False)
+
     @property
     def n_folds(self) -> int:
         return int(self.study.user_attrs.get("n_folds", 0))
 
     def complete(self) -> list[optuna.trial.FrozenTrial]:
         """Complete trials, best first (ties: lower number)."""
-        done = [t for t in self.study.get_trials(deepcopy=False,
-                                                 states=(optuna.trial.TrialState.COMPLETE,))
-                if t.value is not None]
+        done = [t for t in self.trials
+                if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
         return sorted(done, key=lambda t: (-t.value, t.number))
 
     def trial(self, number: int) -> optuna.trial.FrozenTrial:
-        trials = self.study.get_trials(deepcopy=False)
+        trials = self.trials
         if not 0 <= number < len(trials):
             raise DataError(f"study {self.name!r} has no trial {number} "
                             f"(trials 0..{len(trials) - 1})")
@@ -89,6 +94,18 @@ def study_rows(study: optuna.Study, data_dir: str | Path | None = None
     table = load_train_table(Path(data_dir), corrections=attrs.get("corrections"))
     folds = person_folds(table, int(attrs["n_folds"]), seed=int(attrs["fold_seed"]))
     return Path(data_dir), table, folds
+
+
+def submission_classes(payload: dict, member_probs: list[np.ndarray]
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(blended probabilities, classes) as ``submission.json`` says: its members' ``weight``s
+    and its decision rule (``offsets``, or the plain argmax). ``member_probs`` in members order."""
+    from search.decision import apply_offsets
+    from search.ensemble_select import blend
+
+    probs = blend(member_probs, np.array([m["weight"] for m in payload["members"]]))
+    offsets = np.asarray(payload.get("offsets") or np.zeros(probs.shape[1]))
+    return probs, apply_offsets(probs, offsets).astype(np.int64)
 
 
 def open_finished(args: argparse.Namespace) -> FinishedStudy:

@@ -25,13 +25,12 @@ from core.engine import predict
 from core.errors import DataError
 from core.labels import AGE_GROUP_NAMES, GENDER_NAMES, MASK_NAMES, decode
 from core.photos import check_any, crop_photos, data_fallback, find_photos
-from search.decision import apply_offsets
-from search.ensemble_select import blend
 from search.finished_study import (
     FinishedStudy,
     add_study_flags,
     fold_states,
     open_finished,
+    submission_classes,
     trial_config,
 )
 
@@ -104,11 +103,8 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     members = payload["members"]
     crops = crop_photos(files, sizes_of(found, members), study_fallback(found),
                         progress=not args.quiet)
-    probs = blend([member_probs(found, m, crops, args.device, not args.quiet) for m in members],
-                  np.array([m["weight"] for m in members]))
-    offsets = payload.get("offsets")
-    classes = (apply_offsets(probs, np.asarray(offsets)) if offsets
-               else probs.argmax(axis=1)).astype(np.int64)
+    probs, classes = submission_classes(
+        payload, [member_probs(found, m, crops, args.device, not args.quiet) for m in members])
     table = rows(files, crops, classes, probs)
     if args.out is None:
         table.to_csv(sys.stdout, index=False)

@@ -31,7 +31,13 @@ from core.labels import AGE_GROUP_NAMES, CLASS_NAMES, MASK_NAMES, decode
 from core.metrics import macro_f1
 from search import paths
 from search.artifacts import OOF, finished_artifacts, load_array
-from search.finished_study import FinishedStudy, add_study_flags, open_finished, study_rows
+from search.finished_study import (
+    FinishedStudy,
+    add_study_flags,
+    open_finished,
+    study_rows,
+    submission_classes,
+)
 from search.trial_plots import class_f1, confusion_png
 
 CURVE_TRIALS = 5  # best trials whose fold curves are drawn
@@ -109,15 +115,11 @@ def curves_tag(found: FinishedStudy, trials: list) -> str:
     return figure_tag(fig, "fold curves")
 
 
-def ensemble_oof(found: FinishedStudy, payload: dict, labels: np.ndarray) -> np.ndarray:
-    """The submission's in-sample OOF classes: its members' OOF blended, its rule applied."""
-    from search.decision import apply_offsets
-    from search.ensemble_select import blend
-
+def ensemble_oof(found: FinishedStudy, payload: dict) -> np.ndarray:
+    """The submission's in-sample OOF classes: its members' OOF, blended and decided as the
+    submission's JSON says."""
     oofs = [load_array(found.trial(m["trial"]), found.store, OOF) for m in payload["members"]]
-    probs = blend(oofs, np.array([m["weight"] for m in payload["members"]]))
-    offsets = payload.get("offsets")
-    return apply_offsets(probs, np.asarray(offsets)) if offsets else probs.argmax(axis=1)
+    return submission_classes(payload, oofs)[1]
 
 
 def submission_section(found: FinishedStudy, payload: dict, labels: np.ndarray) -> str:
@@ -129,7 +131,7 @@ def submission_section(found: FinishedStudy, payload: dict, labels: np.ndarray) 
          ("ensemble, in-sample OOF (optimistic)", f["ensemble_oof_f1_in_sample"]),
          *[(f"eval answers: {k}", f[f"{k}_eval_f1"]) for k in ("ensemble", "best_single")
            if f"{k}_eval_f1" in f]], columns=["figure", "macro F1"])
-    pred = ensemble_oof(found, payload, labels)
+    pred = ensemble_oof(found, payload)
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "confusion.png"
         confusion_png(labels, pred, png, "submission, out-of-fold (in-sample)")
