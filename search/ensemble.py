@@ -33,7 +33,10 @@ from search.nested import Recipe, fit_recipe, nested_f1
 
 DEFAULT_TOP = 10
 DEFAULT_SIZE = 20  # selection rounds; the best prefix is kept
-OFFSETS_MARGIN = 0.005  # offsets are kept when they raise the nested F1 by more than this
+#: Nested figures closer than this are noise (a few hundred OOF rows per class): a change from
+#: the recipe's own result - offsets over the plain argmax, the single trial over the ensemble
+#: (which starts from that trial and adds only what helps) - must win by more than this.
+NESTED_MARGIN = 0.005
 SINGLE = Recipe(top=1, selection=Selection(size=0, init=1, pool_margin=None))
 __all__ = ["blend", "build_parser", "cross_fitted_f1", "greedy_select", "main", "run",
            "write_json", "write_submission"]
@@ -89,24 +92,34 @@ def write_json(path: str | Path, payload: dict) -> Path:
 # ----------------------------------------------------------------------------- the decision
 
 
+def choose(nested: dict[str, float]) -> str:
+    """``best_single`` when its nested F1 beats the ensemble's by more than ``NESTED_MARGIN``.
+
+    Measured on real faces (``bench.quality``, three seeds): with "strictly better", a single
+    trial ahead by 0.0001 nested won, and scored 0.039 below the ensemble on held-out answers.
+    """
+    if nested["best_single"] > nested["ensemble"] + NESTED_MARGIN:
+        return "best_single"
+    return "ensemble"
+
+
 def compare(oofs: list[np.ndarray], labels: np.ndarray, folds: np.ndarray,
             recipe: Recipe) -> dict:
     """Nested and in-sample F1 of the ensemble recipe and the best single trial, with and
-    without offsets, and the choice they lead to (ensemble only if strictly better nested;
-    offsets only if they raise the nested figure by more than ``OFFSETS_MARGIN``)."""
+    without offsets, and the choice they lead to (offsets only if they raise the nested figure
+    by more than ``NESTED_MARGIN``; the single trial only if it beats the ensemble by more)."""
     single = Recipe(top=1, selection=SINGLE.selection, offsets=recipe.offsets)
     out: dict = {"nested": {}, "in_sample": {}, "fitted": {}, "rule": {}}
     for name, r in (("ensemble", recipe), ("best_single", single)):
         nested = nested_f1(oofs, labels, folds, r)
         fitted = fit_recipe(oofs, labels, r)
-        use = recipe.offsets != "none" and nested[True] > nested[False] + OFFSETS_MARGIN
+        use = recipe.offsets != "none" and nested[True] > nested[False] + NESTED_MARGIN
         out["rule"][name] = "offsets" if use else "argmax"
         out["nested"][name] = nested[use]
         out["in_sample"][name] = macro_f1(labels, fitted.predict(oofs, use))
         out["fitted"][name] = fitted
         out[f"{name}_nested_both"] = {"argmax": nested[False], "offsets": nested[True]}
-    out["uses"] = ("ensemble" if out["nested"]["ensemble"] > out["nested"]["best_single"]
-                   else "best_single")
+    out["uses"] = choose(out["nested"])
     return out
 
 
@@ -288,7 +301,8 @@ def _print_report(payload: dict) -> None:
         print(f"{m['rank']:>4} {m['trial']:>6} {m['value']:>8.4f} {m['oof_f1']:>8.4f} "
               f"{m['weight']:>7.3f}")
     what = ("the ensemble" if payload["uses"] == "ensemble" else
-            "the best single trial (its nested estimate is not below the ensemble's)")
+            f"the best single trial (its nested estimate beats the ensemble's by more than "
+            f"{NESTED_MARGIN})")
     kind = payload["recipe"]["offsets_tried"]
     offsets = f"{kind} offsets" if payload["offsets"] else "plain argmax"
     print(f"submission uses {what}, {offsets}, {len(payload['members'])} member(s)")

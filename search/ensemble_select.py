@@ -4,8 +4,9 @@ Caruana et al. (2004) forward selection with replacement, with the safeguards th
 fitting noise when each class has only a few hundred OOF rows: pool filtering (a trial far below
 the pool's median never enters), sorted initialisation (start from the best few trials), a
 tie-breaking margin (an addition must beat the current score by more than ``margin``; near-ties
-go to the better-ranked trial) and bagging (repeat on random halves of the pool, average the
-weights). The objective is log loss of the averaged probabilities (smooth, proper) or macro F1.
+go to the better-ranked trial) and bagging (repeat with the best few and a random half of the
+rest, average the weights). The objective is log loss of the averaged probabilities (smooth,
+proper) or macro F1.
 Which combination to use was measured, not guessed: see the README's "The ensemble".
 
 Every function takes members best-ranked first; that order is how ties are broken.
@@ -124,17 +125,26 @@ def forward_select(probs: Sequence[np.ndarray], labels: np.ndarray, sel: Selecti
 
 
 def select_weights(probs: Sequence[np.ndarray], labels: np.ndarray, sel: Selection) -> np.ndarray:
-    """Weights (sum 1) over ``probs``: forward selection, bagged when ``sel.bags > 1``."""
+    """Weights (sum 1) over ``probs``: forward selection, bagged when ``sel.bags > 1``.
+
+    Every bag holds the ``init`` best-ranked members and a random ``bag_fraction`` of the rest.
+    Bagging the whole pool (Caruana et al. 2006) left the best trial out of half the bags, and
+    with a small pool where one trial stands out the averaged weights diluted it: the blend
+    scored below that trial alone, in sample (demo 0.526 vs 0.545) and held out (real faces,
+    three seeds, -0.039 on average; with the best kept in every bag +0.011).
+    """
     labels = np.asarray(labels)
     probs = check_probs(probs, len(labels), "out-of-fold probabilities")
     if sel.bags == 1 or len(probs) == 1:
         counts = forward_select(probs, labels, sel).astype(np.float64)
         return counts / counts.sum()
     rng = np.random.default_rng(sel.seed)
-    n_bag = max(1, int(round(len(probs) * sel.bag_fraction)))
+    first = np.arange(min(sel.init, len(probs)))
+    rest = np.arange(len(first), len(probs))
+    n_bag = max(1, int(round(len(rest) * sel.bag_fraction))) if len(rest) else 0
     total = np.zeros(len(probs))
     for _ in range(sel.bags):
-        members = np.sort(rng.choice(len(probs), n_bag, replace=False))  # keeps rank order
+        members = np.concatenate([first, np.sort(rng.choice(rest, n_bag, replace=False))])
         counts = forward_select([probs[i] for i in members], labels, sel).astype(np.float64)
         total[members] += counts / counts.sum()
     return total / total.sum()

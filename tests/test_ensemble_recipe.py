@@ -92,6 +92,20 @@ def test_bagging_spreads_weight_over_equal_members(labels):
     assert bagged.sum() == pytest.approx(1.0)
 
 
+def test_bagging_never_dilutes_a_trial_that_stands_out(labels):
+    """One strong trial among weaker ones (the usual short search): every bag must hold it, or
+    the averaged weights drown it (pool-wide bags gave it ~half the weight, and the blend
+    scored below it alone)."""
+    strong = trials(labels, 1, 3.0, 7)
+    weak = trials(labels, 5, 1.5, 8)
+    pool = strong + weak
+    for seed in range(4):
+        w = select_weights(pool, labels, Selection(bags=10, seed=seed, pool_margin=None))
+        blended = sum(wi * p for wi, p in zip(w, pool, strict=True))
+        assert w[0] >= 0.5, w
+        assert macro_f1(labels, blended.argmax(1)) >= macro_f1(labels, strong[0].argmax(1)) - 0.005
+
+
 # ----------------------------------------------------------------------------- offsets
 
 
@@ -161,3 +175,12 @@ def test_nested_ensemble_beats_nested_single_when_trials_complement(labels, fold
                                                      offsets="none"))[False]
     single = nested_f1(pool, labels, folds, Recipe(top=1, offsets="none"))[False]
     assert ensemble > single + 0.02
+
+
+def test_the_single_trial_replaces_the_ensemble_only_when_clearly_better_nested():
+    from search.ensemble import NESTED_MARGIN, choose
+
+    assert choose({"ensemble": 0.1153, "best_single": 0.1154}) == "ensemble"  # a tie: noise
+    assert choose({"ensemble": 0.50, "best_single": 0.50 + NESTED_MARGIN}) == "ensemble"
+    assert choose({"ensemble": 0.0925, "best_single": 0.1038}) == "best_single"
+    assert choose({"ensemble": 0.60, "best_single": 0.40}) == "ensemble"
