@@ -1,14 +1,18 @@
-"""Pruners vs no pruning on the demo study: epochs trained and best value, a fair race.
+"""Pruners vs no pruning on the demo study (or real faces): epochs and best value, a fair race.
 
 Every arm runs the same number of trials with the same seeded TPE sampler on the same data and
 folds, for each of ``--seeds`` sampler seeds; arms are interleaved (seed 0: none, median, ...;
 seed 1: ...) so a machine that slows down mid-run slows every arm alike. Per seed, an arm's
 epochs are divided by no pruning's and its best out-of-fold macro F1 is compared with no
 pruning's; printed are the medians over seeds with their spread (min..max). ``wilcoxon`` reports
-once per fold (the per-fold step scheme), the others once per epoch.
+once per fold (the per-fold step scheme), the others once per epoch. An arm ``NAME+group``
+is pruner NAME with TPE's ``group=True`` (conditional parameters sampled jointly); TPE draws
+its first 10 trials at random, so such an arm differs from NAME only beyond 10 trials.
 
     python -m bench.search                        # 10 trials x 3 seeds per arm, runs/demo_data
     python -m bench.search --trials 4 --seeds 1 --people 48 --epochs 2   # a quick look
+    python -m bench.search --faces                # the real-face set (studies.quality)
+    python -m bench.search --trials 20 --arms median,median+group   # TPE's group=True
 
 Last line, for scripts (the default pruner, medians over seeds):
 ``search epochs_ratio=0.xx best_gap=+0.xxxx arm=median seeds=N``.
@@ -32,17 +36,28 @@ if not __package__:  # run as a file (python bench/NAME.py): import from the che
 from search.artifacts import open_store
 from search.objective import Objective, load_study_data
 from search.study_settings import DEFAULT_PRUNER, REPORT_MODE, create_pruner, create_sampler
-from studies import demo
+from studies import demo, quality
 
 ARMS = ("none", "median", "hyperband", "halving", "wilcoxon")
 
 
-def arm(pruner: str, data, trials: int, epochs: int, seed: int, tmp: Path) -> dict:
-    """One search of ``trials`` trials with ``pruner`` and TPE seeded ``seed``."""
+def parse_arm(name: str) -> tuple[str, bool]:
+    """``PRUNER`` or ``PRUNER+group`` -> (pruner, TPE group)."""
+    pruner, _, option = name.partition("+")
+    if pruner not in REPORT_MODE or option not in ("", "group"):
+        raise SystemExit(f"--arms: {name!r} is not PRUNER or PRUNER+group "
+                         f"(pruners: {', '.join(REPORT_MODE)})")
+    return pruner, option == "group"
+
+
+def arm(name: str, study_module, data, trials: int, epochs: int, seed: int, tmp: Path) -> dict:
+    """One search of ``trials`` trials with arm ``name`` (``PRUNER[+group]``), TPE seed ``seed``."""
+    pruner, group = parse_arm(name)
     n_folds = data.n_folds
-    study = optuna.create_study(direction="maximize", sampler=create_sampler("tpe", seed),
+    study = optuna.create_study(direction="maximize",
+                                sampler=create_sampler("tpe", seed, group=group),
                                 pruner=create_pruner(pruner, n_folds * epochs, n_folds))
-    obj = Objective(demo, data, open_store(tmp / f"{pruner}-{seed}"), epochs=epochs,
+    obj = Objective(study_module, data, open_store(tmp / f"{name}-{seed}"), epochs=epochs,
                     per_fold=REPORT_MODE[pruner] == "fold")
     t0 = time.perf_counter()
     study.optimize(obj, n_trials=trials)
@@ -59,13 +74,13 @@ def spread(values: list[float], fmt: str) -> str:
 
 def report(runs: dict[tuple[str, int], dict], arms: list[str], seeds: list[int]) -> list[str]:
     """Per arm: medians over seeds of the ratios to no pruning, with their spread."""
-    lines = [f"{'arm':10} {'epochs/none':>22} {'best - none':>28} {'pruned':>7} {'wall s':>7}"]
+    lines = [f"{'arm':15} {'epochs/none':>22} {'best - none':>28} {'pruned':>7} {'wall s':>7}"]
     for name in arms:
         ratio = [runs[name, s]["epochs"] / max(runs["none", s]["epochs"], 1) for s in seeds]
         gap = [runs[name, s]["best"] - runs["none", s]["best"] for s in seeds]
         pruned = statistics.median(runs[name, s]["pruned"] for s in seeds)
         wall = statistics.median(runs[name, s]["seconds"] for s in seeds)
-        lines.append(f"{name:10} {spread(ratio, '.2f'):>22} {spread(gap, '+.4f'):>28} "
+        lines.append(f"{name:15} {spread(ratio, '.2f'):>22} {spread(gap, '+.4f'):>28} "
                      f"{pruned:7.0f} {wall:7.0f}")
     return lines
 
@@ -74,13 +89,23 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--trials", type=int, default=10, help="trials per arm and seed")
     p.add_argument("--seeds", type=int, default=3, help="TPE seeds per arm (0..N-1)")
-    p.add_argument("--epochs", type=int, default=demo.EPOCHS)
-    p.add_argument("--data", help="data folder (default: the demo study's runs/demo_data)")
-    p.add_argument("--people", type=int, help="generate a smaller synthetic set of this size")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated; 'none' is added")
+    p.add_argument("--epochs", type=int, help="default: the study's (demo 4, quality 3)")
+    p.add_argument("--faces", action="store_true",
+                   help="race on the real-face set and space of studies.quality instead of the "
+                        "demo (its data is built from ../shared/faces on first use)")
+    p.add_argument("--data", help="data folder (default: the study's own under runs/)")
+    p.add_argument("--people", type=int, help="demo only: generate a smaller synthetic set")
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help="comma-separated PRUNER or PRUNER+group; 'none' is added")
     a = p.parse_args(argv)
+    if a.faces and a.people:
+        p.error("--people makes a synthetic set; it does not go with --faces")
+    study_module = quality if a.faces else demo
+    a.epochs = a.epochs or study_module.EPOCHS
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     arms = ["none", *[x for x in a.arms.split(",") if x and x != "none"]]
+    for name in arms:
+        parse_arm(name)
     seeds = list(range(a.seeds))
     with tempfile.TemporaryDirectory(prefix="bench_search_") as t:
         tmp = Path(t)
@@ -92,19 +117,20 @@ def main(argv: list[str] | None = None) -> None:
         else:
             from search.paths import runs_dir
 
-            data_dir = Path(a.data) if a.data else demo.default_data(runs_dir())
-        data = load_study_data(data_dir, demo.corrections(Path(data_dir)), demo.FOLDS,
-                               demo.FOLD_SEED)
-        for size in demo.IMAGE_SIZES.values():  # build caches outside the timed arms
+            data_dir = Path(a.data) if a.data else study_module.default_data(runs_dir())
+        data = load_study_data(data_dir, study_module.corrections(Path(data_dir)),
+                               study_module.FOLDS, study_module.FOLD_SEED)
+        for size in study_module.IMAGE_SIZES.values():  # caches built outside the timed arms
             data.cache(size)
         runs = {}
         for seed in seeds:  # interleaved: every arm once per seed, in turn
             for name in arms:
-                runs[name, seed] = arm(name, data, a.trials, a.epochs, seed, tmp)
+                runs[name, seed] = arm(name, study_module, data, a.trials, a.epochs, seed, tmp)
                 r = runs[name, seed]
-                print(f"seed {seed} {name:10} epochs {r['epochs']:4d} best {r['best']:.4f} "
+                print(f"seed {seed} {name:15} epochs {r['epochs']:4d} best {r['best']:.4f} "
                       f"pruned {r['pruned']:2d} wall {r['seconds']:.0f} s", flush=True)
-    print(f"demo study, {a.trials} trials per arm and seed, seeds {seeds}, {demo.FOLDS} folds "
+    print(f"{study_module.__name__.split('.')[-1]} study, {a.trials} trials per arm and seed, "
+          f"seeds {seeds}, {study_module.FOLDS} folds "
           f"x {a.epochs} epochs, {len(data.table)} training images; medians (min..max)")
     print("\n".join(report(runs, arms, seeds)))
     default = DEFAULT_PRUNER["epoch"]

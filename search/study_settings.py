@@ -39,12 +39,19 @@ FLAGS = {"n_folds": "--folds", "data_dir": "--data", "epochs": "--epochs", "fixe
          "corrections": "--corrections", "weights": "--weights"}
 
 
-def create_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+def create_sampler(name: str, seed: int | None,
+                   group: bool = False) -> optuna.samplers.BaseSampler:
+    """``group``: TPE samples each set of parameters that occur together jointly (measured in
+    bench.search's ``+group`` arms; off by default, see the README)."""
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    if not group:
+        return optuna.samplers.TPESampler(seed=seed)  # Optuna 5: multivariate by default
+    with warnings.catch_warnings():  # group is experimental in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, group=True)
 
 
 def create_pruner(name: str, n_steps: int, n_folds: int,

@@ -103,3 +103,23 @@ def test_bench_quality_end_to_end(faces_folder: Path, tmp_path: Path,
     assert everything.to_dict() == {"eval": 3 * 7, "train": 8 * 7}
     assert set(crops.loc[crops["split"] == "eval", "box_source"]) <= {"all", "mtcnn",
                                                                       "dataset", "center"}
+
+
+@pytest.mark.slow
+def test_bench_search_races_on_real_faces_with_a_group_arm(
+        faces_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench.search --faces``: the quality study's data and space, and a ``+group`` arm."""
+    from bench.search import main
+    from studies import quality
+
+    data = quality.ensure_data(tmp_path, faces_folder, people=13, eval_people=3)
+    main(["--faces", "--data", str(data), "--trials", "2", "--seeds", "1", "--epochs", "1",
+          "--arms", "median,median+group"])
+    out = capsys.readouterr().out
+    assert out.startswith("seed 0 none")
+    assert "quality study, 2 trials" in out and "91 training images" in out
+    assert re.search(r"^median\+group +1\.00", out, re.M)  # 2 trials: nothing to prune yet
+    assert out.strip().splitlines()[-1].startswith("search epochs_ratio=1.00 best_gap=+0.0000")
+    with pytest.raises(SystemExit, match="'median\\+grup' is not PRUNER or PRUNER\\+group"):
+        main(["--faces", "--data", str(data), "--trials", "1", "--seeds", "1",
+              "--arms", "median+grup"])
