@@ -68,15 +68,16 @@ def _timed(fn, *args, **kwargs) -> tuple[object, float]:
 def prepare(args: argparse.Namespace, runs: Path) -> tuple[Path, dict, pd.DataFrame]:
     """Data set and image caches (built on first use): data dir, stage seconds, crop shares."""
     from core.cache import build_cache, default_cache_root
-    from studies import quality
+    from studies import face_settings, quality
 
     progress = sys.stderr.isatty()
     data, t_data = _timed(quality.ensure_data, runs, args.faces, args.people, args.eval_people,
                           quality.DATA_SEED, progress)
     reused = any(default_cache_root(data).glob("boxes-*.csv"))
     sizes = list(quality.IMAGE_SIZES.values())
-    first, t_faces = _timed(build_cache, data, sizes[0], progress=progress)
-    t_cache = sum(_timed(build_cache, data, s, progress=progress)[1] for s in sizes[1:])
+    faces = face_settings(quality)
+    first, t_faces = _timed(build_cache, data, sizes[0], faces, progress=progress)
+    t_cache = sum(_timed(build_cache, data, s, faces, progress=progress)[1] for s in sizes[1:])
     stages = {"data": t_data, "faces": t_faces, "cache": t_cache, "caches_reused": reused}
     shares = crop_shares(first.index, pd.read_csv(data / "true_boxes.csv"))
     return data, stages, shares

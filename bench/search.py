@@ -36,7 +36,7 @@ if not __package__:  # run as a file (python bench/NAME.py): import from the che
 from search.artifacts import open_store
 from search.objective import Objective, load_study_data
 from search.study_settings import DEFAULT_PRUNER, REPORT_MODE, create_pruner, create_sampler
-from studies import demo, quality
+from studies import demo, face_settings, quality
 
 ARMS = ("none", "median", "hyperband", "halving", "wilcoxon")
 
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
 
             data_dir = Path(a.data) if a.data else study_module.default_data(runs_dir())
         data = load_study_data(data_dir, study_module.corrections(Path(data_dir)),
-                               study_module.FOLDS, study_module.FOLD_SEED)
+                               study_module.FOLDS, study_module.FOLD_SEED,
+                               faces=face_settings(study_module))
         for size in study_module.IMAGE_SIZES.values():  # caches built outside the timed arms
             data.cache(size)
         runs = {}

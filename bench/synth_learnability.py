@@ -41,8 +41,10 @@ def images_for(data: Path, files: list[str], size: tuple[int, int], crop: str,
             size[::-1], Image.BILINEAR)) for f in files])
     os.environ["MASK_SEARCH_CACHE"] = str(cache_root)
     from core.cache import build_cache
+    from studies import demo, face_settings
 
-    cache = build_cache(data, image_size=size, cache_root=cache_root, workers=1, progress=False)
+    cache = build_cache(data, image_size=size, faces=face_settings(demo), cache_root=cache_root,
+                        workers=1, progress=False)
     print("face boxes by source:", cache.manifest["box_sources"])
     return np.asarray(cache.images[cache.rows(files)])
 

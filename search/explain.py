@@ -84,7 +84,7 @@ def gradcam_grid(found: FinishedStudy, number: int, out: Path, per_state: int = 
     labels = table["label"].to_numpy(np.int64)
     oof = load_array(trial, found.store, OOF)
     chosen = pick_rows(labels, oof, per_state)
-    images = build_cache(data_dir, tuple(cfg.image_size), progress=False).view(
+    images = build_cache(data_dir, tuple(cfg.image_size), found.faces, progress=False).view(
         table["file"].tolist())
     states = fold_states(trial, found.store, found.n_folds)
     rows = np.concatenate(chosen).astype(np.int64)

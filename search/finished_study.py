@@ -48,6 +48,13 @@ class FinishedStudy:
         return self.study.get_trials(deepcopy=False)
 
     @property
+    def faces(self):
+        """The study's face settings (``studies.face_settings``): crops as its cache has them."""
+        from studies import face_settings
+
+        return face_settings(self.name)
+
+    @property
     def n_folds(self) -> int:
         return int(self.study.user_attrs.get("n_folds", 0))
 

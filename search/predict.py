@@ -70,7 +70,7 @@ def study_fallback(found: FinishedStudy) -> np.ndarray | None:
     """The study data's fallback box; the centre box, said on stderr, when the data is gone."""
     data_dir = Path(found.study.user_attrs.get("data_dir", ""))
     try:
-        return data_fallback(data_dir)
+        return data_fallback(data_dir, found.faces)
     except DataError as e:
         print(f"note: the study's data is not readable here ({e}); photos with no face found "
               "are cropped on the centre box", file=sys.stderr)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     files = find_photos(args.paths)
     check_any(files, args.paths)
     members = payload["members"]
-    crops = crop_photos(files, sizes_of(found, members), study_fallback(found),
+    crops = crop_photos(files, sizes_of(found, members), study_fallback(found), found.faces,
                         progress=not args.quiet)
     probs, classes = submission_classes(
         payload, [member_probs(found, m, crops, args.device, not args.quiet) for m in members])

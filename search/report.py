@@ -155,7 +155,7 @@ def crops_section(found: FinishedStudy, table: pd.DataFrame, data_dir: Path,
     """Share of images per box source: train by mask state, and eval, from the study's cache."""
     from core.cache import build_cache
 
-    index = build_cache(data_dir, tuple(image_size), progress=False).index
+    index = build_cache(data_dir, tuple(image_size), found.faces, progress=False).index
     train = index[index["split"] == "train"].merge(table[["file", "mask"]], on="file")
     train["group"] = ["train " + MASK_NAMES[int(m)] for m in train["mask"]]
     ev = index[index["split"] == "eval"].assign(group="eval (all)")

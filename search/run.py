@@ -59,7 +59,7 @@ from search.study_settings import (
     settle_pruner,
 )
 from search.trial_loop import StorageUnreachable, TooManyFailures, run_worker
-from studies import get_study
+from studies import face_settings, get_study
 
 
 def count(study: optuna.Study, states: Sequence[TrialState]) -> int:
@@ -188,7 +188,7 @@ def search_here(run: Run, loader_workers: int) -> bool:
     """Run trials in this process until the study has enough; False when Ctrl-C ended it."""
     args, fixed = run.args, run.fixed
     data = load_study_data(fixed["data_dir"], fixed["corrections"], int(fixed["n_folds"]),
-                           int(fixed["fold_seed"]), faces=getattr(run.module, "FACES", None),
+                           int(fixed["fold_seed"]), faces=face_settings(run.module),
                            progress=args.progress)
     store = open_store(args.artifacts or paths.default_artifacts_dir())
     objective = Objective(run.module, data, store, epochs=int(fixed["epochs"]),

@@ -331,3 +331,23 @@ def test_a_full_disk_during_the_build_is_one_line_and_leaves_no_cache(
     monkeypatch.undo()
     cache = build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
     assert cache.images[:].any(axis=(1, 2, 3)).all()
+
+
+def test_photos_smaller_than_the_faces_searched_for_are_said_and_a_study_can_fix_it(
+        synth_data: Path, synth_cache: ImageCache, copy_of_cache_root: Path, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """The default settings (competition photos, faces from 80 px) find nothing in 64x48
+    photos: every crop is the centre box, and the build says so; the demo study's ``FACES``
+    find most faces there (its search's best OOF F1 fell 0.545 -> 0.349 without them)."""
+    from studies import demo, face_settings
+
+    assert set(synth_cache.index["box_source"]) == {"center"}
+    build_cache(synth_data, (24, 16), cache_root=copy_of_cache_root, workers=1, progress=False)
+    err = capfd.readouterr().err
+    assert "no face found in any of its 336 images (photos about 48x64, faces searched from " \
+           "80 px" in err
+    demo_cache = build_cache(synth_data, SIZE, face_settings(demo), cache_root=tmp_path / "demo",
+                             workers=1, progress=False)
+    found = demo_cache.index["box_source"].isin(["mtcnn", "retry"]).mean()
+    assert found > 0.3, demo_cache.index["box_source"].value_counts()
+    assert "no face found" not in capfd.readouterr().err
