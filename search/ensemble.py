@@ -300,9 +300,13 @@ def _print_report(payload: dict) -> None:
     for m in payload["members"]:
         print(f"{m['rank']:>4} {m['trial']:>6} {m['value']:>8.4f} {m['oof_f1']:>8.4f} "
               f"{m['weight']:>7.3f}")
-    what = ("the ensemble" if payload["uses"] == "ensemble" else
-            f"the best single trial (its nested estimate beats the ensemble's by more than "
-            f"{NESTED_MARGIN})")
+    if payload["uses"] != "ensemble":
+        what = (f"the best single trial (its nested estimate beats the ensemble's by more than "
+                f"{NESTED_MARGIN})")
+    elif len(payload["members"]) == 1:
+        what = "the ensemble, which is the best trial alone"
+    else:
+        what = "the ensemble"
     kind = payload["recipe"]["offsets_tried"]
     offsets = f"{kind} offsets" if payload["offsets"] else "plain argmax"
     print(f"submission uses {what}, {offsets}, {len(payload['members'])} member(s)")

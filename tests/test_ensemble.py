@@ -274,6 +274,8 @@ def test_top1_size1_is_the_best_single_trial_through_the_same_rule(maker, capsys
     fig = report["figures"]
     assert fig["ensemble_cross_fitted_f1"] == fig["best_single_cross_fitted_f1"]
     assert (report["offsets"] is not None) == (report["rule"] == "offsets")
+    assert "submission uses the ensemble, which is the best trial alone" in \
+        capsys.readouterr().out
 
 
 def test_cli_skips_trials_without_all_folds(maker, capsys):
