@@ -259,19 +259,6 @@ def _crop_pass(runner: Runner, npy: Path, files: list[str], box_arr: np.ndarray,
     return bad
 
 
-def _say_if_no_face(data_dir: Path, det: pd.DataFrame, faces: FaceSettings) -> None:
-    """One line on stderr when no image of the set has a face found: then every crop is the
-    centre box, which trains and scores far worse, and the usual cause is photos smaller than
-    the faces searched for (the defaults are made for the competition's 384x512 photos)."""
-    if len(det) == 0 or (det["prob"].to_numpy(np.float64) >= faces.min_prob).any():
-        return
-    w, h = int(det["width"].median()), int(det["height"].median())
-    print(f"note: {data_dir}: no face found in any of its {len(det)} images (photos about "
-          f"{w}x{h}, faces searched from {faces.min_face_size} px on a 1/{faces.reduce} "
-          f"decode); every crop is the centre box. For small photos give the study "
-          f"FACES = FaceSettings(reduce=1, min_face_size=...)", file=sys.stderr)
-
-
 def _build(data_dir: Path, listing: pd.DataFrame, sources: list, key: dict,
            faces: FaceSettings, final: Path, workers: int | None, progress: bool) -> None:
     """Build the cache into a temp folder and install it at ``final`` (under the root's lock,
@@ -291,7 +278,7 @@ def _build(data_dir: Path, listing: pd.DataFrame, sources: list, key: dict,
         # crop parity (DESIGN rule 6): every image is cropped by the rule an eval image gets,
         # never with its person's other boxes, since training images are also validation images
         boxes = face_rules.resolve_boxes(det, faces, person=None)
-        _say_if_no_face(data_dir, det, faces)
+        face_rules.say_if_no_face(data_dir, det, faces)
         tmp.mkdir()
         npy = tmp / "images.npy"
         np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(listing), h, w, 3))

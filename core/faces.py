@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -215,6 +216,19 @@ def fallback_box(det: pd.DataFrame, settings: FaceSettings) -> np.ndarray | None
     norm = det[list(BOX_COLUMNS)].to_numpy(dtype=np.float64) / np.concatenate([wh, wh], axis=1)
     found = det["prob"].to_numpy(dtype=np.float64) >= settings.min_prob  # NaN -> False
     return np.median(norm[found], axis=0) if found.any() else None
+
+
+def say_if_no_face(data_dir: Path, det: pd.DataFrame, faces: FaceSettings) -> None:
+    """One line on stderr when no image of the set has a face found: then every crop is the
+    centre box, which trains and scores far worse, and the usual cause is photos smaller than
+    the faces searched for (the defaults are made for the competition's 384x512 photos)."""
+    if len(det) == 0 or (det["prob"].to_numpy(np.float64) >= faces.min_prob).any():
+        return
+    w, h = int(det["width"].median()), int(det["height"].median())
+    print(f"note: {data_dir}: no face found in any of its {len(det)} images (photos about "
+          f"{w}x{h}, faces searched from {faces.min_face_size} px on a 1/{faces.reduce} "
+          f"decode); every crop is the centre box. For small photos give the study "
+          f"FACES = FaceSettings(reduce=1, min_face_size=...)", file=sys.stderr)
 
 
 def resolve_boxes(det: pd.DataFrame, settings: FaceSettings,
