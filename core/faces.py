@@ -209,12 +209,17 @@ def add_margin(boxes: np.ndarray, sizes: np.ndarray, margin: float) -> np.ndarra
     return np.stack([x1, y1, x2, y2], axis=1).astype(np.int64)
 
 
+def found_faces(det: pd.DataFrame, settings: FaceSettings) -> np.ndarray:
+    """Per row: a face counts as found (``prob >= min_prob``; NaN, no face, is False)."""
+    return det["prob"].to_numpy(dtype=np.float64) >= settings.min_prob
+
+
 def fallback_box(det: pd.DataFrame, settings: FaceSettings) -> np.ndarray | None:
     """The data set's median found box, normalized by image size (x1, y1, x2, y2 in [0, 1]):
     what an image with no face found gets. None when no face was found at all."""
     wh = det[["width", "height"]].to_numpy(dtype=np.float64)
     norm = det[list(BOX_COLUMNS)].to_numpy(dtype=np.float64) / np.concatenate([wh, wh], axis=1)
-    found = det["prob"].to_numpy(dtype=np.float64) >= settings.min_prob  # NaN -> False
+    found = found_faces(det, settings)
     return np.median(norm[found], axis=0) if found.any() else None
 
 
@@ -222,7 +227,7 @@ def say_if_no_face(data_dir: Path, det: pd.DataFrame, faces: FaceSettings) -> No
     """One line on stderr when no image of the set has a face found: then every crop is the
     centre box, which trains and scores far worse, and the usual cause is photos smaller than
     the faces searched for (the defaults are made for the competition's 384x512 photos)."""
-    if len(det) == 0 or (det["prob"].to_numpy(np.float64) >= faces.min_prob).any():
+    if len(det) == 0 or found_faces(det, faces).any():
         return
     w, h = int(det["width"].median()), int(det["height"].median())
     print(f"note: {data_dir}: no face found in any of its {len(det)} images (photos about "
@@ -250,7 +255,7 @@ def resolve_boxes(det: pd.DataFrame, settings: FaceSettings,
     wh = det[["width", "height"]].to_numpy(dtype=np.float64)
     scale = np.concatenate([wh, wh], axis=1)
     norm = det[list(BOX_COLUMNS)].to_numpy(dtype=np.float64) / scale
-    found = det["prob"].to_numpy(dtype=np.float64) >= settings.min_prob  # NaN -> False
+    found = found_faces(det, settings)
     second = det["pass"].to_numpy() == 2 if "pass" in det else np.zeros(n, dtype=bool)
     source = np.where(found, np.where(second, "retry", "mtcnn"), "").astype(object)
     if person is not None:

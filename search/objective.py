@@ -41,11 +41,12 @@ import pandas as pd
 import torch
 
 from core.atomic import atomic_write
-from core.cache import ImageCache, build_cache
+from core.cache import DEFAULT_FACES, ImageCache, build_cache
 from core.config import MACHINE_FIELDS, ConfigError, TrainConfig
 from core.dataset import fingerprints, load_eval_table, load_train_table, training_targets
 from core.engine import FoldResult, fit_fold, predict
 from core.errors import DataError
+from core.faces import FaceSettings
 from core.labels import NUM_CLASSES
 from core.loader import RowView
 from core.metrics import macro_f1
@@ -77,7 +78,7 @@ class StudyData:
     table: pd.DataFrame
     eval_table: pd.DataFrame
     folds: np.ndarray
-    faces: Any = None  # core.faces.FaceSettings, or None for the cache's default
+    faces: FaceSettings = DEFAULT_FACES  # the study's (studies.face_settings)
     progress: bool = False
     _caches: dict[tuple[int, int], ImageCache] = field(default_factory=dict, repr=False)
 
@@ -94,8 +95,8 @@ class StudyData:
         """The image cache at ``image_size`` (built on first use, then kept open)."""
         key = (int(image_size[0]), int(image_size[1]))
         if key not in self._caches:
-            kwargs = {} if self.faces is None else {"faces": self.faces}
-            self._caches[key] = build_cache(self.data_dir, key, progress=self.progress, **kwargs)
+            self._caches[key] = build_cache(self.data_dir, key, self.faces,
+                                            progress=self.progress)
         return self._caches[key]
 
     def train_images(self, image_size: tuple[int, int]) -> RowView:
@@ -111,7 +112,8 @@ class StudyData:
 
 
 def load_study_data(data_dir: str | Path, corrections: str | Path | None, n_folds: int,
-                    fold_seed: int, faces: Any = None, progress: bool = False) -> StudyData:
+                    fold_seed: int, faces: FaceSettings = DEFAULT_FACES,
+                    progress: bool = False) -> StudyData:
     """Read the tables and make the study's fixed folds (caches come lazily per image size)."""
     data_dir = Path(data_dir)
     table = load_train_table(data_dir, corrections)
