@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--trials", type=int, default=10, help="trials per arm and seed")
     p.add_argument("--seeds", type=int, default=3, help="TPE seeds per arm (0..N-1)")
-    p.add_argument("--epochs", type=int, help="default: the study's (demo 4, quality 3)")
+    p.add_argument("--epochs", type=int,
+                   help=f"default: the study's (demo {demo.EPOCHS}, quality {quality.EPOCHS})")
     p.add_argument("--faces", action="store_true",
                    help="race on the real-face set and space of studies.quality instead of the "
                         "demo (its data is built from ../shared/faces on first use)")
