@@ -7,7 +7,7 @@ share of face crops that hold the true face box.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -80,7 +80,10 @@ def median(values: Sequence[float]) -> float:
     return float(np.median(v)) if len(v) else float("nan")
 
 
-def last_line(oof: float, heldout: float, ensemble_heldout: float) -> str:
-    """The line scripts read: the best single trial's OOF, held-out and gap; the ensemble's."""
-    return (f"quality oof={oof:.4f} heldout={heldout:.4f} gap={oof - heldout:+.4f} "
-            f"ensemble_heldout={ensemble_heldout:.4f}")
+def last_line(figures: Mapping[str, float]) -> str:
+    """The line scripts read: the best single trial's OOF, held-out and gap; the ensemble's.
+
+    ``figures`` are one seed's or the medians over seeds; the gap is its own median (as in the
+    table), which over several seeds is not the median OOF minus the median held-out figure."""
+    return (f"quality oof={figures['oof']:.4f} heldout={figures['heldout']:.4f} "
+            f"gap={figures['gap']:+.4f} ensemble_heldout={figures['ensemble_heldout']:.4f}")

@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> dict:
                  lambda tmp: tmp.write_text(json.dumps(payload, indent=1) + "\n"))
     print_report(results, med, stages, shares)
     print(f"figures: {root / 'quality.json'}")
-    print(last_line(med["oof"], med["heldout"], med["ensemble_heldout"]), flush=True)
+    print(last_line(med), flush=True)
     return payload
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from bench._quality_figures import containment, crop_shares, last_line, task_f1
+from bench.quality import medians
 from core.labels import encode
 from core.metrics import macro_f1
 
@@ -58,9 +59,19 @@ def test_containment_and_crop_shares() -> None:
 
 
 def test_last_line_format() -> None:
-    assert last_line(0.5, 0.45, 0.47) == \
-        "quality oof=0.5000 heldout=0.4500 gap=+0.0500 ensemble_heldout=0.4700"
-    assert "gap=-0.0100" in last_line(0.4, 0.41, 0.4)
+    one = {"oof": 0.5, "heldout": 0.45, "gap": 0.05, "ensemble_heldout": 0.47}
+    assert last_line(one) == "quality oof=0.5000 heldout=0.4500 gap=+0.0500 ensemble_heldout=0.4700"
+
+
+def test_last_line_gap_is_the_median_gap_over_seeds() -> None:
+    """Seeds with gaps +0.05, +0.30, +0.05: the median gap is +0.05, while the median OOF (0.4)
+    minus the median held-out figure (0.1) would say +0.30."""
+    seeds = [{"oof": o, "heldout": h, "gap": o - h, "ensemble_heldout": h,
+              "ensemble_oof_in_sample": o, "ensemble_cross_fitted": o,
+              "best_single": {"f1": h}, "submission": {"f1": h}, "trials_finished": 1,
+              "seconds": {"search": 1.0, "ensemble": 1.0}}
+             for o, h in ((0.5, 0.45), (0.4, 0.1), (0.1, 0.05))]
+    assert "gap=+0.0500" in last_line(medians(seeds))
 
 
 @pytest.mark.slow
