@@ -115,7 +115,7 @@ def compare(oofs: list[np.ndarray], labels: np.ndarray, folds: np.ndarray,
             recipe: Recipe) -> dict:
     """Nested and in-sample F1 of the ensemble recipe and the best single trial, with and
     without offsets, and the choice they lead to (offsets only if they raise the nested figure
-    by more than ``NESTED_MARGIN``; the single trial only if it beats the ensemble by more)."""
+    by more than ``NESTED_MARGIN``; the single trial as ``choose`` says, with its reason)."""
     single = Recipe(top=1, selection=SINGLE.selection, offsets=recipe.offsets)
     out: dict = {"nested": {}, "in_sample": {}, "fitted": {}, "rule": {}}
     for name, r in (("ensemble", recipe), ("best_single", single)):
