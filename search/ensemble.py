@@ -289,6 +289,18 @@ def _figures(cmp: dict, cands: list, labels: np.ndarray) -> dict:
     }
 
 
+def what_it_uses(payload: dict) -> str:
+    """What a submission JSON says it submits and why, in words (the CLI and the report)."""
+    if payload["uses"] != "ensemble":
+        what = f"the best single trial ({payload.get('why') or 'the nested estimate chose it'})"
+    elif len(payload["members"]) == 1:
+        what = "the ensemble, which is the best trial alone"
+    else:
+        what = "the ensemble"
+    kind = payload["recipe"]["offsets_tried"]
+    return f"{what}, {f'{kind} offsets' if payload['offsets'] else 'plain argmax'}"
+
+
 def _print_report(payload: dict) -> None:
     for note in payload["notes"]:
         print(f"note: {note}")
@@ -308,15 +320,7 @@ def _print_report(payload: dict) -> None:
     for m in payload["members"]:
         print(f"{m['rank']:>4} {m['trial']:>6} {m['value']:>8.4f} {m['oof_f1']:>8.4f} "
               f"{m['weight']:>7.3f}")
-    if payload["uses"] != "ensemble":
-        what = f"the best single trial ({payload['why']})"
-    elif len(payload["members"]) == 1:
-        what = "the ensemble, which is the best trial alone"
-    else:
-        what = "the ensemble"
-    kind = payload["recipe"]["offsets_tried"]
-    offsets = f"{kind} offsets" if payload["offsets"] else "plain argmax"
-    print(f"submission uses {what}, {offsets}, {len(payload['members'])} member(s)")
+    print(f"submission uses {what_it_uses(payload)}, {len(payload['members'])} member(s)")
     if payload.get("gradcam"):
         print(payload["gradcam"])
     print(f"wrote {payload['submission']} and {Path(payload['submission']).with_suffix('.json')}")

@@ -31,6 +31,7 @@ from core.labels import AGE_GROUP_NAMES, CLASS_NAMES, MASK_NAMES, decode
 from core.metrics import macro_f1
 from search import paths
 from search.artifacts import OOF, finished_artifacts, load_array
+from search.ensemble import what_it_uses
 from search.finished_study import (
     FinishedStudy,
     add_study_flags,
@@ -140,10 +141,8 @@ def submission_section(found: FinishedStudy, payload: dict, labels: np.ndarray) 
                               "F1": list(class_f1(labels, pred).values())})
     per_class[">=60"] = [("yes" if AGE_GROUP_NAMES[a] == OLD else "")
                          for a in decode(np.arange(len(CLASS_NAMES)))[2]]
-    uses = ("the ensemble" if payload["uses"] == "ensemble" else "the best single trial")
-    rule = "offsets" if payload.get("offsets") else "argmax"
-    return (f"<p>The submission uses {uses} ({rule}); out-of-fold macro F1 of what it "
-            f"submits: {macro_f1(labels, pred):.4f} (in-sample).</p>"
+    return (f"<p>The submission uses {html.escape(what_it_uses(payload))}; out-of-fold macro "
+            f"F1 of what it submits: {macro_f1(labels, pred):.4f} (in-sample).</p>"
             + figures.to_html(index=False, float_format="%.4f") + members.to_html(
                 index=False, float_format="%.4f") + matrix
             + per_class.to_html(index=False, float_format="%.4f", na_rep="-",

@@ -148,6 +148,7 @@ PROBE = """<script>window.addEventListener("load", () => {
 def test_the_report_renders_in_chromium_with_every_image(finished, tmp_path, capsys) -> None:
     """Headless Chromium loads the report: every embedded image decodes, no console error, and
     the figures a reader looks for are on the page."""
+    import html
     import re
     import subprocess
 
@@ -180,5 +181,6 @@ def test_the_report_renders_in_chromium_with_every_image(finished, tmp_path, cap
     for number in (f"{best.value:.4f}",
                    f"{payload['figures']['ensemble_cross_fitted_f1']:.4f}"):
         assert number in r.stdout
+    assert f"The submission uses {html.escape(ensemble.what_it_uses(payload))};" in text
     assert "No Grad-CAM grid" not in r.stdout  # the grid itself, not how to make it
     assert "Grad-CAM" in r.stdout and "&gt;=60" in r.stdout
