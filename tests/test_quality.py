@@ -67,8 +67,10 @@ def test_last_line_gap_is_the_median_gap_over_seeds() -> None:
     """Seeds with gaps +0.05, +0.30, +0.05: the median gap is +0.05, while the median OOF (0.4)
     minus the median held-out figure (0.1) would say +0.30."""
     seeds = [{"oof": o, "heldout": h, "gap": o - h, "ensemble_heldout": h,
-              "ensemble_oof_in_sample": o, "ensemble_cross_fitted": o,
-              "best_single": {"f1": h}, "submission": {"f1": h}, "trials_finished": 1,
+              "ensemble_oof_in_sample": o, "ensemble_cross_fitted": o, "ensemble_gain": 0.0,
+              "best_single_cross_fitted": o, "best_single_rule_heldout": h,
+              "submission_heldout": h, "best_single": {"f1": h}, "submission": {"f1": h},
+              "trials_finished": 1,
               "seconds": {"search": 1.0, "ensemble": 1.0}}
              for o, h in ((0.5, 0.45), (0.4, 0.1), (0.1, 0.05))]
     assert "gap=+0.0500" in last_line(medians(seeds))
@@ -91,7 +93,8 @@ def test_bench_quality_end_to_end(faces_folder: Path, tmp_path: Path,
                      r"ensemble_heldout=(\d\.\d{4})", last)
     assert m, last
     for label in ("held-out mask F1", "held-out old_classes F1", "face crops holding",
-                  "wall s: data", "ensemble: cross-fitted OOF F1"):
+                  "wall s: data", "ensemble: cross-fitted OOF F1",
+                  "ensemble: gain held-out over best trial", "submission: held-out macro F1"):
         assert label in out
     root = tmp_path / "runs" / "quality"
     payload = json.loads((root / "quality.json").read_text())
@@ -101,6 +104,7 @@ def test_bench_quality_end_to_end(faces_folder: Path, tmp_path: Path,
                               storage=f"sqlite:///{root / 'seed0' / 'study.db'}")
     assert float(m[1]) == pytest.approx(study.best_value, abs=5e-5)
     assert seed["gap"] == pytest.approx(seed["oof"] - seed["heldout"])
+    assert seed["submission_heldout"] == seed["submission"]["f1"]
     assert seed["trials_finished"] == 1 and "WARNING" not in out
     # the submission's held-out F1, recomputed here from its CSV and the answers
     data = next((tmp_path / "runs").glob("quality_data-*"))
