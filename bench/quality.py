@@ -49,12 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "../shared/faces beside the checkout")
     p.add_argument("--seeds", type=int, default=1, help="repeat with this many sampler seeds")
     p.add_argument("--seed", type=int, default=0, help="first sampler seed")
-    small = p.add_argument_group("a smaller protocol (tests, smoke runs; figures not comparable)")
+    small = p.add_argument_group(
+        "another protocol (tests, smoke runs, a GPU's larger run; figures not comparable)")
     small.add_argument("--trials", type=int, default=TRIALS)
     small.add_argument("--epochs", type=int, default=quality.EPOCHS)
     small.add_argument("--folds", type=int, default=quality.FOLDS)
     small.add_argument("--people", type=int, default=quality.PEOPLE)
     small.add_argument("--eval-people", type=int, default=quality.EVAL_PEOPLE)
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N (default cpu: the README's figures are the CPU's; "
+                        "a GPU can afford a larger --trials/--epochs protocol)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
     return p
 
@@ -90,7 +94,7 @@ def _search(args: argparse.Namespace, data: Path, seed: int, out: Path) -> None:
             "--storage", f"sqlite:///{out / 'study.db'}", "--artifacts", str(out / "artifacts"),
             "--sampler", "tpe", "--seed", str(seed), "--pruner", "none",
             "--epochs", str(args.epochs), "--folds", str(args.folds),
-            "--timeout", str(SAFETY_TIMEOUT_S), "--device", "cpu"]
+            "--timeout", str(SAFETY_TIMEOUT_S), "--device", args.device]
     if sys.stderr.isatty():
         argv.append("--progress")
     if search_run.main(argv) != 0:
@@ -245,8 +249,8 @@ def run(args: argparse.Namespace) -> dict:
     data, stages, shares = prepare(args, runs)
     results = [run_seed(args, data, s, root) for s in range(args.seed, args.seed + args.seeds)]
     med = medians(results)
-    payload = {"protocol": {k: getattr(args, k) for k in ("trials", "epochs", "folds", "people",
-                                                          "eval_people", "seed", "seeds")},
+    protocol = ("trials", "epochs", "folds", "people", "eval_people", "seed", "seeds", "device")
+    payload = {"protocol": {k: getattr(args, k) for k in protocol},
                "data": data.name, "stages": stages, "seeds": results, "median": med,
                "crops": shares.to_dict(orient="records")}
     from core.atomic import atomic_write
