@@ -488,3 +488,29 @@ def test_ensemble_during_a_running_search_reads_finished_trials_only(maker, caps
     members = {m["trial"] for m in json.loads(maker.out.with_suffix(".json").read_text())
                ["members"]}
     assert running.number not in members
+
+
+def test_bench_ensemble_variants_replays_the_clis_decision(maker, tmp_path, capsys):
+    """bench.ensemble_variants reads a study folder as bench.quality leaves it and replays the
+    CLI's recipe: its default ensemble-minus-best figure is the one the CLI wrote, and the
+    complementary pair's blend is far ahead of either half held out."""
+    from bench import ensemble_variants
+
+    maker.add_pair()
+    maker.add(member(maker.labels, maker.labels % 3 == 0, 7),
+              member(maker.answers, maker.answers % 3 == 0, 8))
+    assert maker.cli("--no-gradcam") == 0
+    fig = json.loads(maker.out.with_suffix(".json").read_text())["figures"]
+    folder = tmp_path / "seed0"
+    folder.mkdir()
+    (folder / "study.db").symlink_to(maker.db)
+    (folder / "artifacts").symlink_to(maker.art)
+    capsys.readouterr()
+    got = ensemble_variants.run([folder])
+    default = got["variants"]["default"][0]
+    assert default["ensemble - best"] == pytest.approx(
+        fig["ensemble_eval_f1"] - fig["best_single_argmax_eval_f1"])
+    assert default["ensemble - best"] > 0.05
+    assert "seed0 (3 trials)" in capsys.readouterr().out
+    assert ensemble_variants.main([str(tmp_path / "nowhere")]) == 2
+    assert "no study.db" in capsys.readouterr().err
