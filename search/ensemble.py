@@ -290,15 +290,18 @@ def _figures(cmp: dict, cands: list, labels: np.ndarray) -> dict:
 
 
 def what_it_uses(payload: dict) -> str:
-    """What a submission JSON says it submits and why, in words (the CLI and the report)."""
-    if payload["uses"] != "ensemble":
+    """What a submission JSON says it submits and why, in words (the CLI and the report).
+
+    A JSON written by an earlier version (no ``why``, ``recipe`` or ``offsets``) still reads.
+    """
+    if payload.get("uses", "ensemble") != "ensemble":
         what = f"the best single trial ({payload.get('why') or 'the nested estimate chose it'})"
-    elif len(payload["members"]) == 1:
+    elif len(payload.get("members", ())) == 1:
         what = "the ensemble, which is the best trial alone"
     else:
         what = "the ensemble"
-    kind = payload["recipe"]["offsets_tried"]
-    return f"{what}, {f'{kind} offsets' if payload['offsets'] else 'plain argmax'}"
+    kind = payload.get("recipe", {}).get("offsets_tried", "decision")
+    return f"{what}, {f'{kind} offsets' if payload.get('offsets') else 'plain argmax'}"
 
 
 def _print_report(payload: dict) -> None:

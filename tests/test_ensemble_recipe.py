@@ -209,3 +209,6 @@ def test_the_printed_and_reported_choice_says_why_the_single_trial_was_used():
     payload |= {"uses": "ensemble", "why": None, "offsets": [0.0] * 18,
                 "members": [{"trial": 3}, {"trial": 5}]}
     assert what_it_uses(payload) == "the ensemble, age offsets"
+    first_version = {"uses": "best_single", "members": [{"trial": 3}]}
+    assert what_it_uses(first_version) == ("the best single trial (the nested estimate chose "
+                                           "it), plain argmax")
