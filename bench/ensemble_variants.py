@@ -70,8 +70,9 @@ def load(folder: Path) -> dict:
             "evals": load_eval(cands, np.ones(len(cands)), store, len(eval_table))}
 
 
-def replay(study: dict, recipe: Recipe) -> dict[str, float]:
-    """One recipe through ``search.ensemble.compare``: its held-out figures and nested one."""
+def replay(study: dict, recipe: Recipe) -> tuple[dict[str, float], dict]:
+    """One recipe through ``search.ensemble.compare``: its held-out figures and nested one, and
+    ``compare``'s result (so the default's is not fitted again for the gain split)."""
     from search.ensemble import SINGLE, compare
 
     oofs, y, folds, evals, ans = (study[k] for k in ("oofs", "labels", "folds", "evals",
@@ -87,7 +88,7 @@ def replay(study: dict, recipe: Recipe) -> dict[str, float]:
     ensemble = heldout(cmp, "ensemble")
     return {"ensemble - best": ensemble - macro_f1(ans, evals[best].argmax(axis=1)),
             "submission - single": heldout(cmp, cmp["uses"]) - heldout(single, single["uses"]),
-            "nested - held-out": cmp["nested"]["ensemble"] - ensemble}
+            "nested - held-out": cmp["nested"]["ensemble"] - ensemble}, cmp
 
 
 def old_share(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
@@ -101,12 +102,9 @@ def old_share(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
             float(f1[present & ~old].sum() / present.sum()))
 
 
-def gain_by_part(study: dict) -> list[float]:
-    """Default ensemble minus best trial (plain argmax both): >=60 and rest, in sample then
-    held out."""
-    from search.ensemble import compare
-
-    cmp = compare(study["oofs"], study["labels"], study["folds"], Recipe())
+def gain_by_part(study: dict, cmp: dict) -> list[float]:
+    """Ensemble minus best trial of ``compare``'s result ``cmp`` (plain argmax both): >=60 and
+    rest, in sample then held out."""
     out = []
     for probs, truth in ((study["oofs"], study["labels"]), (study["evals"], study["answers"])):
         ens = old_share(truth, cmp["fitted"]["ensemble"].predict(probs, False))
@@ -117,7 +115,8 @@ def gain_by_part(study: dict) -> list[float]:
 
 def run(folders: Sequence[Path]) -> dict:
     studies = {f: load(f) for f in folders}
-    table = {name: [replay(s, r) for s in studies.values()] for name, r in VARIANTS.items()}
+    replays = {name: [replay(s, r) for s in studies.values()] for name, r in VARIANTS.items()}
+    table = {name: [figures for figures, _ in rows] for name, rows in replays.items()}
     names = [f.name for f in folders]
     print(f"{len(folders)} studies: " + ", ".join(
         f"{n} ({len(s['oofs'])} trials)" for n, s in zip(names, studies.values(), strict=True)))
@@ -128,7 +127,8 @@ def run(folders: Sequence[Path]) -> dict:
             v = np.array([r[figure] for r in rows])
             print(f"  {name:<38}" + "".join(f"{x:+9.4f}" for x in v)
                   + f"{v.mean():+9.4f}{v.min():+9.4f}")
-    parts = np.array([gain_by_part(s) for s in studies.values()]).mean(axis=0)
+    parts = np.array([gain_by_part(s, cmp) for s, (_, cmp) in
+                      zip(studies.values(), replays["default"], strict=True)]).mean(axis=0)
     print(f"\ndefault ensemble minus best trial, mean: in sample >=60 {parts[0]:+.4f} rest "
           f"{parts[1]:+.4f}; held out >=60 {parts[2]:+.4f} rest {parts[3]:+.4f}")
     return {"variants": table, "parts": parts.tolist()}
