@@ -42,6 +42,8 @@ MIN_PEOPLE = 6
 MIN_SIDE = 16
 OLDEST = 60
 TRUE_BOXES = "true_boxes.csv"
+#: Beside eval_answers.csv: which eval person (0..) each ImageID shows.
+EVAL_PEOPLE = "eval_people.csv"
 BOX_HEADER = ("file", "x1", "y1", "x2", "y2", "mask")
 
 ROLE_TRAIN, ROLE_EVAL, ROLE_IMAGE, ROLE_EVAL_IMAGE, ROLE_META = range(5)
@@ -205,7 +207,8 @@ def write_tree(root: Path, train: list[Person], evals: list[Person], seed: int, 
     """Write the whole layout of ``train`` and ``evals`` people into the new folder ``root``.
 
     ``true_boxes.csv`` (file, face box in photo pixels, mask state drawn) is written beside
-    ``eval_answers.csv`` when ``draw`` returns boxes.
+    ``eval_answers.csv`` when ``draw`` returns boxes; ``eval_people.csv`` (ImageID, person) says
+    whose photo each eval image is, so held-out figures can be bootstrapped over people.
     """
     meta = np.random.default_rng([seed, ROLE_META])
     boxes: list[tuple] = []
@@ -222,14 +225,15 @@ def write_tree(root: Path, train: list[Person], evals: list[Person], seed: int, 
             kind = MASK_BY_STEM[stem]
             img, box = draw(p, kind, rng)
             (eval_dir / image_id).write_bytes(encode_image(img, ".jpg"))
-            answers.append((image_id, int(encode(kind, p.gender, age_group(p.age)))))
+            answers.append((image_id, int(encode(kind, p.gender, age_group(p.age))), i))
             if box is not None:
                 boxes.append((f"eval/images/{image_id}", *box, kind))
         bar.update()
     bar.close()
     answers = [answers[k] for k in meta.permutation(len(answers))]
-    write_csv(root / "eval" / "info.csv", ("ImageID", "ans"), [(a, "") for a, _ in answers])
-    write_csv(root / "eval_answers.csv", ("ImageID", "ans"), answers)
+    write_csv(root / "eval" / "info.csv", ("ImageID", "ans"), [(a, "") for a, _, _ in answers])
+    write_csv(root / "eval_answers.csv", ("ImageID", "ans"), [(a, c) for a, c, _ in answers])
+    write_csv(root / EVAL_PEOPLE, ("ImageID", "person"), [(a, i) for a, _, i in answers])
     if boxes:
         write_csv(root / TRUE_BOXES, BOX_HEADER, sorted(boxes))
 

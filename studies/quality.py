@@ -30,6 +30,8 @@ EPOCHS = 8
 #: People of the real-face set (train, eval) and its seed: fixed, so every run sees one data set.
 #: Eval is as large as training (1,680 answer rows) so held-out figures are not one row's luck.
 PEOPLE, EVAL_PEOPLE, DATA_SEED = 240, 240, 0
+#: Bumped when the set's files change (v2: eval_people.csv), so an older set is rebuilt.
+LAYOUT_VERSION = 2
 BACKBONES = ("test_resnet", "test_efficientnet", "resnet10t")
 #: (height, width) of the face crops; the photos are portrait, so crops keep a 4:3 shape.
 IMAGE_SIZES = {"48x36": (48, 36), "64x48": (64, 48)}
@@ -43,7 +45,7 @@ def data_name(faces_dir: Path, people: int, eval_people: int, seed: int) -> str:
     except OSError as e:
         raise DataError(f"{csv}: cannot read ({e.strerror or e}); pass --faces DIR or set "
                         f"MASK_SEARCH_FACES") from None
-    return f"quality_data-{people}x{eval_people}-s{seed}-{digest}"
+    return f"quality_data-{people}x{eval_people}-s{seed}-{digest}-v{LAYOUT_VERSION}"
 
 
 def ensure_data(runs: Path, faces_dir: Path, people: int = PEOPLE,

@@ -54,7 +54,7 @@ def large(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_layout_matches_the_competition(small: Path) -> None:
     assert sorted(p.name for p in small.iterdir()) == [
-        "corrections.csv", "eval", "eval_answers.csv", "train"]
+        "corrections.csv", "eval", "eval_answers.csv", "eval_people.csv", "train"]
     cols, rows = read_csv(small / "train" / "train.csv")
     assert cols == ["id", "gender", "race", "age", "path"]
     assert len(rows) == 12
@@ -96,6 +96,23 @@ def test_eval_answers_cover_info_in_order(small: Path) -> None:
     assert ((0 <= classes) & (classes < NUM_CLASSES)).all()
     mask, _, _ = decode(classes)
     assert np.bincount(mask, minlength=3).tolist() == [5 * 3, 3, 3]
+
+
+def test_eval_people_group_each_persons_seven_photos(small: Path) -> None:
+    """The bootstrap over eval people relies on it: one person = 7 photos, one gender and age,
+    the competition's mask states (5 worn, 1 incorrect, 1 not worn)."""
+    _, answers = read_csv(small / "eval_answers.csv")
+    cols, people = read_csv(small / "eval_people.csv")
+    assert cols == ["ImageID", "person"]
+    assert [p["ImageID"] for p in people] == [a["ImageID"] for a in answers]
+    by_person: dict[str, list[int]] = {}
+    for p, a in zip(people, answers, strict=True):
+        by_person.setdefault(p["person"], []).append(int(a["ans"]))
+    assert len(by_person) == 3
+    for classes in by_person.values():
+        mask, gender, age = decode(np.array(classes))
+        assert len(set(gender)) == 1 and len(set(age)) == 1
+        assert np.bincount(mask, minlength=3).tolist() == [5, 1, 1]
 
 
 def test_traps_of_the_real_set_are_present(small: Path) -> None:

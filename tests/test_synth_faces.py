@@ -81,7 +81,8 @@ def test_layout_reads_back_like_the_synthetic_one(real: Path) -> None:
 
 def test_answers_and_true_boxes_sit_outside_train_and_eval(real: Path) -> None:
     assert sorted(p.name for p in real.iterdir()) == [
-        "corrections.csv", "eval", "eval_answers.csv", "train", "true_boxes.csv"]
+        "corrections.csv", "eval", "eval_answers.csv", "eval_people.csv", "train",
+        "true_boxes.csv"]
     for sub in ("train", "eval"):
         names = {p.name for p in (real / sub).rglob("*")}
         assert not names & {"true_boxes.csv", "eval_answers.csv"}
