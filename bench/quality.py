@@ -30,13 +30,67 @@ import pandas as pd
 if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._quality_figures import crop_shares, last_line, median, task_f1
+from bench._quality_figures import (
+    crop_shares,
+    interval,
+    last_line,
+    median,
+    people_bootstrap,
+    task_f1,
+)
+from bench.gauge import run_gauge
 from core.cli import run_cli
 from core.errors import DataError
 
 STUDY = "quality"
 TRIALS = 6
 SAFETY_TIMEOUT_S = 3600  # stop starting trials after this; the protocol is TRIALS, not time
+
+
+def check_weights_folder(folder: Path) -> Path:
+    """The yardstick's weights folder with both backbones' files, else one line naming both
+    fixes (checked before the minutes of data, faces and caches)."""
+    from core.weights import WEIGHTS_ENV, check_weights
+    from studies import quality
+
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise DataError(
+            f"weights folder {str(path)!r} does not exist: pass --weights DIR (a folder of "
+            f"<timm model name>.safetensors, e.g. from `python -m search.weights --study quality "
+            f"--out DIR`) or set ${WEIGHTS_ENV}")
+    check_weights(quality.BACKBONES, path.resolve(), STUDY)
+    return path.resolve()
+
+
+def weights_arg(p: argparse.ArgumentParser) -> None:
+    """``--weights``: the pretrained backbones the yardstick fine-tunes (bench.quality, gauge)."""
+    from core.weights import WEIGHTS_ENV, development_weights_dir
+
+    p.add_argument("--weights", type=Path, default=development_weights_dir(),
+                   help=f"folder of pretrained weights (mobilenetv2_100.safetensors, "
+                        f"efficientnet_lite0.safetensors); default ${WEIGHTS_ENV} or "
+                        "../shared/weights beside the checkout")
+
+
+def default_data_dir() -> Path:
+    """The default real-face set (built from the default faces folder on first use)."""
+    from search import paths
+    from studies import quality
+
+    return quality.default_data(paths.runs_dir())
+
+
+def answers_and_people(data: Path, image_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """True classes and eval person of ``image_ids`` (from eval_answers.csv, eval_people.csv)."""
+    from core.synth_layout import EVAL_PEOPLE
+
+    people_csv = data / EVAL_PEOPLE
+    if not people_csv.is_file():
+        raise DataError(f"{people_csv}: missing (a set from an older core.synth); delete "
+                        f"{data} and rerun to rebuild it")
+    people = pd.read_csv(people_csv, dtype={"ImageID": str}).set_index("ImageID")
+    return _answers(data, image_ids), people.loc[list(image_ids), "person"].to_numpy()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faces", type=Path, default=default_faces_dir(),
                    help=f"faces folder (faces.csv, photos/); default ${FACES_ENV} or "
                         "../shared/faces beside the checkout")
+    weights_arg(p)
     p.add_argument("--seeds", type=int, default=1, help="repeat with this many sampler seeds")
     p.add_argument("--seed", type=int, default=0, help="first sampler seed")
     small = p.add_argument_group(
@@ -94,7 +149,8 @@ def _search(args: argparse.Namespace, data: Path, seed: int, out: Path) -> None:
             "--storage", f"sqlite:///{out / 'study.db'}", "--artifacts", str(out / "artifacts"),
             "--sampler", "tpe", "--seed", str(seed), "--pruner", "none",
             "--epochs", str(args.epochs), "--folds", str(args.folds),
-            "--timeout", str(SAFETY_TIMEOUT_S), "--device", args.device]
+            "--timeout", str(SAFETY_TIMEOUT_S), "--device", args.device,
+            "--weights", str(args.weights)]
     if sys.stderr.isatty():
         argv.append("--progress")
     if search_run.main(argv) != 0:
@@ -145,17 +201,20 @@ def run_seed(args: argparse.Namespace, data: Path, seed: int, root: Path) -> dic
     _, t_search = _timed(_search, args, data, seed, out)
     payload, t_ens = _timed(_ensemble, out, data)
     eval_table = load_eval_table(data)
-    answers = _answers(data, eval_table["ImageID"])
     oof, number, eval_probs, done = _best_trial(out)
     if done < args.trials:
         print(f"WARNING: seed {seed}: the {SAFETY_TIMEOUT_S} s safety cap stopped the search "
               f"after {done} of {args.trials} trials; its figures are not the fixed protocol's",
               flush=True)
-    single = task_f1(answers, eval_probs.argmax(axis=1))
     sub = pd.read_csv(out / "submission.csv", dtype={"ImageID": str})
     if sub["ImageID"].tolist() != eval_table["ImageID"].tolist():
         raise DataError(f"{out / 'submission.csv'}: rows are not in eval/info.csv order")
-    submitted = task_f1(answers, sub["ans"].to_numpy(np.int64))
+    gauge, t_gauge = _timed(run_gauge, data, args.weights, args.epochs, args.device, seed=seed)
+    answers, people = answers_and_people(data, eval_table["ImageID"])
+    preds = {"heldout": eval_probs.argmax(axis=1), "submission": sub["ans"].to_numpy(np.int64),
+             "gauge": gauge["eval_probs"].argmax(axis=1)}
+    single, submitted, hand = (task_f1(answers, p) for p in preds.values())
+    boot = people_bootstrap(answers, list(preds.values()), people)
     fig = payload.get("figures", {})
     result = {
         "seed": seed, "trials_finished": done, "best_trial": number, "oof": oof,
@@ -167,8 +226,13 @@ def run_seed(args: argparse.Namespace, data: Path, seed: int, root: Path) -> dic
         "best_single_rule_heldout": fig.get("best_single_eval_f1", single["f1"]),
         "submission_heldout": submitted["f1"],
         "submission_uses": payload.get("uses", "ensemble"),
-        "best_single": single, "submission": submitted,
-        "seconds": {"search": t_search, "ensemble": t_ens},
+        "gauge_heldout": hand["f1"], "gauge_val_f1": gauge["val_f1"],
+        "submission_minus_gauge": submitted["f1"] - hand["f1"],
+        "intervals": {"heldout": interval(boot[:, 0]), "submission": interval(boot[:, 1]),
+                      "gauge": interval(boot[:, 2]),
+                      "submission_minus_gauge": interval(boot[:, 1] - boot[:, 2])},
+        "best_single": single, "submission": submitted, "gauge": hand,
+        "seconds": {"search": t_search, "ensemble": t_ens, "gauge": t_gauge},
     }
     result["ensemble_gain"] = result["ensemble_heldout"] - result["heldout"]  # issue 13's goal
     (out / "figures.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -186,16 +250,26 @@ ROWS = (
     ("best trial: cross-fitted OOF F1 (its rule)", lambda r: r["best_single_cross_fitted"]),
     ("best trial: held-out F1 through its rule", lambda r: r["best_single_rule_heldout"]),
     ("submission: held-out macro F1", lambda r: r["submission_heldout"]),
-    *((f"held-out {task} F1: best trial / submission",
-       lambda r, t=task: (r["best_single"][t], r["submission"][t]))
+    ("gauge (one hand run): held-out macro F1", lambda r: r["gauge_heldout"]),
+    ("submission minus gauge (held-out)", lambda r: r["submission_minus_gauge"]),
+    *((f"95% over eval people: {name}", lambda r, k=key: r["intervals"][k])
+      for name, key in (("best trial", "heldout"), ("submission", "submission"),
+                        ("gauge", "gauge"), ("submission - gauge", "submission_minus_gauge"))),
+    *((f"held-out {task} F1: best trial / submission / gauge",
+       lambda r, t=task: (r["best_single"][t], r["submission"][t], r["gauge"][t]))
       for task in ("mask", "gender", "age", "old_classes", "old_age")),
     ("trials finished", lambda r: r["trials_finished"]),
     ("wall s: search", lambda r: r["seconds"]["search"]),
     ("wall s: ensemble", lambda r: r["seconds"]["ensemble"]),
+    ("wall s: gauge (training + eval prediction)", lambda r: r["seconds"]["gauge"]),
 )
 
 
 def _cell(label: str, v) -> str:
+    if v is None:
+        return ""
+    if label.startswith("95%"):
+        return f"[{v[0]:+.3f}, {v[1]:+.3f}]" if "-" in label else f"[{v[0]:.3f}, {v[1]:.3f}]"
     if isinstance(v, tuple):
         return " / ".join(f"{x:.3f}" for x in v)
     if label.startswith("wall"):
@@ -207,20 +281,31 @@ def _cell(label: str, v) -> str:
 
 def medians(results: list[dict]) -> dict:
     """Median over seeds of every figure the last line and the table show."""
+    return _over_seeds(results, median)
+
+
+def spreads(results: list[dict]) -> dict:
+    """Max minus min over seeds of the same figures (the spread the README quotes)."""
+    return _over_seeds(results, lambda v: float(np.nanmax(v) - np.nanmin(v)))
+
+
+def _over_seeds(results: list[dict], reduce) -> dict:
     keys = ("oof", "heldout", "gap", "ensemble_oof_in_sample", "ensemble_cross_fitted",
             "ensemble_heldout", "ensemble_gain", "best_single_cross_fitted",
-            "best_single_rule_heldout", "submission_heldout")
-    out = {k: median([r[k] for r in results]) for k in keys}
-    for part in ("best_single", "submission"):
-        out[part] = {t: median([r[part][t] for r in results]) for t in results[0][part]}
-    out["trials_finished"] = median([r["trials_finished"] for r in results])
-    out["seconds"] = {k: median([r["seconds"][k] for r in results]) for k in ("search", "ensemble")}
+            "best_single_rule_heldout", "submission_heldout", "gauge_heldout",
+            "submission_minus_gauge", "trials_finished")
+    out = {k: reduce([r[k] for r in results]) for k in keys}
+    for part in ("best_single", "submission", "gauge"):
+        out[part] = {t: reduce([r[part][t] for r in results]) for t in results[0][part]}
+    out["seconds"] = {k: reduce([r["seconds"][k] for r in results]) for k in results[0]["seconds"]}
+    out["intervals"] = dict.fromkeys(results[0]["intervals"])  # per seed only
     return out
 
 
 def print_report(results: list[dict], med: dict, stages: dict, shares: pd.DataFrame) -> None:
-    cols = [f"seed {r['seed']}" for r in results] + (["median"] if len(results) > 1 else [])
-    table = results + ([med] if len(results) > 1 else [])
+    many = len(results) > 1
+    cols = [f"seed {r['seed']}" for r in results] + (["median", "spread"] if many else [])
+    table = results + ([med, spreads(results)] if many else [])
     print(f"\n{'':<52}" + "".join(f"{c:>16}" for c in cols))
     for label, get in ROWS:
         print(f"{label:<52}" + "".join(f"{_cell(label, get(r)):>16}" for r in table))
@@ -240,8 +325,11 @@ def print_report(results: list[dict], med: dict, stages: dict, shares: pd.DataFr
 
 
 def run(args: argparse.Namespace) -> dict:
+    from core.weights import fingerprint
     from search import paths
+    from studies import quality
 
+    args.weights = check_weights_folder(args.weights)
     if args.seeds < 1 or args.trials < 1:
         raise DataError("--seeds and --trials must be >= 1")
     runs = paths.runs_dir()
@@ -250,8 +338,10 @@ def run(args: argparse.Namespace) -> dict:
     results = [run_seed(args, data, s, root) for s in range(args.seed, args.seed + args.seeds)]
     med = medians(results)
     protocol = ("trials", "epochs", "folds", "people", "eval_people", "seed", "seeds", "device")
-    payload = {"protocol": {k: getattr(args, k) for k in protocol},
+    payload = {"protocol": {**{k: getattr(args, k) for k in protocol},
+                            "weights": fingerprint(args.weights, quality.BACKBONES)},
                "data": data.name, "stages": stages, "seeds": results, "median": med,
+               "spread": spreads(results),
                "crops": shares.to_dict(orient="records")}
     from core.atomic import atomic_write
 

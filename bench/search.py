@@ -33,6 +33,7 @@ from optuna.trial import TrialState
 if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.quality import check_weights_folder, weights_arg
 from search.artifacts import open_store
 from search.objective import Objective, load_study_data
 from search.study_settings import DEFAULT_PRUNER, REPORT_MODE, create_pruner, create_sampler
@@ -50,7 +51,8 @@ def parse_arm(name: str) -> tuple[str, bool]:
     return pruner, option == "group"
 
 
-def arm(name: str, study_module, data, trials: int, epochs: int, seed: int, tmp: Path) -> dict:
+def arm(name: str, study_module, data, trials: int, epochs: int, seed: int, tmp: Path,
+        weights: Path | None = None) -> dict:
     """One search of ``trials`` trials with arm ``name`` (``PRUNER[+group]``), TPE seed ``seed``."""
     pruner, group = parse_arm(name)
     n_folds = data.n_folds
@@ -58,7 +60,7 @@ def arm(name: str, study_module, data, trials: int, epochs: int, seed: int, tmp:
                                 sampler=create_sampler("tpe", seed, group=group),
                                 pruner=create_pruner(pruner, n_folds * epochs, n_folds))
     obj = Objective(study_module, data, open_store(tmp / f"{name}-{seed}"), epochs=epochs,
-                    per_fold=REPORT_MODE[pruner] == "fold")
+                    per_fold=REPORT_MODE[pruner] == "fold", weights=weights)
     t0 = time.perf_counter()
     study.optimize(obj, n_trials=trials)
     done = study.get_trials(states=(TrialState.COMPLETE,))
@@ -96,12 +98,15 @@ def main(argv: list[str] | None = None) -> None:
                         "demo (its data is built from ../shared/faces on first use)")
     p.add_argument("--data", help="data folder (default: the study's own under runs/)")
     p.add_argument("--people", type=int, help="demo only: generate a smaller synthetic set")
+    weights_arg(p)
     p.add_argument("--arms", default=",".join(ARMS),
                    help="comma-separated PRUNER or PRUNER+group; 'none' is added")
     a = p.parse_args(argv)
     if a.faces and a.people:
         p.error("--people makes a synthetic set; it does not go with --faces")
     study_module = quality if a.faces else demo
+    if a.faces:
+        a.weights = check_weights_folder(a.weights)
     a.epochs = a.epochs or study_module.EPOCHS
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     arms = ["none", *[x for x in a.arms.split(",") if x and x != "none"]]
@@ -127,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         runs = {}
         for seed in seeds:  # interleaved: every arm once per seed, in turn
             for name in arms:
-                runs[name, seed] = arm(name, study_module, data, a.trials, a.epochs, seed, tmp)
+                runs[name, seed] = arm(name, study_module, data, a.trials, a.epochs, seed, tmp,
+                                       a.weights if a.faces else None)
                 r = runs[name, seed]
                 print(f"seed {seed} {name:15} epochs {r['epochs']:4d} best {r['best']:.4f} "
                       f"pruned {r['pruned']:2d} wall {r['seconds']:.0f} s", flush=True)

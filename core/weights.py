@@ -37,6 +37,13 @@ def weights_dir(given: str | Path | None) -> Path | None:
     return path.resolve()
 
 
+def development_weights_dir() -> Path:
+    """The benches' weights folder: ``$MASK_SEARCH_WEIGHTS``, else ``shared/weights`` beside
+    the checkout (the repo's parent), where the development machines keep pretrained files."""
+    env = os.environ.get(WEIGHTS_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "weights"
+
+
 def weights_file(folder: Path, backbone: str) -> Path | None:
     """``folder/<backbone>.safetensors`` (or ``.pth``) when it exists."""
     return next((folder / f"{backbone}{s}" for s in SUFFIXES

@@ -7,12 +7,14 @@ from typing import Any
 import optuna
 
 
-def cpu_training(trial: optuna.Trial, lr: tuple[float, float], epochs: int) -> dict[str, Any]:
-    """AdamW with cosine decay, batch 32, no TTA; lr (log-uniform in ``lr``), weight decay and
-    the training targets' age threshold searched. ``TrainConfig`` keyword arguments, suggested
-    in this order (a sampler's seeded draws follow the order of the calls)."""
+def cpu_training(trial: optuna.Trial, lr: tuple[float, float], epochs: int,
+                 optimizer: str = "adamw") -> dict[str, Any]:
+    """``optimizer`` (AdamW unless the study searches it) with cosine decay, batch 32, no TTA;
+    lr (log-uniform in ``lr``), weight decay and the training targets' age threshold searched.
+    ``TrainConfig`` keyword arguments, suggested in this order (a sampler's seeded draws follow
+    the order of the calls)."""
     return {
-        "optimizer": "adamw",
+        "optimizer": optimizer,
         "lr": trial.suggest_float("lr", *lr, log=True),
         "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
         "scheduler": "cosine",

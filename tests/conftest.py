@@ -164,6 +164,23 @@ def faces_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_faces_folder(tmp_path_factory.mktemp("faces"))
 
 
+@pytest.fixture(scope="session")
+def quality_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights folder for the quality study's backbones, as ``search.weights`` writes it
+    (ImageNet heads) but randomly initialised: the plumbing of pretrained loading, no network
+    and no ``../shared``."""
+    import timm
+    from safetensors.torch import save_file
+
+    from studies import quality
+
+    folder = tmp_path_factory.mktemp("weights")
+    for name in quality.BACKBONES:
+        state = timm.create_model(name, num_classes=1000).state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"{name}.safetensors"))
+    return folder
+
+
 STUDY_DATA_FOLDS = 2
 
 

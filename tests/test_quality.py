@@ -17,8 +17,16 @@ import optuna
 import pandas as pd
 import pytest
 
-from bench._quality_figures import containment, crop_shares, last_line, task_f1
-from bench.quality import medians
+from bench._quality_figures import (
+    containment,
+    crop_shares,
+    interval,
+    last_line,
+    people_bootstrap,
+    task_f1,
+)
+from bench.quality import check_weights_folder, medians
+from core.errors import DataError
 from core.labels import encode
 from core.metrics import macro_f1
 
@@ -59,8 +67,52 @@ def test_containment_and_crop_shares() -> None:
 
 
 def test_last_line_format() -> None:
-    one = {"oof": 0.5, "heldout": 0.45, "gap": 0.05, "ensemble_heldout": 0.47}
-    assert last_line(one) == "quality oof=0.5000 heldout=0.4500 gap=+0.0500 ensemble_heldout=0.4700"
+    one = {"oof": 0.5, "heldout": 0.45, "gap": 0.05, "ensemble_heldout": 0.47,
+           "submission_heldout": 0.46, "gauge_heldout": 0.5}
+    assert last_line(one) == ("quality oof=0.5000 heldout=0.4500 gap=+0.0500 "
+                              "ensemble_heldout=0.4700 submission_heldout=0.4600 "
+                              "gauge_heldout=0.5000")
+
+
+def test_bootstrap_resamples_whole_people_and_pairs_the_predictions() -> None:
+    """Two people of seven photos: A (class 0) predicted right, B (class 1) predicted as 0.
+    Resampling people can only give {A, A} -> 1, {B, B} -> 0 or {A, B} -> (2*7/21 + 0) / 2;
+    resampling rows would give many other values."""
+    truth = np.array([0] * 7 + [1] * 7)
+    pred = np.zeros(14, np.int64)
+    people = np.array(["a"] * 7 + ["b"] * 7)
+    boot = people_bootstrap(truth, [pred, truth], people, reps=400, seed=1)
+    assert set(np.round(boot[:, 0], 6)) == {1.0, 0.0, round(1 / 3, 6)}
+    assert (boot[:, 1] == 1.0).all()  # perfect on every resample
+    same = people_bootstrap(truth, [pred, pred.copy()], people, reps=50)
+    assert (same[:, 0] - same[:, 1] == 0).all()  # paired: the same people in both columns
+    lo, hi = interval(boot[:, 0])
+    assert lo == 0.0 and hi == 1.0
+
+
+def test_missing_weights_folder_is_one_line_naming_both_fixes(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as e:
+        check_weights_folder(tmp_path / "nowhere")
+    message = str(e.value)
+    assert "\n" not in message and "--weights DIR" in message
+    assert "$MASK_SEARCH_WEIGHTS" in message and "nowhere" in message
+    with pytest.raises(Exception, match="mobilenetv2_100") as e:
+        check_weights_folder(tmp_path)  # a folder without the backbones' files
+    assert "--weights" in str(e.value)
+
+
+def test_gauge_is_the_seed_authors_recipe(quality_weights: Path) -> None:
+    """The recipe the issue names, field by field, and trial 0 of the quality study."""
+    from bench.gauge import gauge_config
+    from search.space import warm_start
+    from studies import quality
+
+    cfg = gauge_config(quality.GAUGE, quality_weights, epochs=3, device="cpu")
+    assert (cfg.loss, cfg.focal_gamma, cfg.class_weights) == ("focal", 2.0, "sqrt_inverse")
+    assert (cfg.optimizer, cfg.scheduler, cfg.age_threshold) == ("adam", "cosine", 59)
+    assert cfg.pretrained and cfg.pretrained_file.endswith("mobilenetv2_100.safetensors")
+    assert cfg.epochs == 3 and cfg.mix == "none" and cfg.aug_strength == 0.5
+    assert warm_start(quality, {}) == [quality.GAUGE]
 
 
 def test_last_line_gap_is_the_median_gap_over_seeds() -> None:
@@ -69,15 +121,16 @@ def test_last_line_gap_is_the_median_gap_over_seeds() -> None:
     seeds = [{"oof": o, "heldout": h, "gap": o - h, "ensemble_heldout": h,
               "ensemble_oof_in_sample": o, "ensemble_cross_fitted": o, "ensemble_gain": 0.0,
               "best_single_cross_fitted": o, "best_single_rule_heldout": h,
-              "submission_heldout": h, "best_single": {"f1": h}, "submission": {"f1": h},
-              "trials_finished": 1,
-              "seconds": {"search": 1.0, "ensemble": 1.0}}
+              "submission_heldout": h, "gauge_heldout": h, "submission_minus_gauge": 0.0,
+              "best_single": {"f1": h}, "submission": {"f1": h}, "gauge": {"f1": h},
+              "trials_finished": 1, "intervals": {"heldout": (h, h)},
+              "seconds": {"search": 1.0, "ensemble": 1.0, "gauge": 1.0}}
              for o, h in ((0.5, 0.45), (0.4, 0.1), (0.1, 0.05))]
     assert "gap=+0.0500" in last_line(medians(seeds))
 
 
 @pytest.mark.slow
-def test_bench_quality_end_to_end(faces_folder: Path, tmp_path: Path,
+def test_bench_quality_end_to_end(faces_folder: Path, quality_weights: Path, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     from bench.quality import main
@@ -85,16 +138,18 @@ def test_bench_quality_end_to_end(faces_folder: Path, tmp_path: Path,
     monkeypatch.setenv("MASK_SEARCH_RUNS", str(tmp_path / "runs"))
     monkeypatch.delenv("MASK_SEARCH_CACHE", raising=False)
     argv = ["--faces", str(faces_folder), "--people", "8", "--eval-people", "3",
-            "--trials", "1", "--epochs", "1", "--folds", "2"]
+            "--trials", "1", "--epochs", "1", "--folds", "2", "--weights", str(quality_weights)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     last = out.strip().splitlines()[-1]
     m = re.fullmatch(r"quality oof=(\d\.\d{4}) heldout=(\d\.\d{4}) gap=([+-]\d\.\d{4}) "
-                     r"ensemble_heldout=(\d\.\d{4})", last)
+                     r"ensemble_heldout=(\d\.\d{4}) submission_heldout=(\d\.\d{4}) "
+                     r"gauge_heldout=(\d\.\d{4})", last)
     assert m, last
     for label in ("held-out mask F1", "held-out old_classes F1", "face crops holding",
                   "wall s: data", "ensemble: cross-fitted OOF F1",
-                  "ensemble: gain held-out over best trial", "submission: held-out macro F1"):
+                  "ensemble: gain held-out over best trial", "submission: held-out macro F1",
+                  "gauge (one hand run): held-out macro F1", "95% over eval people: gauge"):
         assert label in out
     root = tmp_path / "runs" / "quality"
     payload = json.loads((root / "quality.json").read_text())
@@ -105,6 +160,15 @@ def test_bench_quality_end_to_end(faces_folder: Path, tmp_path: Path,
     assert float(m[1]) == pytest.approx(study.best_value, abs=5e-5)
     assert seed["gap"] == pytest.approx(seed["oof"] - seed["heldout"])
     assert seed["submission_heldout"] == seed["submission"]["f1"]
+    assert seed["gauge_heldout"] == seed["gauge"]["f1"]
+    assert (float(m[5]), float(m[6])) == pytest.approx(
+        (seed["submission_heldout"], seed["gauge_heldout"]), abs=5e-5)
+    lo, hi = seed["intervals"]["gauge"]
+    assert 0 <= lo <= hi <= 1
+    # trial 0 of the fresh study is the warm-start recipe, the gauge's
+    from studies import quality
+
+    assert study.trials[0].params == quality.GAUGE
     assert seed["trials_finished"] == 1 and "WARNING" not in out
     # the submission's held-out F1, recomputed here from its CSV and the answers
     data = next((tmp_path / "runs").glob("quality_data-*"))
@@ -122,14 +186,15 @@ def test_bench_quality_end_to_end(faces_folder: Path, tmp_path: Path,
 
 @pytest.mark.slow
 def test_bench_search_races_on_real_faces_with_a_group_arm(
-        faces_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        faces_folder: Path, quality_weights: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     """``bench.search --faces``: the quality study's data and space, and a ``+group`` arm."""
     from bench.search import main
     from studies import quality
 
     data = quality.ensure_data(tmp_path, faces_folder, people=13, eval_people=3)
     main(["--faces", "--data", str(data), "--trials", "2", "--seeds", "1", "--epochs", "1",
-          "--arms", "median,median+group"])
+          "--arms", "median,median+group", "--weights", str(quality_weights)])
     out = capsys.readouterr().out
     assert out.startswith("seed 0 none")
     assert "quality study, 2 trials" in out and "91 training images" in out
