@@ -177,7 +177,8 @@ def quality_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("weights")
     for name in quality.BACKBONES:
         state = timm.create_model(name, num_classes=1000).state_dict()
-        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"{name}.safetensors"))
+        path = folder / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return folder
 
 
