@@ -1,4 +1,4 @@
-"""Albumentations pipelines driven by one strength knob, and CutMix/MixUp on batches.
+"""Albumentations pipelines driven by one strength knob, and CutMix/MixUp/half CutMix on batches.
 
 Why one knob: a search over a dozen augmentation parameters wastes trials; ``aug_strength`` in
 [0, 1] scales every range and probability together, so 0 is the deterministic eval path and 1
@@ -16,7 +16,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 
@@ -85,28 +87,79 @@ def train_transform(cfg: TrainConfig) -> A.Compose:
     return A.Compose(steps + _tail(cfg)[1:], seed=cfg.seed)
 
 
-def create_mixup(cfg: TrainConfig) -> Mixup | None:
-    """timm's batch-wise CutMix or MixUp (``cfg.mix``), applied with probability ``cfg.mix_prob``;
-    None when mixing is off.
+#: The four boxes of half CutMix: which half of each image is pasted from its partner.
+HALVES = ("left", "right", "top", "bottom")
+
+
+def paste_half(x: torch.Tensor, y: torch.Tensor, half: str, num_classes: int = NUM_CLASSES
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste ``half`` of image N-1-i (the batch flipped, as timm pairs) onto image i, in place.
+
+    Returns ``x`` and soft (N, num_classes) float32 targets that follow the pasted area: 0.5/0.5
+    exactly when the cut dimension is even; with an odd one the pasted half is the smaller
+    (floor) part, and the targets are its true share of the pixels. ``y``: int classes (N,).
+    """
+    if half not in HALVES:
+        raise ValueError(f"half must be one of {', '.join(HALVES)}; got {half!r}")
+    size = x.shape[-1] if half in ("left", "right") else x.shape[-2]
+    cut = size // 2
+    box = slice(0, cut) if half in ("left", "top") else slice(size - cut, size)
+    region = (..., slice(None), box) if half in ("left", "right") else (..., box, slice(None))
+    x[region] = x.flip(0)[region]  # flip() copies, so the in-place paste reads the originals
+    pasted = cut / size
+    own = F.one_hot(y.long(), num_classes).float()
+    return x, own * (1.0 - pasted) + own.flip(0) * pasted
+
+
+class HalfCutMix:
+    """CutMix whose box is a whole half of the image, per batch (timm's "batch" mode).
+
+    Why: faces are cropped and centred, so a random CutMix box mostly mixes background; a half
+    always carries half a face. With probability ``prob`` a batch gets one of ``HALVES`` (left,
+    right, top or bottom, uniformly) pasted from its partner image. Called like timm's ``Mixup``
+    (``mixer(x, y) -> (x, soft targets)``), drawing from numpy's global state as timm does,
+    which ``seed_everything`` seeds. Targets are not smoothed: the loss smooths, for every mix.
+    """
+
+    def __init__(self, prob: float = 1.0, num_classes: int = NUM_CLASSES) -> None:
+        self.prob, self.num_classes = float(prob), num_classes
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if np.random.rand() >= self.prob:
+            return x, F.one_hot(y.long(), self.num_classes).float()
+        return paste_half(x, y, HALVES[np.random.randint(len(HALVES))], self.num_classes)
+
+
+#: What ``create_mixup`` returns: a callable ``(images, int targets) -> (images, soft targets)``.
+Mixer = Mixup | HalfCutMix
+
+
+def create_mixup(cfg: TrainConfig) -> Mixer | None:
+    """timm's batch-wise CutMix or MixUp, or our half CutMix (``cfg.mix``), applied with
+    probability ``cfg.mix_prob``; None when mixing is off.
 
     ``correct_lam``: a CutMix box clipped at the border pastes less than lam asks for, and the
     targets follow the area actually pasted. timm draws from numpy's global state, which
-    ``seed_everything`` seeds, so a seeded fold mixes the same way every time.
+    ``seed_everything`` seeds, so a seeded fold mixes the same way every time. Half CutMix pastes
+    half the area whatever ``mix_alpha`` says.
     """
     if cfg.mix == "none" or cfg.mix_prob <= 0:
         return None
+    if cfg.mix == "halfcut":
+        return HalfCutMix(cfg.mix_prob, NUM_CLASSES)
     return Mixup(mixup_alpha=cfg.mix_alpha if cfg.mix == "mixup" else 0.0,
                  cutmix_alpha=cfg.mix_alpha if cfg.mix == "cutmix" else 0.0,
                  prob=cfg.mix_prob, mode="batch", correct_lam=True, label_smoothing=0.0,
                  num_classes=NUM_CLASSES)
 
 
-def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup: Mixup | None
+def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup: Mixer | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, targets) after ``mixup``: soft (N, 18) targets, ``x`` mixed in place (timm).
+    """(images, targets) after ``mixup``: soft (N, 18) targets, ``x`` mixed in place.
 
     timm pairs image i with image N-1-i, so it needs an even batch: an odd one (a fold's last
-    batch) and ``mixup=None`` leave the batch and its int targets as they are.
+    batch) and ``mixup=None`` leave the batch and its int targets as they are. Half CutMix
+    follows the same rule, so every mix trains on the same batches.
     """
     if mixup is None or len(x) % 2:
         return x, y

@@ -17,7 +17,10 @@ from core.labels import TRUE_OLD_FROM, YOUNG_BELOW
 HEADS = ("single", "multi")  # one 18-way layer, or mask(3)/gender(2)/age(3) heads
 LOSSES = ("ce", "focal")
 CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse", "effective")
-MIXES = ("none", "cutmix", "mixup")
+MIXES = ("none", "cutmix", "mixup", "halfcut")  # halfcut: CutMix whose box is half the image
+#: How training images are drawn: shuffled once each ("none"), or with replacement, each image
+#: weighted by 1/sqrt(n_c) or 1/n_c of its class (PyTorch's WeightedRandomSampler).
+SAMPLERS = ("none", "sqrt_inverse", "inverse")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "step", "none")
 SELECT_EPOCHS = ("last", "best")  # which epoch's model a fold keeps (see TrainConfig.select_epoch)
@@ -45,6 +48,9 @@ class TrainConfig:
     class_weights: str = "none"
     effective_beta: float = 0.999  # Cui et al. 2019, used by class_weights="effective"
     label_smoothing: float = 0.0
+    # Share of the soft macro-F1 loss: loss = (1 - w) * the loss above + w * soft-F1. 0 = off.
+    soft_f1_weight: float = 0.0
+    sampler: str = "none"  # SAMPLERS; training batches only
     aug_strength: float = 0.5  # 0 = resize/normalize only, 1 = the strongest set
     mix: str = "none"
     mix_prob: float = 0.0
@@ -85,6 +91,7 @@ class TrainConfig:
             ("loss", LOSSES),
             ("class_weights", CLASS_WEIGHTS),
             ("mix", MIXES),
+            ("sampler", SAMPLERS),
             ("optimizer", OPTIMIZERS),
             ("scheduler", SCHEDULERS),
             ("select_epoch", SELECT_EPOCHS),
@@ -100,7 +107,7 @@ class TrainConfig:
                 raise bad(name, "must be >= 0")
         if self.label_smoothing >= 1:
             raise bad("label_smoothing", "must be < 1")
-        for name in ("aug_strength", "mix_prob"):
+        for name in ("aug_strength", "mix_prob", "soft_f1_weight"):
             if not 0 <= getattr(self, name) <= 1:
                 raise bad(name, "must be in [0, 1]")
         if not 0 < self.effective_beta < 1:

@@ -6,7 +6,8 @@ Why it looks like this:
 - Augmentation lives only in the training Dataset; validation and ``predict`` use
   ``eval_transform``, so a trial can never score itself on augmented images.
 - Everything random is seeded from ``cfg.seed`` (torch, numpy, random, the Albumentations
-  Compose, DataLoader shuffling and workers, CutMix/MixUp), so a run repeats exactly on the CPU.
+  Compose, DataLoader shuffling or weighted sampling and workers, CutMix/MixUp/half CutMix),
+  so a run repeats exactly on the CPU.
 - A search tries absurd settings: a non-finite loss ends the fold with ``diverged=True``
   instead of an exception, and the objective prunes the trial.
 """
@@ -22,12 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from timm.data import Mixup
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from core.augment import create_mixup, eval_transform, mix_batch, train_transform
+from core.augment import Mixer, create_mixup, eval_transform, mix_batch, train_transform
 from core.config import ConfigError, TrainConfig
 from core.labels import NUM_CLASSES
 from core.loader import Images, create_loader, seed_everything
@@ -143,7 +143,7 @@ def train_step(
     y: torch.Tensor,
     cfg: TrainConfig,
     device: str,
-    mixup: Mixup | None = None,
+    mixup: Mixer | None = None,
 ) -> torch.Tensor:
     """One optimizer step on a CPU batch; returns the loss as a detached device scalar.
 
@@ -168,7 +168,7 @@ def train_step(
 
 def _train_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Any, loader: DataLoader, cfg: TrainConfig, device: str,
-                 mixup: Mixup | None, desc: str, progress: bool
+                 mixup: Mixer | None, desc: str, progress: bool
                  ) -> tuple[float, int, float]:
     """One pass over the training batches: (mean loss, NaN when it diverged; images; seconds).
 

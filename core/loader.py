@@ -13,9 +13,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_worker_info
 
-from core.config import TrainConfig
+from core.config import SAMPLERS, ConfigError, TrainConfig
+from core.labels import NUM_CLASSES
+from core.losses import class_weights
 
 
 class RowView:
@@ -125,6 +127,21 @@ def default_loader_workers(device: str, processes: int = 1) -> int:
     return max(0, min(MAX_AUTO_LOADER_WORKERS, (cores or 1) // max(1, processes) - 1))
 
 
+def sample_weights(labels: np.ndarray, scheme: str) -> torch.Tensor:
+    """Per-image draw weights (N,) float64: the image's class weight under ``scheme``.
+
+    The formulas are the loss's class weights (``core.losses.class_weights``), one source for
+    both: "inverse" draws every present class equally often on average, "sqrt_inverse" draws a
+    class of n_c images in proportion to sqrt(n_c). The sampler normalizes, so the scale of the
+    weights does not matter.
+    """
+    if scheme not in SAMPLERS or scheme == "none":
+        raise ConfigError(f"config field 'sampler': a weighted sampler is one of "
+                          f"{', '.join(SAMPLERS[1:])} (got {scheme!r})")
+    t = np.asarray(labels, dtype=np.int64)
+    return class_weights(t, scheme, num_classes=NUM_CLASSES).double()[torch.from_numpy(t)]
+
+
 def create_loader(
     images: Images,
     labels: np.ndarray | None,
@@ -134,13 +151,29 @@ def create_loader(
     train: bool,
     device: str,
 ) -> DataLoader:
-    """A DataLoader over uint8 arrays; shuffled, seeded and dropping a ragged tail when training."""
+    """A DataLoader over uint8 arrays; shuffled, seeded and dropping a ragged tail when training.
+
+    With ``cfg.sampler`` other than "none", training batches are drawn with replacement by a
+    ``WeightedRandomSampler`` (``len(images)`` draws per epoch) over ``labels``' class counts,
+    so rare classes come up more often. It draws from a generator seeded with ``cfg.seed``, in
+    the main process, so the draws repeat exactly and do not depend on ``num_workers``.
+    """
     workers = int(cfg.num_workers)
     generator = torch.Generator().manual_seed(int(cfg.seed))
+    sampler = None
+    if train and cfg.sampler != "none":
+        if labels is None:
+            raise ValueError("a weighted sampler needs the training labels")
+        # Its own generator: the loader's also seeds workers, once per epoch without persistent
+        # workers and once per run with them, so sharing it would tie the draws to num_workers.
+        sampler = WeightedRandomSampler(sample_weights(labels, cfg.sampler), len(images),
+                                        replacement=True,
+                                        generator=torch.Generator().manual_seed(int(cfg.seed)))
     return DataLoader(
         ImageArrayDataset(images, labels, transform),
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         # BatchNorm cannot train on a batch of one; a ragged tail also skews the per-step loss.
         drop_last=train and len(images) > batch_size,
         num_workers=workers,

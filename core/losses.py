@@ -8,6 +8,11 @@ marginals (each with its own class weights from the marginal counts).
 
 Reduction: a weighted mean, ``sum_i l_i / sum_i sum_c w_c t_ic``. For hard targets that is
 exactly ``F.cross_entropy(weight=w)``; for soft targets without weights it is the plain mean.
+
+A soft macro-F1 term can be mixed in (``soft_f1_weight`` w: ``(1 - w) * loss + w * soft-F1``):
+the objective is macro F1, which cross entropy only approximates, and the rare classes count as
+much in it as the common ones. Both head types share the mixing (``_MixedLoss``); w = 0 gives
+the old loss exactly.
 """
 
 from __future__ import annotations
@@ -105,19 +110,69 @@ def focal_nll(
     return -per_class.sum() / (t * w).sum()
 
 
-class ClassificationLoss(nn.Module):
+def soft_f1_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """1 - mean over the K classes of ``2 sum_i p_ic t_ic / (sum_i p_ic + sum_i t_ic)``.
+
+    A differentiable macro F1 on the batch: with one-hot ``probs`` it is exactly 1 - macro F1
+    of the argmax over all K classes (a class neither predicted nor present scores 0, as
+    scikit-learn's ``labels=range(K), zero_division=0``). ``probs`` (N, K) rows sum to 1;
+    ``target`` is hard (N,) or soft (N, K), e.g. mixed by CutMix/MixUp.
+    """
+    t = soft_targets(target, probs.shape[1]).to(probs.device)
+    tp = (probs * t).sum(0)
+    f1 = 2 * tp / (probs.sum(0) + t.sum(0)).clamp_min(eps)
+    return 1 - f1.mean()
+
+
+#: One head's part of a loss: its log-probabilities (N, K), soft targets (N, K), class weights.
+Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class _MixedLoss(nn.Module):
+    """``(1 - w) * sum of the parts' focal losses + w * mean of their soft-F1 losses``.
+
+    Written once for both head types: a subclass only says what its parts are (the 18-way
+    output, or the mask, gender and age marginals). With w = 0 the soft-F1 term is not computed
+    and the value is the old loss exactly; likewise the focal term with w = 1. The soft-F1 term
+    uses the unsmoothed targets: smoothing keeps log-loss from chasing infinite logits, a
+    bounded F1 needs no such brake, and smoothed targets would cap it below 1.
+    """
+
+    multi_head: bool
+
+    def __init__(self, gamma: float, smoothing: float, soft_f1_weight: float) -> None:
+        super().__init__()
+        self.gamma, self.smoothing = float(gamma), float(smoothing)
+        self.soft_f1_weight = float(soft_f1_weight)
+
+    def parts(self, outputs: torch.Tensor, target: torch.Tensor) -> list[Part]:
+        raise NotImplementedError
+
+    def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        parts = self.parts(outputs, target)
+        w = self.soft_f1_weight
+        loss = torch.zeros((), device=outputs.device)
+        if w < 1:
+            focal = sum(focal_nll(lp, t, cw, self.gamma, self.smoothing) for lp, t, cw in parts)
+            loss = focal if w == 0 else (1 - w) * focal
+        if w > 0:
+            f1 = sum(soft_f1_loss(lp.exp(), t) for lp, t, _ in parts) / len(parts)
+            loss = loss + w * f1
+        return loss
+
+
+class ClassificationLoss(_MixedLoss):
     """The 18-way loss for the single head: ``outputs`` are logits."""
 
     multi_head = False
 
-    def __init__(self, weight: torch.Tensor, gamma: float = 0.0, smoothing: float = 0.0) -> None:
-        super().__init__()
+    def __init__(self, weight: torch.Tensor, gamma: float = 0.0, smoothing: float = 0.0,
+                 soft_f1_weight: float = 0.0) -> None:
+        super().__init__(gamma, smoothing, soft_f1_weight)
         self.register_buffer("weight", weight.float())
-        self.gamma, self.smoothing = float(gamma), float(smoothing)
 
-    def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        log_probs = F.log_softmax(outputs.float(), dim=1)
-        return focal_nll(log_probs, target, self.weight, self.gamma, self.smoothing)
+    def parts(self, outputs: torch.Tensor, target: torch.Tensor) -> list[Part]:
+        return [(F.log_softmax(outputs.float(), dim=1), target, self.weight)]
 
 
 def head_marginals(values18: torch.Tensor, log: bool) -> tuple[torch.Tensor, ...]:
@@ -131,24 +186,23 @@ def head_marginals(values18: torch.Tensor, log: bool) -> tuple[torch.Tensor, ...
     return reduce(v, dim=(2, 3)), reduce(v, dim=(1, 3)), reduce(v, dim=(1, 2))
 
 
-class MultiHeadLoss(nn.Module):
-    """Sum of the mask, gender and age losses for 18-way log-probability ``outputs``."""
+class MultiHeadLoss(_MixedLoss):
+    """Sum of the mask, gender and age losses for 18-way log-probability ``outputs``; its
+    soft-F1 term is the mean of the three heads' soft macro F1 losses on the marginals."""
 
     multi_head = True
 
     def __init__(self, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                 gamma: float = 0.0, smoothing: float = 0.0) -> None:
-        super().__init__()
+                 gamma: float = 0.0, smoothing: float = 0.0, soft_f1_weight: float = 0.0) -> None:
+        super().__init__(gamma, smoothing, soft_f1_weight)
         for name, w in zip(("w_mask", "w_gender", "w_age"), weights, strict=True):
             self.register_buffer(name, w.float())
-        self.gamma, self.smoothing = float(gamma), float(smoothing)
 
-    def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def parts(self, outputs: torch.Tensor, target: torch.Tensor) -> list[Part]:
         heads = head_marginals(outputs.float(), log=True)
         t = head_marginals(soft_targets(target, NUM_CLASSES).to(outputs.device), log=False)
         weights = (self.w_mask, self.w_gender, self.w_age)
-        return sum(focal_nll(lp, tt, w, self.gamma, self.smoothing)
-                   for lp, tt, w in zip(heads, t, weights, strict=True))
+        return list(zip(heads, t, weights, strict=True))
 
 
 def create_loss(
@@ -161,6 +215,7 @@ def create_loss(
     ``multi_head`` defaults to ``cfg.head == "multi"``; pass ``is_multi_head(model)`` to follow
     the model instead. ``cfg.loss == "ce"`` ignores ``focal_gamma``. Move it to the device with
     ``.to(device)`` (weights are buffers); forward takes (outputs, hard or soft targets).
+    ``cfg.soft_f1_weight`` mixes in the soft macro-F1 loss (see the module docstring).
     """
     if multi_head is None:
         multi_head = cfg.head == "multi"
@@ -168,9 +223,9 @@ def create_loss(
     t = _checked_targets(targets, NUM_CLASSES)
     if not multi_head:
         w = class_weights(t, cfg.class_weights, cfg.effective_beta, NUM_CLASSES)
-        return ClassificationLoss(w, gamma, cfg.label_smoothing)
+        return ClassificationLoss(w, gamma, cfg.label_smoothing, cfg.soft_f1_weight)
     weights = tuple(
         class_weights(np.asarray(p), cfg.class_weights, cfg.effective_beta, k)
         for p, k in zip(decode(t), (NUM_MASK, NUM_GENDER, NUM_AGE), strict=True)
     )
-    return MultiHeadLoss(weights, gamma, cfg.label_smoothing)
+    return MultiHeadLoss(weights, gamma, cfg.label_smoothing, cfg.soft_f1_weight)

@@ -1,5 +1,6 @@
 """Augmentation: strength 0 is the eval path, strength 1 changes images, eval is deterministic and
-normalizes as ImageNet; CutMix/MixUp give soft targets that match the pixels they mixed."""
+normalizes as ImageNet; CutMix/MixUp/half CutMix give soft targets that match the pixels they
+mixed."""
 
 from __future__ import annotations
 
@@ -11,17 +12,21 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from core.augment import (
+    HALVES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     create_mixup,
     eval_transform,
     mix_batch,
+    paste_half,
     train_transform,
 )
 from core.config import TrainConfig
 from core.labels import NUM_CLASSES
+from core.losses import create_loss
 
 SIZE = (48, 32)
 
@@ -129,7 +134,7 @@ def _mixed(cfg: TrainConfig, seed: int, n: int = 6) -> tuple[torch.Tensor, torch
     return mix_batch(x, y, create_mixup(cfg))
 
 
-@pytest.mark.parametrize("mix", ["cutmix", "mixup"])
+@pytest.mark.parametrize("mix", ["cutmix", "mixup", "halfcut"])
 def test_mix_targets_match_mixed_pixels(mix):
     """The soft targets say how much of each source image is in each mixed one: for CutMix
     that is the area actually pasted, after the box is clipped at the border (timm's
@@ -149,8 +154,9 @@ def test_mix_targets_match_mixed_pixels(mix):
                 torch.testing.assert_close(shares, soft[i, :6])
 
 
-def test_mix_is_deterministic_given_the_seed_and_respects_prob():
-    cfg = TrainConfig(mix="cutmix", mix_prob=0.5)
+@pytest.mark.parametrize("mix", ["cutmix", "halfcut"])
+def test_mix_is_deterministic_given_the_seed_and_respects_prob(mix):
+    cfg = TrainConfig(mix=mix, mix_prob=0.5)
     a, b = _mixed(cfg, seed=7), _mixed(cfg, seed=7)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     x, _ = _labelled_batch()
@@ -165,3 +171,62 @@ def test_no_mix_leaves_the_batch_and_its_labels(mix, prob, n):
     x, y = _labelled_batch(n)
     out, target = _mixed(TrainConfig(mix=mix, mix_prob=prob), seed=0, n=n)
     assert torch.equal(out, x) and torch.equal(target, y)
+
+
+@pytest.mark.parametrize("half", HALVES)
+def test_half_cutmix_pastes_one_half_of_the_flipped_batch_with_half_targets(half):
+    """Image i keeps one half and gets the other from image N-1-i (the batch flipped); with even
+    sizes its targets are exactly 0.5 for each of the two classes."""
+    x, y = _labelled_batch(6)  # image i is all i, 8x10
+    source = x.clone()
+    mixed, soft = paste_half(x.clone(), y, half)
+    partner = source.flip(0)
+    kept = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}[half]
+    box = {"left": (..., slice(None), slice(0, 5)), "right": (..., slice(None), slice(5, 10)),
+           "top": (..., slice(0, 4), slice(None)), "bottom": (..., slice(4, 8), slice(None))}
+    assert torch.equal(mixed[box[kept]], source[box[kept]])  # e.g. the left half is the source's
+    assert torch.equal(mixed[box[half]], partner[box[half]])
+    expected = torch.zeros(6, NUM_CLASSES)
+    expected[torch.arange(6), y] += 0.5
+    expected[torch.arange(6), y.flip(0)] += 0.5
+    assert torch.equal(soft, expected)
+
+
+def test_half_cutmix_targets_follow_the_pasted_area_on_odd_sizes():
+    n, h, w = 4, 7, 9
+    y = torch.arange(n)
+    for half in HALVES:
+        x = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, h, w).clone()
+        mixed, soft = paste_half(x, y, half)
+        for i in range(n):
+            shares = torch.stack([(mixed[i] == c).float().mean() for c in range(n)])
+            torch.testing.assert_close(shares, soft[i, :n])
+        pasted = 4 / 9 if half in ("left", "right") else 3 / 7  # the smaller part of the cut
+        assert soft[0, n - 1].item() == pytest.approx(pasted)
+
+
+def test_half_cutmix_draws_every_half_and_repeats_per_seed():
+    cfg = TrainConfig(mix="halfcut", mix_prob=1.0)
+    seen = set()
+    for seed in range(40):
+        mixed, soft = _mixed(cfg, seed=seed)
+        again, soft_again = _mixed(cfg, seed=seed)
+        assert torch.equal(mixed, again) and torch.equal(soft, soft_again)
+        assert set(soft.unique().tolist()) == {0.0, 0.5}
+        own = mixed[0] == 0  # which pixels image 0 kept tells the half that was pasted
+        rows, cols = own.any(dim=(0, 2)), own.any(dim=(0, 1))
+        seen.add("left" if not cols[0] else "right" if not cols[-1] else
+                 "top" if not rows[0] else "bottom")
+    assert seen == set(HALVES)
+
+
+def test_half_cutmix_targets_are_smoothed_by_the_loss_as_for_cutmix():
+    """Mixers give unsmoothed targets and the loss smooths them (``label_smoothing``): the loss
+    on a half-CutMix batch is PyTorch's cross entropy with smoothing on those soft targets."""
+    cfg = TrainConfig(mix="halfcut", mix_prob=1.0, label_smoothing=0.1)
+    _, soft = _mixed(cfg, seed=0)
+    assert set(soft.unique().tolist()) == {0.0, 0.5}
+    logits = torch.randn(6, NUM_CLASSES, generator=torch.Generator().manual_seed(0))
+    loss = create_loss(cfg, np.arange(NUM_CLASSES))
+    torch.testing.assert_close(loss(logits, soft),
+                               F.cross_entropy(logits, soft, label_smoothing=0.1))

@@ -10,6 +10,9 @@ def test_defaults_validate():
     assert cfg.backbone == "resnet18"
     assert cfg.select_epoch == "last"  # honest by default: no epoch picked on validation labels
     assert TrainConfig(select_epoch="best").validate().select_epoch == "best"
+    # The options of issue 28 are off by default: today's shuffle, loss and batches.
+    assert (cfg.sampler, cfg.soft_f1_weight, cfg.mix) == ("none", 0.0, "none")
+    TrainConfig(sampler="inverse", soft_f1_weight=1.0, mix="halfcut", mix_prob=0.5).validate()
 
 
 @pytest.mark.parametrize(
@@ -25,6 +28,10 @@ def test_defaults_validate():
         ("image_size", (8, 8), "'image_size'"),
         ("device", "tpu", "'device'"),
         ("select_epoch", "median", "'select_epoch'"),
+        ("sampler", "balanced", "'sampler'"),
+        ("soft_f1_weight", 1.5, "'soft_f1_weight'"),
+        ("soft_f1_weight", -0.1, "'soft_f1_weight'"),
+        ("mix", "cutout", "'mix'"),
     ],
 )
 def test_bad_values_name_the_field(field, value, fragment):

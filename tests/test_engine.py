@@ -6,6 +6,7 @@ depend on the engine's contract only. A timm test model at 48x32 keeps them to s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -182,6 +183,24 @@ def test_same_seed_same_result_on_cpu(data: dict):
     for k, v in a.state_dict.items():
         assert torch.equal(v, b.state_dict[k]), k
     assert [h["train_loss"] for h in a.history] != [h["train_loss"] for h in c.history]
+
+
+@pytest.mark.parametrize("head", ["single", "multi"])
+def test_sampler_soft_f1_and_half_cutmix_train_and_repeat_exactly(data: dict, head: str):
+    """The options of issue 28 together, through the real fold loop: finite losses, the same
+    run twice gives the same weights, and they change what is trained (not silently ignored)."""
+    args = _small(data)
+    cfg = _cfg(epochs=1, head=head, sampler="inverse", soft_f1_weight=0.4, mix="halfcut",
+               mix_prob=1.0)
+    a = engine.fit_fold(cfg, *args, progress=False)
+    b = engine.fit_fold(cfg, *args, progress=False)
+    assert not a.diverged and np.isfinite(a.history[0]["train_loss"])
+    np.testing.assert_array_equal(a.val_probs, b.val_probs)
+    for k, v in a.state_dict.items():
+        assert torch.equal(v, b.state_dict[k]), k
+    for off in ({"sampler": "none"}, {"soft_f1_weight": 0.0}, {"mix": "none"}):
+        other = engine.fit_fold(dataclasses.replace(cfg, **off), *args, progress=False)
+        assert other.history[0]["train_loss"] != a.history[0]["train_loss"], off
 
 
 def test_row_view_trains_and_predicts_like_the_copied_rows(data: dict, tmp_path: Path):

@@ -1,5 +1,6 @@
 """Losses: focal(gamma=0) is cross entropy, class weights follow their formulas, the multi-head
-loss is the sum of per-head losses on the marginals."""
+loss is the sum of per-head losses on the marginals; soft-F1 is 1 - macro F1 on one-hot
+probabilities (scikit-learn as the reference) and weight 0 leaves the old loss exactly."""
 
 from __future__ import annotations
 
@@ -7,11 +8,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import f1_score
 
 from core.config import ConfigError, TrainConfig
 from core.errors import DataError
 from core.labels import NUM_CLASSES, decode, encode
-from core.losses import class_weights, create_loss
+from core.losses import (
+    class_weights,
+    create_loss,
+    focal_nll,
+    head_marginals,
+    soft_f1_loss,
+    soft_targets,
+)
 
 # A small hand-made target vector: class 0 x4, class 1 x2, class 5 x1, class 17 x1; the other
 # 14 classes are absent.
@@ -141,3 +150,93 @@ def test_loss_backpropagates_and_accepts_bfloat16():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert torch.isfinite(logits.grad.float()).all()
+
+
+def _every_class_batch(seed: int = 0, wrong: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets with every class twice (so scikit-learn's default labels are all 18) and
+    predictions equal to them except ``wrong`` random rows."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(NUM_CLASSES).repeat(2)[torch.randperm(2 * NUM_CLASSES, generator=g)]
+    pred = y.clone()
+    rows = torch.randperm(len(y), generator=g)[:wrong]
+    pred[rows] = torch.randint(0, NUM_CLASSES, (wrong,), generator=g)
+    return y, pred
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_soft_f1_on_one_hot_probabilities_is_one_minus_macro_f1(seed):
+    y, pred = _every_class_batch(seed)
+    one_hot = F.one_hot(pred, NUM_CLASSES).float()
+    macro = f1_score(y.numpy(), pred.numpy(), average="macro")
+    assert macro < 1
+    assert soft_f1_loss(one_hot, y).item() == pytest.approx(1 - macro, abs=1e-6)
+    # soft one-hot target rows give the same value as hard targets
+    assert soft_f1_loss(one_hot, F.one_hot(y, NUM_CLASSES).float()).item() == pytest.approx(
+        1 - macro, abs=1e-6)
+    # through create_loss, on logits whose softmax is one-hot to float precision
+    loss = create_loss(TrainConfig(soft_f1_weight=1.0), TARGETS)
+    assert loss(one_hot * 100, y).item() == pytest.approx(1 - macro, abs=1e-5)
+
+
+def test_soft_f1_counts_a_class_missing_from_the_batch_as_zero():
+    """A mean over all 18 classes, as scikit-learn with labels=0..17 and zero_division=0."""
+    y = torch.tensor([0, 0, 1, 2, 2, 3])
+    pred = torch.tensor([0, 1, 1, 2, 3, 3])
+    expected = f1_score(y.numpy(), pred.numpy(), labels=range(NUM_CLASSES), average="macro",
+                        zero_division=0)
+    got = soft_f1_loss(F.one_hot(pred, NUM_CLASSES).float(), y).item()
+    assert got == pytest.approx(1 - expected, abs=1e-6)
+
+
+def test_multi_head_soft_f1_is_the_mean_of_the_three_heads():
+    """On one-hot head outputs: the mean over mask, gender and age of 1 - that head's macro F1
+    (scikit-learn on the decoded labels)."""
+    y, pred = _every_class_batch(seed=4, wrong=20)
+    heads_true, heads_pred = decode(y.numpy()), decode(pred.numpy())
+    # per-head log-softmax of near one-hot logits, joined into 18 classes as the model does
+    lm, lg, la = (F.log_softmax(F.one_hot(torch.as_tensor(p), k).float() * 100, 1)
+                  for p, k in zip(heads_pred, (3, 2, 3), strict=True))
+    log_probs = (lm[:, :, None, None] + lg[:, None, :, None] + la[:, None, None, :]).reshape(
+        len(y), NUM_CLASSES)
+    expected = np.mean([1 - f1_score(t, p, average="macro")
+                        for t, p in zip(heads_true, heads_pred, strict=True)])
+    loss = create_loss(TrainConfig(head="multi", soft_f1_weight=1.0), TARGETS)
+    assert loss(log_probs, y).item() == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("head", ["single", "multi"])
+def test_soft_f1_gradient_is_finite_and_non_zero(head):
+    logits, hard, soft = _batch()
+    outputs = logits if head == "single" else F.log_softmax(logits, 1)  # any 18-way log-probs
+    for weight in (1.0, 0.4):
+        loss = create_loss(TrainConfig(head=head, soft_f1_weight=weight, loss="focal",
+                                       focal_gamma=2.0, label_smoothing=0.1), TARGETS)
+        for target in (hard, soft):
+            x = outputs.clone().requires_grad_()
+            value = loss(x, target)
+            value.backward()
+            assert torch.isfinite(value) and 0 < value.item()
+            assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("head", ["single", "multi"])
+def test_soft_f1_weight_zero_is_the_old_loss_and_others_mix_linearly(head):
+    logits, hard, soft = _batch()
+    outputs = logits if head == "single" else F.log_softmax(logits, 1)
+    kw = dict(head=head, loss="focal", focal_gamma=1.5, class_weights="inverse",
+              label_smoothing=0.05)
+    base = create_loss(TrainConfig(**kw), TARGETS)
+    f1 = create_loss(TrainConfig(**kw, soft_f1_weight=1.0), TARGETS)
+    mixed = create_loss(TrainConfig(**kw, soft_f1_weight=0.4), TARGETS)
+    for target in (hard, soft):
+        # the old loss, as the code computed it before soft-F1 existed
+        if head == "single":
+            old = focal_nll(F.log_softmax(logits, 1), target, base.weight, 1.5, 0.05)
+        else:
+            t = head_marginals(soft_targets(target, NUM_CLASSES), log=False)
+            old = sum(focal_nll(lp, tt, w, 1.5, 0.05) for lp, tt, w in zip(
+                head_marginals(outputs, log=True), t, (base.w_mask, base.w_gender, base.w_age),
+                strict=True))
+        assert torch.equal(base(outputs, target), old)
+        torch.testing.assert_close(mixed(outputs, target),
+                                   0.6 * base(outputs, target) + 0.4 * f1(outputs, target))
