@@ -15,6 +15,13 @@ from typing import Any
 from core.labels import TRUE_OLD_FROM, YOUNG_BELOW
 
 HEADS = ("single", "multi")  # one 18-way layer, or mask(3)/gender(2)/age(3) heads
+#: The three-head model's age head: a 3-way softmax over the groups ("classes"), or two ordered
+#: cumulative logits, P(age >= 30) and P(age >= 60), trained with binary cross entropy on the
+#: cumulative targets ("ordinal"; see core.models.ordinal_age_log_probs and core.losses).
+AGE_HEADS = ("classes", "ordinal")
+#: Why an age head other than "classes" is refused with head="single" (validate, create_loss).
+AGE_HEAD_NEEDS_MULTI = ("needs head 'multi' (the single head is one 18-way softmax, with no age "
+                        "head of its own)")
 LOSSES = ("ce", "focal")
 CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse", "effective")
 MIXES = ("none", "cutmix", "mixup", "halfcut")  # halfcut: CutMix whose box is half the image
@@ -42,6 +49,7 @@ class TrainConfig:
     pretrained_file: str = ""  # local weights (.safetensors/.pth) used when pretrained; "" = hub
     image_size: tuple[int, int] = (128, 96)  # (height, width), for train, val and predict alike
     head: str = "single"
+    age_head: str = "classes"  # AGE_HEADS; "ordinal" needs head="multi"
     drop_rate: float = 0.0
     loss: str = "ce"
     focal_gamma: float = 0.0  # 0 makes focal equal to cross entropy
@@ -88,6 +96,7 @@ class TrainConfig:
 
         for name, allowed in (
             ("head", HEADS),
+            ("age_head", AGE_HEADS),
             ("loss", LOSSES),
             ("class_weights", CLASS_WEIGHTS),
             ("mix", MIXES),
@@ -98,6 +107,8 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {', '.join(allowed)}")
+        if self.age_head != "classes" and self.head != "multi":
+            raise bad("age_head", AGE_HEAD_NEEDS_MULTI)
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
             raise bad("lr", "must be a positive finite number")
         for name in ("weight_decay", "focal_gamma", "label_smoothing", "warmup_epochs",

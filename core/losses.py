@@ -13,6 +13,17 @@ A soft macro-F1 term can be mixed in (``soft_f1_weight`` w: ``(1 - w) * loss + w
 the objective is macro F1, which cross entropy only approximates, and the rare classes count as
 much in it as the common ones. Both head types share the mixing (``_MixedLoss``); w = 0 gives
 the old loss exactly.
+
+The ordinal age head (``age_head="ordinal"``, three-head model only) changes one thing: the age
+term of the log-loss becomes two binary tasks on the cumulative events age >= 30 and age >= 60,
+with targets read off the (possibly mixed) 3-way age targets: t(>=30) = t(30-59) + t(>=60),
+t(>=60) = t(>=60). Why: a 3-way cross entropy charges "<30" for a 60-year-old no more than
+"30-59"; the cumulative tasks charge it twice, so the loss knows the groups' order. Each binary
+task is a 2-way part of the same ``focal_nll``, so the rest carries over unchanged and per task:
+focal gamma is binary focal loss, label smoothing pulls each binary target towards 1/2, and class
+weights come from each task's own counts (for ">=60": old vs not old), with the same schemes.
+The soft-F1 term still scores the 3 groups (the ordinal head's are always valid), as for
+"classes": macro F1 over the groups is what the objective counts.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import CLASS_WEIGHTS, ConfigError, TrainConfig
+from core.config import AGE_HEAD_NEEDS_MULTI, CLASS_WEIGHTS, ConfigError, TrainConfig
 from core.errors import DataError
 from core.labels import NUM_AGE, NUM_CLASSES, NUM_GENDER, NUM_MASK, decode
 
@@ -132,10 +143,12 @@ class _MixedLoss(nn.Module):
     """``(1 - w) * sum of the parts' focal losses + w * mean of their soft-F1 losses``.
 
     Written once for both head types: a subclass only says what its parts are (the 18-way
-    output, or the mask, gender and age marginals). With w = 0 the soft-F1 term is not computed
-    and the value is the old loss exactly; likewise the focal term with w = 1. The soft-F1 term
-    uses the unsmoothed targets: smoothing keeps log-loss from chasing infinite logits, a
-    bounded F1 needs no such brake, and smoothed targets would cap it below 1.
+    output, or the mask, gender and age marginals) and, in ``nll_parts``, which of them the
+    focal term scores (the ordinal age head swaps its age part for two cumulative tasks). With
+    w = 0 the soft-F1 term is not computed and the value is the old loss exactly; likewise the
+    focal term with w = 1. The soft-F1 term uses the unsmoothed targets: smoothing keeps
+    log-loss from chasing infinite logits, a bounded F1 needs no such brake, and smoothed
+    targets would cap it below 1.
     """
 
     multi_head: bool
@@ -148,12 +161,17 @@ class _MixedLoss(nn.Module):
     def parts(self, outputs: torch.Tensor, target: torch.Tensor) -> list[Part]:
         raise NotImplementedError
 
+    def nll_parts(self, parts: list[Part]) -> list[Part]:
+        """The parts the focal/CE term scores; by default the same as the soft-F1 term's."""
+        return parts
+
     def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         parts = self.parts(outputs, target)
         w = self.soft_f1_weight
         loss = torch.zeros((), device=outputs.device)
         if w < 1:
-            focal = sum(focal_nll(lp, t, cw, self.gamma, self.smoothing) for lp, t, cw in parts)
+            focal = sum(focal_nll(lp, t, cw, self.gamma, self.smoothing)
+                        for lp, t, cw in self.nll_parts(parts))
             loss = focal if w == 0 else (1 - w) * focal
         if w > 0:
             f1 = sum(soft_f1_loss(lp.exp(), t) for lp, t, _ in parts) / len(parts)
@@ -186,23 +204,56 @@ def head_marginals(values18: torch.Tensor, log: bool) -> tuple[torch.Tensor, ...
     return reduce(v, dim=(2, 3)), reduce(v, dim=(1, 3)), reduce(v, dim=(1, 2))
 
 
+#: The cumulative age tasks of the ordinal head: the first group of each "age >= ..." event.
+AGE_CUTS = tuple(range(1, NUM_AGE))  # (1, 2): age >= 30, age >= 60
+
+
+def cumulative_age_parts(log_age: torch.Tensor, t_age: torch.Tensor,
+                         weights: tuple[torch.Tensor, ...]) -> list[Part]:
+    """The age part (log-probs (N, 3), soft targets (N, 3)) as one 2-way part per ``AGE_CUTS``.
+
+    For cut k the part is (log P(group < k), log P(group >= k)) with targets (t(< k), t(>= k))
+    summed from the 3-way rows, so soft (mixed) targets give soft cumulative targets, and
+    ``weights[j]`` (2,) are that task's class weights. Marginalized with logsumexp: stable.
+    """
+    return [(torch.stack([torch.logsumexp(log_age[:, :k], 1),
+                          torch.logsumexp(log_age[:, k:], 1)], 1),
+             torch.stack([t_age[:, :k].sum(1), t_age[:, k:].sum(1)], 1), w)
+            for k, w in zip(AGE_CUTS, weights, strict=True)]
+
+
 class MultiHeadLoss(_MixedLoss):
     """Sum of the mask, gender and age losses for 18-way log-probability ``outputs``; its
-    soft-F1 term is the mean of the three heads' soft macro F1 losses on the marginals."""
+    soft-F1 term is the mean of the three heads' soft macro F1 losses on the marginals.
+
+    With ``cumulative_weights`` (the ordinal age head; one (2,) weight tensor per ``AGE_CUTS``)
+    the age loss is the sum of the cumulative binary tasks' losses (module docstring).
+    """
 
     multi_head = True
 
     def __init__(self, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                 gamma: float = 0.0, smoothing: float = 0.0, soft_f1_weight: float = 0.0) -> None:
+                 gamma: float = 0.0, smoothing: float = 0.0, soft_f1_weight: float = 0.0,
+                 cumulative_weights: tuple[torch.Tensor, ...] | None = None) -> None:
         super().__init__(gamma, smoothing, soft_f1_weight)
         for name, w in zip(("w_mask", "w_gender", "w_age"), weights, strict=True):
             self.register_buffer(name, w.float())
+        self.ordinal = cumulative_weights is not None
+        if cumulative_weights is not None:
+            for k, w in zip(AGE_CUTS, cumulative_weights, strict=True):
+                self.register_buffer(f"w_age_cut{k}", w.float())
 
     def parts(self, outputs: torch.Tensor, target: torch.Tensor) -> list[Part]:
         heads = head_marginals(outputs.float(), log=True)
         t = head_marginals(soft_targets(target, NUM_CLASSES).to(outputs.device), log=False)
         weights = (self.w_mask, self.w_gender, self.w_age)
         return list(zip(heads, t, weights, strict=True))
+
+    def nll_parts(self, parts: list[Part]) -> list[Part]:
+        if not self.ordinal:
+            return parts
+        (log_age, t_age, _), cuts = parts[2], [getattr(self, f"w_age_cut{k}") for k in AGE_CUTS]
+        return parts[:2] + cumulative_age_parts(log_age, t_age, tuple(cuts))
 
 
 def create_loss(
@@ -215,10 +266,14 @@ def create_loss(
     ``multi_head`` defaults to ``cfg.head == "multi"``; pass ``is_multi_head(model)`` to follow
     the model instead. ``cfg.loss == "ce"`` ignores ``focal_gamma``. Move it to the device with
     ``.to(device)`` (weights are buffers); forward takes (outputs, hard or soft targets).
-    ``cfg.soft_f1_weight`` mixes in the soft macro-F1 loss (see the module docstring).
+    ``cfg.soft_f1_weight`` mixes in the soft macro-F1 loss, ``cfg.age_head="ordinal"`` scores
+    the age head on its cumulative tasks (see the module docstring; three heads only).
     """
     if multi_head is None:
         multi_head = cfg.head == "multi"
+    if not multi_head and cfg.age_head != "classes":
+        raise ConfigError(f"config field 'age_head': {AGE_HEAD_NEEDS_MULTI} "
+                          f"(got {cfg.age_head!r})")
     gamma = cfg.focal_gamma if cfg.loss == "focal" else 0.0
     t = _checked_targets(targets, NUM_CLASSES)
     if not multi_head:
@@ -228,4 +283,9 @@ def create_loss(
         class_weights(np.asarray(p), cfg.class_weights, cfg.effective_beta, k)
         for p, k in zip(decode(t), (NUM_MASK, NUM_GENDER, NUM_AGE), strict=True)
     )
-    return MultiHeadLoss(weights, gamma, cfg.label_smoothing, cfg.soft_f1_weight)
+    cumulative = None
+    if cfg.age_head == "ordinal":
+        age = decode(t)[2]
+        cumulative = tuple(class_weights((age >= k).astype(np.int64), cfg.class_weights,
+                                         cfg.effective_beta, 2) for k in AGE_CUTS)
+    return MultiHeadLoss(weights, gamma, cfg.label_smoothing, cfg.soft_f1_weight, cumulative)

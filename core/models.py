@@ -2,7 +2,9 @@
 
 Why the multi head returns 18-way log-probabilities: the engine, the metrics and the ensemble
 then handle both heads alike (argmax over 18, probabilities via ``to_probabilities``); only the
-loss looks at the per-head marginals (``core.losses``).
+loss looks at the per-head marginals (``core.losses``). The same holds for the ordinal age head
+(``age_head="ordinal"``): its two cumulative logits become three ordered group probabilities
+inside the model, so nothing downstream knows which age head was trained.
 """
 
 from __future__ import annotations
@@ -19,26 +21,51 @@ from core.errors import first_line
 from core.labels import NUM_AGE, NUM_CLASSES, NUM_GENDER, NUM_MASK
 from core.weights import missing_weights
 
+#: Outputs of the age head: one logit per group, or one per cumulative task (>=30, >=60).
+AGE_OUTPUTS = {"classes": NUM_AGE, "ordinal": NUM_AGE - 1}
+
+
+def ordinal_age_log_probs(z: torch.Tensor) -> torch.Tensor:
+    """Two ordinal logits (N, 2) -> log P(age group) (N, 3), ordered and valid by construction.
+
+    ``z[:, 0]`` is the logit of P(age >= 30), ``z[:, 1]`` that of P(age >= 60 | age >= 30), so
+    P(>=60) = P(>=30) * sigmoid(z[:, 1]) can never exceed P(>=30), and the groups
+    (1 - P(>=30), P(>=30) - P(>=60), P(>=60)) are non-negative and sum to 1 for any logits.
+    This is the conditional parameterization of CORN (Shi, Cao & Raschka 2021). Why not two
+    free sigmoids, one per threshold: their cumulative probabilities can cross, and a crossing
+    means a negative middle group. In log space with logsigmoid, so large logits stay finite.
+    """
+    ge30, ge60_given_ge30 = z.float().unbind(1)
+    ls = F.logsigmoid
+    return torch.stack([ls(-ge30), ls(ge30) + ls(-ge60_given_ge30),
+                        ls(ge30) + ls(ge60_given_ge30)], dim=1)
+
 
 class MultiHeadNet(nn.Module):
-    """Backbone features -> mask (3), gender (2), age (3) linear heads -> 18-way log-probs.
+    """Backbone features -> mask (3), gender (2), age (3 or 2) linear heads -> 18-way log-probs.
 
-    The three heads are one timm classifier with 3+2+3 outputs split in three, which is the
-    same as three ``nn.Linear`` on the pooled features, and keeps timm's own pooling, dropout
-    and head layout (``reset_classifier``, ViT heads) for every architecture.
+    The three heads are one timm classifier with 3+2+3 outputs (3+2+2 for the ordinal age head)
+    split in three, which is the same as three ``nn.Linear`` on the pooled features, and keeps
+    timm's own pooling, dropout and head layout (``reset_classifier``, ViT heads) for every
+    architecture.
     """
 
     multi_head = True
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, age_head: str = "classes") -> None:
         super().__init__()
         self.backbone = backbone
+        self.age_head = age_head
 
     def head_log_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-head log-softmax: (N, 3), (N, 2), (N, 3), in float32 (safe under autocast)."""
+        """Per-head log-probabilities: (N, 3), (N, 2), (N, 3), in float32 (safe under autocast).
+
+        The age head's are a log-softmax, or ``ordinal_age_log_probs`` of its two logits.
+        """
         z = self.backbone(x).float()
-        zm, zg, za = z.split((NUM_MASK, NUM_GENDER, NUM_AGE), dim=1)
-        return F.log_softmax(zm, 1), F.log_softmax(zg, 1), F.log_softmax(za, 1)
+        zm, zg, za = z.split((NUM_MASK, NUM_GENDER, AGE_OUTPUTS[self.age_head]), dim=1)
+        la = ordinal_age_log_probs(za) if self.age_head == "ordinal" else F.log_softmax(za, 1)
+        return F.log_softmax(zm, 1), F.log_softmax(zg, 1), la
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lm, lg, la = self.head_log_probs(x)
@@ -78,7 +105,8 @@ def create_model(cfg: TrainConfig) -> nn.Module:
     backbone or for pretrained weights that cannot be had (offline), saying how to fix it.
     """
     cfg.validate()  # head and backbone name: one check, one wording (TrainConfig)
-    num_out = NUM_CLASSES if cfg.head == "single" else NUM_MASK + NUM_GENDER + NUM_AGE
+    num_out = (NUM_CLASSES if cfg.head == "single"
+               else NUM_MASK + NUM_GENDER + AGE_OUTPUTS[cfg.age_head])
     kwargs: dict = {"num_classes": num_out, "drop_rate": cfg.drop_rate}
     weights_file = cfg.pretrained_file if cfg.pretrained else None
     if weights_file:
@@ -93,7 +121,7 @@ def create_model(cfg: TrainConfig) -> nn.Module:
             raise
         raise ConfigError(f"{_pretrained_help(cfg.backbone)} ({first_line(e)})") from e
     if cfg.head == "multi":
-        return MultiHeadNet(net)
+        return MultiHeadNet(net, cfg.age_head)
     net.multi_head = False
     return net
 

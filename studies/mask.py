@@ -2,10 +2,10 @@
 
 The data is the competition folder (``--data`` or ``$MASK_DATA``), with the publicly reported
 label errors fixed from the shipped corrections file. The space covers what matters on this
-task: backbone and input size, an 18-way head or three heads, the loss for the rare ">=60"
-classes (focal, class weights, label smoothing, a soft macro-F1 term, weighted sampling),
-augmentation and CutMix/MixUp/half CutMix, the optimizer and schedule, and the age threshold
-used to relabel *training* targets (scoring always uses 60).
+task: backbone and input size, an 18-way head or three heads (with a 3-way or an ordinal age
+head), the loss for the rare ">=60" classes (focal, class weights, label smoothing, a soft
+macro-F1 term, weighted sampling), augmentation and CutMix/MixUp/half CutMix, the optimizer and
+schedule, and the age threshold used to relabel *training* targets (scoring always uses 60).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import optuna
 
-from core.config import MIXES, SAMPLERS, ConfigError, TrainConfig
+from core.config import AGE_HEADS, MIXES, SAMPLERS, ConfigError, TrainConfig
 from core.dataset import PUBLIC_CORRECTIONS
 
 FOLDS = 5
@@ -36,6 +36,9 @@ SOFT_F1_WEIGHTS = (0.1, 0.6)
 #: Recipes that worked in the competition, enqueued as the first trials of a new study (warm
 #: start): focal loss with class weights, age threshold 59, Adam with cosine decay, and the
 #: flips, shift-scale-rotate, hue/saturation, brightness/contrast and noise of aug_strength.
+#: Both are single-head recipes, so they keep the 3-way age of every earlier study without
+#: naming ``age_head``: the space suggests it only for head "multi", and a recipe may name only
+#: parameters its branch suggests (``search.space.fits``).
 WARM_START = (
     {"backbone": "resnet18", "image_size": "224x168", "head": "single", "drop_rate": 0.2,
      "loss": "focal", "focal_gamma": 2.0, "class_weights": "sqrt_inverse",
@@ -75,10 +78,15 @@ def space(trial: optuna.Trial) -> TrainConfig:
         "class_weights", ["none", "inverse", "sqrt_inverse", "effective"])
     # On/off first, so "off" is a real choice TPE can weigh (a float range never hits 0 exactly).
     soft_f1 = trial.suggest_categorical("soft_f1", [False, True])
+    head = trial.suggest_categorical("head", ["single", "multi"])
+    # The ordinal age head needs an age head of its own: only the three-head model has one.
+    age_head = (trial.suggest_categorical("age_head", list(AGE_HEADS)) if head == "multi"
+                else "classes")
     return TrainConfig(
         backbone=trial.suggest_categorical("backbone", list(BACKBONES)),
         image_size=IMAGE_SIZES[trial.suggest_categorical("image_size", list(IMAGE_SIZES))],
-        head=trial.suggest_categorical("head", ["single", "multi"]),
+        head=head,
+        age_head=age_head,
         pretrained=True,  # the competition's backbones start from ImageNet weights
         drop_rate=trial.suggest_float("drop_rate", 0.0, 0.5),
         loss=loss,

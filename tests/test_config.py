@@ -12,6 +12,8 @@ def test_defaults_validate():
     assert TrainConfig(select_epoch="best").validate().select_epoch == "best"
     # The options of issue 28 are off by default: today's shuffle, loss and batches.
     assert (cfg.sampler, cfg.soft_f1_weight, cfg.mix) == ("none", 0.0, "none")
+    assert cfg.age_head == "classes"  # item 4: the 3-way age head unless asked
+    TrainConfig(head="multi", age_head="ordinal").validate()
     TrainConfig(sampler="inverse", soft_f1_weight=1.0, mix="halfcut", mix_prob=0.5).validate()
 
 
@@ -32,6 +34,8 @@ def test_defaults_validate():
         ("soft_f1_weight", 1.5, "'soft_f1_weight'"),
         ("soft_f1_weight", -0.1, "'soft_f1_weight'"),
         ("mix", "cutout", "'mix'"),
+        ("age_head", "regression", "'age_head'"),
+        ("age_head", "ordinal", "'age_head'.*needs head 'multi'"),  # the default head is single
     ],
 )
 def test_bad_values_name_the_field(field, value, fragment):

@@ -203,6 +203,23 @@ def test_sampler_soft_f1_and_half_cutmix_train_and_repeat_exactly(data: dict, he
         assert other.history[0]["train_loss"] != a.history[0]["train_loss"], off
 
 
+def test_ordinal_age_head_trains_mixed_repeats_and_predicts_from_its_checkpoint(data: dict):
+    """The ordinal age head through the real fold loop with half CutMix (soft targets): the run
+    repeats exactly, trains something else than the 3-way head, and its kept weights load
+    back into a model that predicts the validation probabilities again (rows summing to 1)."""
+    args = _small(data)
+    cfg = _cfg(epochs=1, head="multi", age_head="ordinal", mix="halfcut", mix_prob=1.0)
+    a = engine.fit_fold(cfg, *args, progress=False)
+    b = engine.fit_fold(cfg, *args, progress=False)
+    assert not a.diverged and np.isfinite(a.history[0]["train_loss"])
+    np.testing.assert_array_equal(a.val_probs, b.val_probs)
+    np.testing.assert_allclose(a.val_probs.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(engine.predict(a.state_dict, cfg, args[2]), a.val_probs,
+                               atol=1e-6)
+    other = engine.fit_fold(dataclasses.replace(cfg, age_head="classes"), *args, progress=False)
+    assert other.history[0]["train_loss"] != a.history[0]["train_loss"]
+
+
 def test_row_view_trains_and_predicts_like_the_copied_rows(data: dict, tmp_path: Path):
     """A RowView on a memmap gives exactly what the fancy-indexed copy gives, without copying."""
     images = data["images"]

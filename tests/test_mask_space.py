@@ -8,9 +8,10 @@ models, concentrates on other corners and edges of the ranges), and for each one
 config and builds what a trial builds: the loss, the optimizer, the scheduler (walked over a
 whole run) and the model, forwarded on one tiny batch.
 
-Models are built once per (backbone, head) and reused: ``drop_rate`` does not change shapes, and
-building convnext_tiny ~350 times would cost minutes. The input is 64x48, the smallest 4:3 size
-every backbone of the space accepts (convnext downsamples by 32 with 2x2 kernels).
+Models are built once per (backbone, head, age head) and reused: ``drop_rate`` does not change
+shapes, and building convnext_tiny ~350 times would cost minutes. The input is 64x48, the
+smallest 4:3 size every backbone of the space accepts (convnext downsamples by 32 with 2x2
+kernels).
 """
 
 from __future__ import annotations
@@ -47,16 +48,16 @@ Space = Callable[[optuna.Trial], TrainConfig]
 
 
 class ModelCache:
-    """One model and its tiny-batch output per (backbone, head), built on first use."""
+    """One model and its tiny-batch output per (backbone, head, age head), built on first use."""
 
     def __init__(self) -> None:
-        self.models: dict[tuple[str, str], torch.nn.Module] = {}
-        self.outputs: dict[tuple[str, str], torch.Tensor] = {}
+        self.models: dict[tuple[str, str, str], torch.nn.Module] = {}
+        self.outputs: dict[tuple[str, str, str], torch.Tensor] = {}
 
     def get(self, cfg: TrainConfig) -> tuple[torch.nn.Module, torch.Tensor]:
         """The model for ``cfg`` (without pretrained weights: tests never download) and its
         output on a fixed batch, checked for shape and finiteness once."""
-        key = (cfg.backbone, cfg.head)
+        key = (cfg.backbone, cfg.head, cfg.age_head)
         if key not in self.models:
             model = create_model(dataclasses.replace(cfg, pretrained=False)).eval()
             with torch.no_grad():
