@@ -132,3 +132,28 @@ def demo_objective(data, store, fit, **kwargs):
 
     return Objective(DEMO, data, store, fit=fit, predict_fn=uniform_predict, **kwargs)
 
+
+class RecordingPruner(optuna.pruners.BasePruner):
+    """Never prunes; records the steps of each report in the order the objective made them
+    (the objective asks after every report; ``last_step`` is the highest step, not the last)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        self.steps += sorted(set(trial.intermediate_values) - set(self.steps))
+        return False
+
+
+def test_each_epoch_is_reported_at_fold_times_epochs_plus_epoch_in_order(study_data,
+                                                                        tmp_path: Path) -> None:
+    pruner = RecordingPruner()
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    study.enqueue_trial(FAST)
+    fit = RecordingFit(curve=lambda fold, epoch: (10 * fold + epoch + 1) / 100)
+    study.optimize(demo_objective(study_data, artifacts.open_store(tmp_path / "a"), fit,
+                                  epochs=3), n_trials=1)
+    # 2 folds x 3 epochs: fold 0's epochs 0, 1, 2 are steps 0, 1, 2; fold 1's are 3, 4, 5
+    assert pruner.steps == [0, 1, 2, 3, 4, 5]
+    assert study.trials[0].intermediate_values == pytest.approx(
+        {0: 0.01, 1: 0.02, 2: 0.03, 3: 0.11, 4: 0.12, 5: 0.13})
