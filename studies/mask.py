@@ -15,8 +15,9 @@ from pathlib import Path
 
 import optuna
 
-from core.config import AGE_HEADS, MIXES, SAMPLERS, ConfigError, TrainConfig
+from core.config import MIXES, ConfigError, TrainConfig
 from core.dataset import PUBLIC_CORRECTIONS
+from studies.top_teams import OFF, top_team_options
 
 FOLDS = 5
 FOLD_SEED = 0
@@ -28,9 +29,6 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "efficientne
              "convnext_tiny")
 #: (height, width): the photos are 384x512 portrait, face crops keep that 4:3 shape.
 IMAGE_SIZES = {"224x168": (224, 168), "288x224": (288, 224), "384x288": (384, 288)}
-#: The soft macro-F1 share when it is on; a top team of the competition used 0.4 with focal loss.
-SOFT_F1_WEIGHTS = (0.1, 0.6)
-
 
 
 #: Recipes that worked in the competition, enqueued as the first trials of a new study (warm
@@ -44,12 +42,12 @@ WARM_START = (
      "loss": "focal", "focal_gamma": 2.0, "class_weights": "sqrt_inverse",
      "label_smoothing": 0.0, "aug_strength": 0.5, "mix": "none", "optimizer": "adam",
      "lr": 3e-4, "weight_decay": 1e-5, "scheduler": "cosine", "warmup_epochs": 0.5,
-     "age_threshold": 59, "sampler": "none", "soft_f1": False},
+     "age_threshold": 59, **OFF},
     {"backbone": "efficientnet_b3", "image_size": "288x224", "head": "single", "drop_rate": 0.3,
      "loss": "focal", "focal_gamma": 2.0, "class_weights": "sqrt_inverse",
      "label_smoothing": 0.0, "aug_strength": 0.5, "mix": "none", "optimizer": "adam",
      "lr": 3e-4, "weight_decay": 1e-5, "scheduler": "cosine", "warmup_epochs": 0.5,
-     "age_threshold": 59, "sampler": "none", "soft_f1": False},
+     "age_threshold": 59, **OFF},
 )
 
 
@@ -76,17 +74,12 @@ def space(trial: optuna.Trial) -> TrainConfig:
     scheduler = trial.suggest_categorical("scheduler", ["cosine", "onecycle", "step", "none"])
     class_weights = trial.suggest_categorical(
         "class_weights", ["none", "inverse", "sqrt_inverse", "effective"])
-    # On/off first, so "off" is a real choice TPE can weigh (a float range never hits 0 exactly).
-    soft_f1 = trial.suggest_categorical("soft_f1", [False, True])
     head = trial.suggest_categorical("head", ["single", "multi"])
-    # The ordinal age head needs an age head of its own: only the three-head model has one.
-    age_head = (trial.suggest_categorical("age_head", list(AGE_HEADS)) if head == "multi"
-                else "classes")
+    extras = top_team_options(trial, head)
     return TrainConfig(
         backbone=trial.suggest_categorical("backbone", list(BACKBONES)),
         image_size=IMAGE_SIZES[trial.suggest_categorical("image_size", list(IMAGE_SIZES))],
         head=head,
-        age_head=age_head,
         pretrained=True,  # the competition's backbones start from ImageNet weights
         drop_rate=trial.suggest_float("drop_rate", 0.0, 0.5),
         loss=loss,
@@ -95,8 +88,6 @@ def space(trial: optuna.Trial) -> TrainConfig:
         effective_beta=(trial.suggest_float("effective_beta", 0.9, 0.9999, log=True)
                         if class_weights == "effective" else 0.999),
         label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.2),
-        soft_f1_weight=trial.suggest_float("soft_f1_weight", *SOFT_F1_WEIGHTS) if soft_f1 else 0.0,
-        sampler=trial.suggest_categorical("sampler", list(SAMPLERS)),
         aug_strength=trial.suggest_float("aug_strength", 0.0, 1.0),
         mix=mix,
         mix_prob=trial.suggest_float("mix_prob", 0.1, 1.0) if mix != "none" else 0.0,
@@ -109,4 +100,5 @@ def space(trial: optuna.Trial) -> TrainConfig:
         epochs=EPOCHS,
         batch_size=32,
         age_threshold=trial.suggest_int("age_threshold", 57, 60),
+        **extras,
     )

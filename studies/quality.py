@@ -6,8 +6,8 @@ rare ">=60" group decides macro F1). The data is built from a faces folder (``--
 default ``$MASK_SEARCH_FACES`` or ``../shared/faces``) by ``core.synth_faces`` under
 ``runs/`` on first use, then reused. Two ImageNet-pretrained timm backbones are fine-tuned
 from a weights folder, as users fine-tune theirs, on small face crops; the knobs are the real
-study's: head, loss, class weights, augmentation, mixing, optimizer, lr, weight decay and the
-age threshold of the training targets.
+study's: head, loss, class weights, augmentation, mixing, optimizer, lr, weight decay, the
+age threshold of the training targets, and the top teams' options (``studies.top_teams``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from pathlib import Path
 import optuna
 
 from core.atomic import build_folder_once
-from core.config import TrainConfig
+from core.config import MIXES, TrainConfig
 from core.errors import DataError
 from studies.cpu_training import cpu_training
+from studies.top_teams import OFF, top_team_options
 
 FOLDS = 3
 FOLD_SEED = 0
@@ -45,7 +46,7 @@ IMAGE_SIZES = {"96x72": (96, 72), "128x96": (128, 96)}
 GAUGE = {"loss": "focal", "mix": "none", "class_weights": "sqrt_inverse", "optimizer": "adam",
          "backbone": "mobilenetv2_100", "image_size": "96x72", "head": "single",
          "focal_gamma": 2.0, "label_smoothing": 0.0, "aug_strength": 0.5, "lr": 3e-4,
-         "weight_decay": 1e-5, "age_threshold": 59}
+         "weight_decay": 1e-5, "age_threshold": 59, **OFF}
 WARM_START = (GAUGE,)
 
 
@@ -92,15 +93,17 @@ def corrections(data_dir: Path) -> Path | None:
 def space(trial: optuna.Trial) -> TrainConfig:
     """CPU-sized, but every knob the competition study searches is here in some form."""
     loss = trial.suggest_categorical("loss", ["ce", "focal"])
-    mix = trial.suggest_categorical("mix", ["none", "cutmix", "mixup"])
+    mix = trial.suggest_categorical("mix", list(MIXES))
     class_weights = trial.suggest_categorical(
         "class_weights", ["none", "inverse", "sqrt_inverse", "effective"])
     optimizer = trial.suggest_categorical("optimizer", ["adam", "adamw"])
+    head = trial.suggest_categorical("head", ["single", "multi"])
+    extras = top_team_options(trial, head)
     return TrainConfig(
         backbone=trial.suggest_categorical("backbone", list(BACKBONES)),
         pretrained=True,
         image_size=IMAGE_SIZES[trial.suggest_categorical("image_size", list(IMAGE_SIZES))],
-        head=trial.suggest_categorical("head", ["single", "multi"]),
+        head=head,
         loss=loss,
         focal_gamma=trial.suggest_float("focal_gamma", 0.5, 3.0) if loss == "focal" else 0.0,
         class_weights=class_weights,
@@ -109,4 +112,5 @@ def space(trial: optuna.Trial) -> TrainConfig:
         mix=mix,
         mix_prob=trial.suggest_float("mix_prob", 0.1, 0.8) if mix != "none" else 0.0,
         **cpu_training(trial, lr=(1e-4, 3e-3), epochs=EPOCHS, optimizer=optimizer),
+        **extras,
     )
