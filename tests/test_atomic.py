@@ -101,6 +101,19 @@ def test_zombie_is_not_alive() -> None:
         proc.wait()
 
 
+def _blocked_on(pid: int, path: Path) -> bool:
+    """Whether the kernel lists ``pid`` as waiting for a lock on ``path`` (``/proc/locks``
+    marks a blocked request ``->``: ``1: -> FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF``)."""
+    inode = str(path.stat().st_ino)
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields:
+            after = fields[fields.index("->") + 1:]
+            if after[3] == str(pid) and after[4].rsplit(":", 1)[-1] == inode:
+                return True
+    return False
+
+
 def test_file_lock_makes_second_process_wait(tmp_path: Path) -> None:
     lock, log = tmp_path / "x.lock", tmp_path / "log"
     script = textwrap.dedent(f"""
@@ -112,8 +125,12 @@ def test_file_lock_makes_second_process_wait(tmp_path: Path) -> None:
     """)
     with file_lock(lock):
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
-        time.sleep(1.5)  # long enough for the child to start and block on the lock
-        assert proc.poll() is None and not log.exists()
+        deadline = time.monotonic() + 60  # a hang guard, not a speed figure
+        while not _blocked_on(proc.pid, lock):  # the event: the child waits in the kernel
+            assert proc.poll() is None, "the child finished while the parent held the lock"
+            assert time.monotonic() < deadline, "the child never reached the lock"
+            time.sleep(0.01)
+        assert not log.exists()
         log.write_text("parent\n")
     assert proc.wait(timeout=60) == 0
     assert log.read_text() == "parent\nchild\n"

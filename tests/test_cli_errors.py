@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,14 +173,18 @@ def test_unknown_backbone_in_a_study_space_is_one_line(synth_data, monkeypatch, 
 
 
 def test_pretrained_without_cache_and_without_network_fails_fast(tmp_path, monkeypatch):
-    """Weights not in an (empty) cache and the hub unreachable: ConfigError with the fix in
-    well under a second, and the hub client is never asked (it would retry for a minute)."""
+    """Weights not in an (empty) cache and the hub unreachable: ConfigError with the fix after
+    one connect with a short timeout and no waiting, and the hub client is never asked (it
+    would retry for a minute)."""
     import huggingface_hub
     from huggingface_hub import constants
 
     from core.models import create_model
 
-    def no_network(*args, **kwargs):
+    connects, sleeps = [], []
+
+    def no_network(address, timeout=None, *args, **kwargs):
+        connects.append((address, timeout))
         raise OSError("network is unreachable")
 
     def must_not_download(*args, **kwargs):
@@ -192,10 +195,12 @@ def test_pretrained_without_cache_and_without_network_fails_fast(tmp_path, monke
     monkeypatch.setattr("socket.create_connection", no_network)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", must_not_download)
     monkeypatch.setattr("timm.models._hub.hf_hub_download", must_not_download, raising=False)
-    t0 = time.perf_counter()
+    monkeypatch.setattr("time.sleep", sleeps.append)
     with pytest.raises(ConfigError) as e:
         create_model(TrainConfig(backbone="resnet18", pretrained=True))
-    assert time.perf_counter() - t0 < 2
+    assert [address for address, _ in connects] == [("huggingface.co", 443)]  # no retry
+    assert connects[0][1] is not None and 0 < connects[0][1] <= 5  # a dead host: seconds
+    assert sleeps == []
     msg = str(e.value)
     assert "resnet18" in msg and "pretrained_file=" in msg and "cannot be reached" in msg
     assert "\n" not in msg
@@ -232,18 +237,24 @@ def test_debug_lets_the_exception_through(cli, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_pretrained_offline_cli_names_the_fix_without_network(tmp_path):
     """HF_HUB_OFFLINE=1 and an empty Hugging Face cache: core.train_fold stops before reading
-    any data, with one line saying how to get weights."""
-    t0 = time.perf_counter()
-    done = run_cli(["-m", "core.train_fold", "--data", str(tmp_path), "--set", "pretrained=true",
+    any data, with one line saying how to get weights, and without one connect or wait (each
+    connect or sleep in the process would add a line to its stderr)."""
+    watched = ("import runpy, socket, sys, time\n"
+               "def connect(*a, **k):\n"
+               "    print('connect', a[:1], file=sys.stderr)\n"
+               "    raise OSError('network is unreachable')\n"
+               "def sleep(s):\n"
+               "    print('sleep', s, file=sys.stderr)\n"
+               "socket.create_connection, time.sleep = connect, sleep\n"
+               "runpy.run_module('core.train_fold', run_name='__main__', alter_sys=True)\n")
+    done = run_cli(["-c", watched, "--data", str(tmp_path), "--set", "pretrained=true",
                     "--set", "backbone=resnet18"],
                    {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    seconds = time.perf_counter() - t0
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: pretrained weights for backbone "
-                                                   "'resnet18'")
+                                                   "'resnet18'"), lines
     assert "pretrained_file=" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
-    assert seconds < 60  # interpreter + torch import; the hub client's retries take longer
 
 
 class Stop(DataError):

@@ -7,7 +7,6 @@ connect fails, so a test that passes proves the path works on an offline GPU box
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import optuna
@@ -53,12 +52,24 @@ def run_mask(tmp_path: Path, data: Path, *extra: str) -> int:
 @pytest.mark.parametrize("hub_offline", [True, False])
 def test_no_weights_offline_is_one_line_naming_every_backbone_and_stores_nothing(
         offline, hub_offline, synth_data, tmp_path, monkeypatch, capfd) -> None:
+    """Refused fast: before any data is read, after at most one connect (none offline)."""
+    connects, sleeps = [], []
+
+    def no_network(address, timeout=None, *args, **kwargs):
+        connects.append(address)
+        raise OSError("network is unreachable")
+
+    def must_not_read(*args, **kwargs):
+        raise AssertionError("read the data before checking the weights")
+
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", hub_offline)
-    t0 = time.perf_counter()
+    monkeypatch.setattr("socket.create_connection", no_network)
+    monkeypatch.setattr("search.run.load_study_data", must_not_read)
+    monkeypatch.setattr("time.sleep", sleeps.append)
     code = run_mask(tmp_path, synth_data, "--trials", "1")
-    seconds = time.perf_counter() - t0
     err = capfd.readouterr().err.strip().splitlines()
-    assert code == 2 and seconds < 5
+    assert code == 2
+    assert connects == ([] if hub_offline else [("huggingface.co", 443)]) and sleeps == []
     assert len(err) == 1 and err[0].startswith("error: pretrained weights missing for "
                                                + ", ".join(MASK_BACKBONES) + " (")
     assert "--weights DIR" in err[0] and "python -m search.weights --study mask" in err[0]
