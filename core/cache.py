@@ -43,7 +43,7 @@ from core.atomic import (
     reserve_space,
     temp_path,
 )
-from core.cli import run_cli
+from core.cli import Parser, run_cli
 from core.errors import DataError
 from core.face_pass import detections
 from core.faces import FaceSettings
@@ -313,8 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     default_h, default_w = TrainConfig().image_size
     d = FaceSettings()
-    ap = argparse.ArgumentParser(prog="python -m core.cache",
-                                 description="Prebuild the face-cropped image cache of a data set.")
+    ap = Parser(prog="python -m core.cache",
+                description="Prebuild the face-cropped image cache of a data set.")
     ap.add_argument("--data", required=True, help="data folder (train/, eval/)")
     ap.add_argument("--height", type=int, default=default_h)
     ap.add_argument("--width", type=int, default=default_w)

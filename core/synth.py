@@ -21,7 +21,6 @@ the real-face generator ``core.synth_faces`` (``--faces DIR``). Same arguments -
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from core import synth_layout as L
+from core.cli import Parser
 from core.synth_layout import OLDEST, Person
 
 FEMALE_SHARE = 0.61
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from core.cli import EXPECTED, run_cli
     from core.synth_faces import FACES_ENV, default_faces_dir
 
-    ap = argparse.ArgumentParser(prog="python -m core.synth", description=__doc__.split("\n")[0])
+    ap = Parser(prog="python -m core.synth", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="folder to create (absent or empty)")
     ap.add_argument("--faces", nargs="?", type=Path, const=default_faces_dir(), default=None,
                     metavar="DIR", help="paste real face photos from DIR (faces.csv, photos/) "

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core.cli import run_cli
+from core.cli import Parser, run_cli
 from core.config import ConfigError, TrainConfig
 from core.errors import DataError
 
@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m core.train_fold", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m core.train_fold", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="competition layout folder (train/, eval/)")
     p.add_argument("--fold", type=int, default=0, help="which fold to validate on")
     p.add_argument("--folds", type=int, default=5, help="number of person-level folds")

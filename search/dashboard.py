@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 from optuna.artifacts.exceptions import ArtifactNotFound
 
-from core.cli import EXPECTED, run_cli
+from core.cli import EXPECTED, Parser, run_cli
 from core.config import ConfigError
 from search import paths
 from search.artifacts import open_store
@@ -23,8 +23,7 @@ from search.storage import open_existing_storage, study_names
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m search.dashboard",
-                                description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m search.dashboard", description=__doc__.split("\n")[0])
     p.add_argument("--study", required=True, help="study name (finds runs/<study>.db)")
     p.add_argument("--storage", help="storage URL (default sqlite:///runs/<study>.db)")
     p.add_argument("--artifacts", help="artifact folder (default runs/artifacts)")

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from core.atomic import atomic_write
-from core.cli import run_cli
+from core.cli import Parser, run_cli
 from core.errors import DataError
 from core.labels import NUM_CLASSES
 from core.metrics import macro_f1
@@ -136,7 +136,7 @@ def compare(oofs: list[np.ndarray], labels: np.ndarray, folds: np.ndarray,
 
 def build_parser() -> argparse.ArgumentParser:
     d = Selection()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m search.ensemble",
         description="Choose an ensemble of a study's trials and a decision rule for macro F1 on "
                     "out-of-fold predictions, estimate the whole recipe by nested "

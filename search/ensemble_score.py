@@ -6,14 +6,13 @@ ensemble's last line tells the user how to check its submission on them with the
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
-from core.cli import run_cli
+from core.cli import Parser, run_cli
 from core.errors import DataError
 from core.metrics import macro_f1
 
@@ -41,8 +40,8 @@ def score(submission: str | Path, answers: str | Path) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m search.ensemble_score",
-                                description="Macro F1 of a submission CSV on true answers.")
+    p = Parser(prog="python -m search.ensemble_score",
+               description="Macro F1 of a submission CSV on true answers.")
     p.add_argument("submission", help="ImageID,ans CSV (search.ensemble's output)")
     p.add_argument("answers", help="ImageID,ans CSV with the true classes")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

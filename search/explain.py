@@ -26,7 +26,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from core.augment import eval_transform
-from core.cli import run_cli
+from core.cli import Parser, run_cli
 from core.config import TrainConfig
 from core.labels import MASK_NAMES, class_name, decode
 from core.models import create_model
@@ -125,7 +125,7 @@ def explain(found: FinishedStudy, number: int, device: str | None = None) -> str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m search.explain", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m search.explain", description=__doc__.split("\n")[0])
     add_study_flags(p)
     p.add_argument("--trial", type=int, help="trial number (default: the best trial)")
     p.add_argument("--device", help="cpu (default), cuda, cuda:1 ...")

@@ -20,7 +20,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from core.atomic import atomic_write
-from core.cli import run_cli
+from core.cli import Parser, run_cli
 from core.engine import predict
 from core.errors import DataError
 from core.labels import AGE_GROUP_NAMES, GENDER_NAMES, MASK_NAMES, decode
@@ -38,7 +38,7 @@ COLUMNS = ("file", "class", "mask", "gender", "age", "prob", "box_source", "reas
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m search.predict", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m search.predict", description=__doc__.split("\n")[0])
     p.add_argument("paths", nargs="+", help="photo files or folders of photos (jpg, png)")
     add_study_flags(p)
     p.add_argument("--out", type=Path, help="CSV file (default: standard output)")

@@ -25,7 +25,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from core.atomic import atomic_write
-from core.cli import run_cli
+from core.cli import Parser, run_cli
 from core.errors import first_line
 from core.labels import AGE_GROUP_NAMES, CLASS_NAMES, MASK_NAMES, decode
 from core.metrics import macro_f1
@@ -209,7 +209,7 @@ def page(found: FinishedStudy) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m search.report", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m search.report", description=__doc__.split("\n")[0])
     add_study_flags(p)
     p.add_argument("--out", type=Path, help="HTML file (default runs/<study>/report.html)")
     return p

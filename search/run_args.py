@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from core.cli import Parser
 from core.weights import WEIGHTS_ENV
 from search.retention import DEFAULT_KEEP_CHECKPOINTS
 from search.storage import DEFAULT_GRACE_S, DEFAULT_HEARTBEAT_S, DEFAULT_MAX_RETRY
@@ -13,19 +14,22 @@ from studies import STUDIES
 DESCRIPTION = "Create or resume a study and run trials until it has N finished ones."
 
 
-def positive_int(text: str) -> int:
+def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1)
 
 
 def non_negative_int(text: str) -> int:
-    value = positive_int(text) if text.strip() != "0" else 0
-    return value
+    return _whole_number(text, 0)
 
 
 def gpu_list(text: str) -> list[str]:
@@ -47,7 +51,7 @@ def positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m search.run", description=DESCRIPTION)
+    p = Parser(prog="python -m search.run", description=DESCRIPTION)
     p.add_argument("--study", required=True, help=f"study name, one of: {', '.join(STUDIES)}")
     p.add_argument("--trials", type=positive_int, required=True,
                    help="finished (complete + pruned) trials the study should end with")

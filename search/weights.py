@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from core.atomic import atomic_write, remove_dead_temps
-from core.cli import run_cli
+from core.cli import Parser, run_cli
 from core.config import ConfigError
 from core.errors import first_line
 from core.weights import weights_file
@@ -29,7 +29,7 @@ from studies import STUDIES, get_study
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m search.weights", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m search.weights", description=__doc__.split("\n")[0])
     p.add_argument("--study", required=True, help=f"study name, one of: {', '.join(STUDIES)}")
     p.add_argument("--out", required=True, help="folder to write <model>.safetensors into")
     p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",

@@ -8,6 +8,8 @@ the fix, without touching the network.
 
 from __future__ import annotations
 
+import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -148,15 +150,69 @@ def test_missing_data_leaves_no_study(tmp_path, runs, capfd):
         assert optuna.get_all_study_summaries(f"sqlite:///{db}") == []
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "two"])
-def test_trials_must_be_a_positive_number(value, capfd):
+RUN_HELP = "(python -m search.run --help lists the flags)"
+FLAG_ERRORS = [
+    (["--trials", "0"], f"argument --trials: must be at least 1, got 0 {RUN_HELP}"),
+    (["--trials", "-1"], f"argument --trials: must be at least 1, got -1 {RUN_HELP}"),
+    (["--trials", "two"], f"argument --trials: expected a whole number, got 'two' {RUN_HELP}"),
+    ([], f"the following arguments are required: --trials {RUN_HELP}"),
+    (["--trials", "1", "--max-retry", "-1"],
+     f"argument --max-retry: must be at least 0, got -1 {RUN_HELP}"),
+    (["--trials", "1", "--hours", "0"], f"argument --hours: must be positive, got 0.0 {RUN_HELP}"),
+    (["--trials", "1", "--hours", "1", "--timeout", "5"],
+     f"argument --timeout: not allowed with argument --hours {RUN_HELP}"),
+    (["--trials", "1", "--gpus", "0,0"],
+     f"argument --gpus: expected distinct GPU numbers like 0,1,2,3, got '0,0' {RUN_HELP}"),
+    (["--trials", "1", "--bogus"], f"unrecognized arguments: --bogus {RUN_HELP}"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), FLAG_ERRORS, ids=[" ".join(a) or "none"
+                                                                for a, _ in FLAG_ERRORS])
+def test_a_flag_mistake_is_exactly_one_line_and_exit_2(argv, message, capfd):
+    """``--trials 0`` and every other flag mistake: the whole stderr is one ``error:`` line (no
+    usage block), nothing on stdout, exit 2."""
     with pytest.raises(SystemExit) as exit_info:
-        search.run.main(["--study", "demo", "--trials", value])
+        search.run.main(["--study", "demo", *argv])
     assert exit_info.value.code == 2
-    out, err = capfd.readouterr()
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]  # argparse: usage, then the one error line
-    assert "--trials" in last and value in last
+    assert capfd.readouterr() == ("", f"error: {message}\n")
+
+
+MISSING = {  # each CLI run without arguments: what it must say, whole
+    "search.run": "--study, --trials", "search.ensemble": "--study",
+    "search.dashboard": "--study", "search.predict": "paths, --study",
+    "search.explain": "--study", "search.report": "--study", "search.weights": "--study, --out",
+    "search.ensemble_score": "submission, answers", "core.train_fold": "--data",
+    "core.cache": "--data", "core.synth": "--out",
+}
+
+
+@pytest.mark.parametrize("module", MISSING)
+def test_every_cli_says_a_flag_mistake_in_one_line(module, capfd):
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main([])
+    assert exit_info.value.code == 2
+    assert capfd.readouterr() == ("", f"error: the following arguments are required: "
+                                      f"{MISSING[module]} (python -m {module} --help lists the "
+                                      f"flags)\n")
+
+
+def test_every_parser_is_the_one_line_parser():
+    """One source of truth: no CLI in core/ or search/ calls argparse's parser itself (its
+    errors print the usage block); they all use ``core.cli.Parser``. And every module there with
+    a ``main`` is in ``MISSING`` above, so a new CLI is checked too."""
+    direct, mains = [], set()
+    for pkg in ("core", "search"):
+        for f in sorted((ROOT / pkg).glob("*.py")):
+            tree = ast.parse(f.read_text(), str(f))
+            direct += [f"{f.relative_to(ROOT)}:{n.lineno}" for n in ast.walk(tree)
+                       if isinstance(n, ast.Call) and f.name != "cli.py"
+                       and "ArgumentParser" in {getattr(n.func, "attr", None),
+                                                getattr(n.func, "id", None)}]
+            if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):
+                mains.add(f"{pkg}.{f.stem}")
+    assert direct == []
+    assert mains == set(MISSING)
 
 
 def test_unknown_backbone_in_a_study_space_is_one_line(synth_data, monkeypatch, capfd):
@@ -219,6 +275,10 @@ def test_terminal_sees_exactly_one_line(runs):
     assert plain.stdout == ""
     assert plain.stderr.splitlines() == [
         f"error: unknown study 'nope'; known studies: {', '.join(sorted(STUDIES))}"]
+    flag = run_cli(["-m", "search.run", "--study", "demo", "--trials", "0"], env)
+    assert (flag.returncode, flag.stdout, flag.stderr) == (
+        2, "", "error: argument --trials: must be at least 1, got 0 "
+               "(python -m search.run --help lists the flags)\n")
 
 
 @pytest.mark.parametrize("cli", ["run", "ensemble", "dashboard", "train_fold"])
