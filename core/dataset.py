@@ -19,7 +19,16 @@ import numpy as np
 import pandas as pd
 
 from core.errors import DataError
-from core.labels import GENDER_CODES, IMAGE_STEMS, MASK_BY_STEM, MAX_AGE, MIN_AGE, age_group, encode
+from core.labels import (
+    GENDER_CODES,
+    IMAGE_STEMS,
+    MASK_BY_STEM,
+    MAX_AGE,
+    MIN_AGE,
+    SWAPPED_STEMS,
+    age_group,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +37,8 @@ TRAIN_COLUMNS: tuple[str, ...] = ("id", "gender", "race", "age", "path")
 EVAL_COLUMNS: tuple[str, ...] = ("ImageID",)  # `ans` is blank in the competition's info.csv
 CORRECTION_COLUMNS: tuple[str, ...] = ("target", "field", "value")
 CORRECTION_FIELDS: tuple[str, ...] = ("gender", "age", "mask_swap")
+#: The ``mask_swap`` value of a person whose ``incorrect_mask`` and ``normal`` labels are swapped.
+MASK_SWAP_VALUE = ":".join(SWAPPED_STEMS)
 TABLE_COLUMNS: tuple[str, ...] = (
     "person", "id", "gender", "race", "age", "mask", "stem", "file", "label",
 )

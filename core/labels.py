@@ -26,6 +26,9 @@ MASK_BY_STEM: dict[str, int] = {
     "normal": 2,
 }
 IMAGE_STEMS: tuple[str, ...] = tuple(MASK_BY_STEM)
+#: The two photos whose mask labels annotators swap (the real set's reported swaps; see
+#: ``core.dataset``'s ``mask_swap`` corrections).
+SWAPPED_STEMS: tuple[str, str] = ("incorrect_mask", "normal")
 
 #: Gender as written in train.csv -> code.
 GENDER_CODES: dict[str, int] = {"male": 0, "female": 1}

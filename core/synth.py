@@ -210,17 +210,19 @@ def _draw(person: Person, mask_state: int, rng: np.random.Generator, size: tuple
 
 def generate(out_dir: str | Path, people: int = 60, eval_people: int = 10, seed: int = 0,
              size: tuple[int, int] = (512, 384), *, overwrite: bool = False,
-             progress: bool | None = None) -> Path:
+             progress: bool | None = None, label_noise: float = 0.0) -> Path:
     """Write the synthetic data set to ``out_dir`` and return its path.
 
     ``size`` is (height, width); the real set is (512, 384). ``out_dir`` must be absent or
     empty unless ``overwrite`` (then it must hold an earlier synthetic set: ``train/train.csv``).
     The tree is built in a sibling temp folder and renamed into place, so a crash never leaves
-    half a data set. ``progress`` None shows a bar from 200 people on.
+    half a data set. ``progress`` None shows a bar from 200 people on. ``label_noise`` (default
+    0: off) plants that share of train people with a label error of each kind and writes their
+    truth to ``planted_errors.csv`` (``core.synth_layout.plant_label_noise``).
     """
     people, eval_people, seed = int(people), int(eval_people), int(seed)
     h, w = (int(v) for v in size)
-    L.check_counts(people, eval_people, seed, (h, w))
+    L.check_counts(people, eval_people, seed, (h, w), label_noise)
     if progress is None:
         progress = people + eval_people >= 200
 
@@ -228,13 +230,14 @@ def generate(out_dir: str | Path, people: int = 60, eval_people: int = 10, seed:
         train = _people(people, np.random.default_rng([seed, L.ROLE_TRAIN]))
         evals = _people(eval_people, np.random.default_rng([seed, L.ROLE_EVAL]))
         L.write_tree(tmp, train, evals, seed, lambda p, k, rng: _draw(p, k, rng, (h, w)),
-                     bool(progress))
+                     bool(progress), label_noise)
 
     return L.install(out_dir, write, overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m core.synth --out DIR --people N --eval-people M --seed S [--faces DIR]``."""
+    """CLI: ``python -m core.synth --out DIR --people N --eval-people M --seed S [--faces DIR]
+    [--label-noise SHARE]``."""
     from core.cli import EXPECTED, run_cli
     from core.synth_faces import FACES_ENV, default_faces_dir
 
@@ -248,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--height", type=int, default=512)
     ap.add_argument("--width", type=int, default=384)
+    ap.add_argument("--label-noise", type=float, default=0.0, metavar="SHARE",
+                    help="plant this share of train people with each kind of label error "
+                         "(gender, age group, normal/incorrect_mask swap) and write their truth "
+                         "to planted_errors.csv (default 0: off)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an earlier synthetic set in --out")
     ap.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
@@ -255,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> None:
         size = (args.height, args.width)
-        kwargs = {"overwrite": args.overwrite, "progress": sys.stderr.isatty()}
+        kwargs = {"overwrite": args.overwrite, "progress": sys.stderr.isatty(),
+                  "label_noise": args.label_noise}
         if args.faces is None:
             out = generate(args.out, args.people, args.eval_people, args.seed, size, **kwargs)
         else:

@@ -36,7 +36,7 @@ FACES_ENV = "MASK_SEARCH_FACES"
 FACES_CSV = "faces.csv"
 PHOTOS = "photos"
 FACES_COLUMNS = ("file", "gender", "age")
-YOUNGEST = 18  # the competition's ages run 18..60 (60 stands for ">=60")
+YOUNGEST = L.YOUNGEST
 #: How an incorrectly worn mask sits, per person: under the nose, on the chin, pushed aside.
 INCORRECT_MODES: tuple[str, ...] = ("under_nose", "chin", "side")
 INCORRECT_WEIGHTS: tuple[float, ...] = (0.5, 0.25, 0.25)
@@ -211,16 +211,17 @@ def _draw(person: Person, mask_state: int, rng: np.random.Generator, size: tuple
 
 def generate(out_dir: str | Path, faces_dir: str | Path, people: int = 60,
              eval_people: int = 10, seed: int = 0, size: tuple[int, int] = (512, 384), *,
-             overwrite: bool = False, progress: bool | None = None) -> Path:
+             overwrite: bool = False, progress: bool | None = None,
+             label_noise: float = 0.0) -> Path:
     """Write the layout from the real faces in ``faces_dir`` to ``out_dir``; return its path.
 
     Arguments as ``core.synth.generate``; each person is one photo of the faces folder, so
     ``people + eval_people`` may not exceed its photos. ``faces.csv`` is checked before
-    anything is written.
+    anything is written. ``label_noise`` plants label errors as ``core.synth.generate`` does.
     """
     people, eval_people, seed = int(people), int(eval_people), int(seed)
     h, w = (int(v) for v in size)
-    L.check_counts(people, eval_people, seed, (h, w))
+    L.check_counts(people, eval_people, seed, (h, w), label_noise)
     faces = read_faces(faces_dir)
     train_rows, eval_rows = choose_people(faces, people, eval_people, seed)
     root = Path(faces_dir)
@@ -231,6 +232,6 @@ def generate(out_dir: str | Path, faces_dir: str | Path, people: int = 60,
         train = _people(faces, train_rows, root, np.random.default_rng([seed, L.ROLE_TRAIN]))
         evals = _people(faces, eval_rows, root, np.random.default_rng([seed, L.ROLE_EVAL]))
         L.write_tree(tmp, train, evals, seed, lambda p, k, rng: _draw(p, k, rng, (h, w)),
-                     bool(progress))
+                     bool(progress), label_noise)
 
     return L.install(out_dir, write, overwrite)

@@ -26,7 +26,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from core.labels import GENDER_NAMES, IMAGE_STEMS, MASK_BY_STEM, age_group, encode
+from core.dataset import CORRECTION_FIELDS, MASK_SWAP_VALUE
+from core.labels import (
+    GENDER_NAMES,
+    IMAGE_STEMS,
+    MASK_BY_STEM,
+    NUM_AGE,
+    TRUE_OLD_FROM,
+    YOUNG_BELOW,
+    age_group,
+    encode,
+)
 
 #: Extension per person folder: mostly .jpg, as in the real set.
 EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
@@ -40,13 +50,20 @@ DS_STORE = b"\x00\x00\x00\x01Bud1" + bytes(24)
 #: People the traps need: two gender flips, a mask swap, an age typo, a shared id (two people).
 MIN_PEOPLE = 6
 MIN_SIDE = 16
+YOUNGEST = 18  # the competition's ages run 18..60 (60 stands for ">=60")
 OLDEST = 60
 TRUE_BOXES = "true_boxes.csv"
 #: Beside eval_answers.csv: which eval person (0..) each ImageID shows.
 EVAL_PEOPLE = "eval_people.csv"
 BOX_HEADER = ("file", "x1", "y1", "x2", "y2", "mask")
+#: Beside eval_answers.csv when label noise is planted: each planted error and its truth.
+PLANTED_ERRORS = "planted_errors.csv"
+#: A corrections file's columns (``value`` fixes the error) plus what train.csv says instead.
+PLANTED_HEADER = ("target", "field", "value", "written")
+#: The kinds of planted errors, in the order people are drawn for them: corrections' fields.
+NOISE_KINDS: tuple[str, ...] = CORRECTION_FIELDS
 
-ROLE_TRAIN, ROLE_EVAL, ROLE_IMAGE, ROLE_EVAL_IMAGE, ROLE_META = range(5)
+ROLE_TRAIN, ROLE_EVAL, ROLE_IMAGE, ROLE_EVAL_IMAGE, ROLE_META, ROLE_NOISE = range(6)
 
 Box = tuple[int, int, int, int]
 #: ``draw(person, mask_state, rng) -> (photo, true face box or None)``.
@@ -148,7 +165,7 @@ def assign_ids_and_traps(people: list[Person], rng: np.random.Generator
     people[b] = replace(people[b], id=people[a].id)
     fixes = [(people[f2m].folder, "gender", GENDER_NAMES[0]),
              (people[m2f].id, "gender", GENDER_NAMES[1]),
-             (people[swap].folder, "mask_swap", "incorrect_mask:normal"),
+             (people[swap].folder, "mask_swap", MASK_SWAP_VALUE),
              (people[aged].id, "age", str(age))]
     # mixed extensions: at least one .jpeg and one .png folder
     for ext in (".jpeg", ".png"):
@@ -156,6 +173,59 @@ def assign_ids_and_traps(people: list[Person], rng: np.random.Generator
             k = order[-1 if ext == ".png" else -2]
             people[k] = replace(people[k], ext=ext)
     return people, fixes
+
+
+def planted_count(share: float, people: int) -> int:
+    """Errors of each kind that ``share`` plants among ``people``: at least one when on, so a
+    small set still carries every kind."""
+    return 0 if share <= 0 else max(1, round(share * people))
+
+
+#: Ages that each age group spans in generated data (YOUNGEST..OLDEST, split as core.labels).
+AGE_SPANS: tuple[tuple[int, int], ...] = ((YOUNGEST, YOUNG_BELOW - 1),
+                                          (YOUNG_BELOW, TRUE_OLD_FROM - 1), (TRUE_OLD_FROM, OLDEST))
+
+
+def plant_label_noise(people: list[Person], fixes: Sequence[tuple[str, str, str]], share: float,
+                      rng: np.random.Generator) -> tuple[list[Person], list[tuple[str, ...]]]:
+    """Write ``planted_count(share, n)`` people of each kind wrong in train.csv / their folder
+    names: gender flipped, age moved to another age group (a random age in it), or ``normal``
+    and ``incorrect_mask`` photos swapped. Returns the people and the truth (``PLANTED_HEADER``
+    rows, by target), so a label-error finder's recall and precision can be measured.
+
+    Each planted person carries one error and is none of the built-in traps (``fixes``' targets)
+    nor shares an id (a renamed folder could then collide with the other's): the truth stays
+    unambiguous. ``rng`` is the noise's own, so the rest of the layout is drawn as without it.
+    """
+    k = planted_count(share, len(people))
+    targets = {t for t, _, _ in fixes}
+    ids = [p.id for p in people]
+    free = [i for i, p in enumerate(people)
+            if p.folder not in targets and p.id not in targets and ids.count(p.id) == 1]
+    if len(NOISE_KINDS) * k > len(free):
+        raise ValueError(f"label noise {share} plants {k} error(s) of each of "
+                         f"{len(NOISE_KINDS)} kinds: needs {len(NOISE_KINDS) * k} people apart "
+                         f"from the built-in traps, the set has {len(free)}")
+    chosen = rng.permutation(free)[: len(NOISE_KINDS) * k].reshape(len(NOISE_KINDS), k)
+    people = list(people)
+    truth: list[tuple[str, ...]] = []
+    for kind, rows in zip(NOISE_KINDS, chosen.tolist(), strict=True):
+        for i in rows:
+            p = people[i]
+            if kind == "gender":
+                people[i] = replace(p, written_gender=1 - p.gender)
+                row = (GENDER_NAMES[p.gender], GENDER_NAMES[1 - p.gender])
+            elif kind == "age":
+                group = int(age_group(p.age))
+                new = [g for g in range(NUM_AGE) if g != group][int(rng.integers(NUM_AGE - 1))]
+                lo, hi = AGE_SPANS[new]
+                people[i] = replace(p, written_age=int(rng.integers(lo, hi + 1)))
+                row = (str(p.age), str(people[i].written_age))
+            else:
+                people[i] = replace(p, swap_normal_incorrect=True)
+                row = (MASK_SWAP_VALUE, "swapped")
+            truth.append((people[i].folder, kind, *row))
+    return people, sorted(truth)
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
@@ -175,12 +245,17 @@ def photo_masks(person: Person) -> list[int]:
 
 
 def _write_train(root: Path, people: list[Person], seed: int, draw: Draw,
-                 meta: np.random.Generator, bar: tqdm, boxes: list) -> None:
-    """Person folders (with junk), train.csv and corrections.csv."""
+                 meta: np.random.Generator, bar: tqdm, boxes: list, label_noise: float) -> None:
+    """Person folders (with junk), train.csv, corrections.csv and, with ``label_noise``,
+    planted_errors.csv."""
     train, fixes = assign_ids_and_traps(people, meta)
     n = len(train)
     images = root / "train" / "images"
     images.mkdir(parents=True)
+    if label_noise > 0:
+        train, planted = plant_label_noise(train, fixes, label_noise,
+                                           np.random.default_rng([seed, ROLE_NOISE]))
+        write_csv(root / PLANTED_ERRORS, PLANTED_HEADER, planted)
     junk_apple = set(meta.choice(n, size=min(3, n), replace=False).tolist())
     junk_ds = set(meta.choice(n, size=min(2, n), replace=False).tolist())
     for i, p in enumerate(train):
@@ -203,18 +278,20 @@ def _write_train(root: Path, people: list[Person], seed: int, draw: Draw,
 
 
 def write_tree(root: Path, train: list[Person], evals: list[Person], seed: int, draw: Draw,
-               progress: bool) -> None:
+               progress: bool, label_noise: float = 0.0) -> None:
     """Write the whole layout of ``train`` and ``evals`` people into the new folder ``root``.
 
     ``true_boxes.csv`` (file, face box in photo pixels, mask state drawn) is written beside
     ``eval_answers.csv`` when ``draw`` returns boxes; ``eval_people.csv`` (ImageID, person) says
     whose photo each eval image is, so held-out figures can be bootstrapped over people.
+    ``label_noise`` plants that share of train people with an error of each kind
+    (``plant_label_noise``); 0 writes exactly the layout without the option.
     """
     meta = np.random.default_rng([seed, ROLE_META])
     boxes: list[tuple] = []
     bar = tqdm(total=len(train) + len(evals), desc="synthetic people", unit="person",
                disable=not progress)
-    _write_train(root, train, seed, draw, meta, bar, boxes)
+    _write_train(root, train, seed, draw, meta, bar, boxes, label_noise)
     eval_dir = root / "eval" / "images"
     eval_dir.mkdir(parents=True)
     answers = []
@@ -238,8 +315,12 @@ def write_tree(root: Path, train: list[Person], evals: list[Person], seed: int, 
         write_csv(root / TRUE_BOXES, BOX_HEADER, sorted(boxes))
 
 
-def check_counts(people: int, eval_people: int, seed: int, size: tuple[int, int]) -> None:
+def check_counts(people: int, eval_people: int, seed: int, size: tuple[int, int],
+                 label_noise: float = 0.0) -> None:
     """Refuse arguments no layout can be written for (``ValueError`` naming the argument)."""
+    if not 0 <= label_noise < 1 / len(NOISE_KINDS):
+        raise ValueError(f"label_noise is the share of people per kind of error, in "
+                         f"0..{1 / len(NOISE_KINDS):.3f} (exclusive), got {label_noise}")
     if people < MIN_PEOPLE:
         raise ValueError(f"people must be >= {MIN_PEOPLE} (the planted label errors and shared "
                          f"id need that many), got {people}")

@@ -131,16 +131,23 @@ def _load(trial, store, name: str, rows: int, what: str) -> np.ndarray:
     return a
 
 
+def load_oof(trial, store, n_train: int) -> np.ndarray:
+    """A trial's OOF probabilities, shape (n_train, 18); one line when missing or misshapen."""
+    from search.artifacts import OOF
+
+    _require(trial, OOF, "out-of-fold")
+    return _load(trial, store, OOF, n_train, "out-of-fold")
+
+
 def load_candidates(trials: list, store, n_train: int) -> list[Candidate]:
     """OOF probabilities of each trial; refuses a trial without OOF or eval probabilities."""
-    from search.artifacts import EVAL, OOF
+    from search.artifacts import EVAL
 
     out = []
     for rank, t in enumerate(trials, start=1):
-        _require(t, OOF, "out-of-fold")
+        oof = load_oof(t, store, n_train)
         _require(t, EVAL, "eval")
-        out.append(Candidate(rank, t.number, float(t.value),
-                             _load(t, store, OOF, n_train, "out-of-fold"), t))
+        out.append(Candidate(rank, t.number, float(t.value), oof, t))
     return out
 
 

@@ -71,9 +71,14 @@ class FinishedStudy:
                             f"(trials 0..{len(trials) - 1})")
         return trials[number]
 
+    @property
+    def submission_path(self) -> Path:
+        """Where ``search.ensemble`` writes the submission's JSON by default."""
+        return paths.study_dir(self.name) / "submission.json"
+
     def submission(self) -> dict:
         """The ensemble's JSON (members, weights, decision rule); one line when never written."""
-        path = paths.study_dir(self.name) / "submission.json"
+        path = self.submission_path
         if not path.is_file():
             raise DataError(f"study {self.name!r} has no ensemble yet ({path} is missing): run "
                             f"python -m search.ensemble --study {self.name} first")
