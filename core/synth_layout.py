@@ -17,6 +17,7 @@ import csv
 import io
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -199,9 +200,9 @@ def plant_label_noise(people: list[Person], fixes: Sequence[tuple[str, str, str]
     """
     k = planted_count(share, len(people))
     targets = {t for t, _, _ in fixes}
-    ids = [p.id for p in people]
+    ids = Counter(p.id for p in people)
     free = [i for i, p in enumerate(people)
-            if p.folder not in targets and p.id not in targets and ids.count(p.id) == 1]
+            if p.folder not in targets and p.id not in targets and ids[p.id] == 1]
     if len(NOISE_KINDS) * k > len(free):
         raise ValueError(f"label noise {share} plants {k} error(s) of each of "
                          f"{len(NOISE_KINDS)} kinds: needs {len(NOISE_KINDS) * k} people apart "
