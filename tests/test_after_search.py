@@ -15,6 +15,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from core.faces import FOUND_SOURCES
 from search import ensemble, predict
 from search import run as search_run
 from tests.test_search import args, enqueue
@@ -60,7 +61,7 @@ def test_predict_on_the_eval_folder_gives_the_submissions_classes(finished, caps
     assert set(out["gender"]) <= {"male", "female"}
     assert set(out["age"]) <= {"<30", "30-59", ">=60"}
     assert ((out["prob"] > 0) & (out["prob"] <= 1)).all()
-    assert set(out["box_source"]) <= {"mtcnn", "retry", "dataset", "center"}
+    assert set(out["box_source"]) <= {*FOUND_SOURCES, "dataset", "center"}
 
 
 @pytest.mark.slow

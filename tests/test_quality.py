@@ -27,6 +27,7 @@ from bench._quality_figures import (
 )
 from bench.quality import check_weights_folder, medians
 from core.errors import DataError
+from core.faces import FOUND_SOURCES
 from core.labels import encode
 from core.metrics import macro_f1
 
@@ -180,8 +181,8 @@ def test_bench_quality_end_to_end(faces_folder: Path, quality_weights: Path, tmp
     crops = pd.DataFrame(payload["crops"])
     everything = crops[crops["box_source"] == "all"].groupby("split")["images"].sum()
     assert everything.to_dict() == {"eval": 3 * 7, "train": 8 * 7}
-    assert set(crops.loc[crops["split"] == "eval", "box_source"]) <= {"all", "mtcnn",
-                                                                      "dataset", "center"}
+    assert set(crops.loc[crops["split"] == "eval", "box_source"]) <= {
+        "all", *FOUND_SOURCES, "dataset", "center"}
 
 
 @pytest.mark.slow
