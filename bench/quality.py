@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda, cuda:N (default cpu: the README's figures are the CPU's; "
                         "a GPU can afford a larger --trials/--epochs protocol)")
+    p.add_argument("--summarize", action="store_true",
+                   help="print the table of the seeds already finished (runs/quality/seed*/"
+                        "figures.json) without training, e.g. after an interrupted --seeds run")
     p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
     return p
 
@@ -270,7 +273,7 @@ def _cell(label: str, v) -> str:
         return ""
     if label.startswith("95%"):
         return f"[{v[0]:+.3f}, {v[1]:+.3f}]" if "-" in label else f"[{v[0]:.3f}, {v[1]:.3f}]"
-    if isinstance(v, tuple):
+    if isinstance(v, tuple | list):
         return " / ".join(f"{x:.3f}" for x in v)
     if label.startswith("wall"):
         return f"{v:.1f}"
@@ -302,7 +305,8 @@ def _over_seeds(results: list[dict], reduce) -> dict:
     return out
 
 
-def print_report(results: list[dict], med: dict, stages: dict, shares: pd.DataFrame) -> None:
+def print_report(results: list[dict], med: dict, stages: dict | None = None,
+                 shares: pd.DataFrame | None = None) -> None:
     many = len(results) > 1
     cols = [f"seed {r['seed']}" for r in results] + (["median", "spread"] if many else [])
     table = results + ([med, spreads(results)] if many else [])
@@ -312,6 +316,8 @@ def print_report(results: list[dict], med: dict, stages: dict, shares: pd.DataFr
     uses = sorted({r["submission_uses"] for r in results})
     print(f"(submission = {', '.join(uses)}, as search.ensemble chose; '>=60': old_classes = "
           "mean F1 of the six >=60 classes, old_age = >=60 within the age task)")
+    if stages is None or shares is None:
+        return
     reused = " (reused from an earlier run)" if stages["caches_reused"] else ""
     print(f"wall s: data {stages['data']:.1f}, faces (MTCNN + first cache) {stages['faces']:.1f}"
           f"{reused}, cache (other sizes) {stages['cache']:.1f}")
@@ -324,11 +330,26 @@ def print_report(results: list[dict], med: dict, stages: dict, shares: pd.DataFr
         print(f"  {split:<5} {['wear', 'incorrect', 'not_worn'][int(mask)]:<9} " + ", ".join(cells))
 
 
+def summarize(root: Path) -> dict:
+    """The table and last line of the seeds already finished under ``root`` (their
+    figures.json), without training: an interrupted ``--seeds`` run keeps its finished seeds."""
+    files = sorted(root.glob("seed*/figures.json"), key=lambda f: int(f.parent.name[4:]))
+    if not files:
+        raise DataError(f"{root}: no finished seed (seed*/figures.json); run bench.quality first")
+    results = [json.loads(f.read_text()) for f in files]
+    med = medians(results)
+    print_report(results, med)
+    print(last_line(med), flush=True)
+    return {"seeds": results, "median": med}
+
+
 def run(args: argparse.Namespace) -> dict:
     from core.weights import fingerprint
     from search import paths
     from studies import quality
 
+    if args.summarize:
+        return summarize(paths.runs_dir() / STUDY)
     args.weights = check_weights_folder(args.weights)
     if args.seeds < 1 or args.trials < 1:
         raise DataError("--seeds and --trials must be >= 1")

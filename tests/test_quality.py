@@ -166,6 +166,15 @@ def test_bench_quality_end_to_end(faces_folder: Path, quality_weights: Path, tmp
         (seed["submission_heldout"], seed["gauge_heldout"]), abs=5e-5)
     lo, hi = seed["intervals"]["gauge"]
     assert 0 <= lo <= hi <= 1
+    # --summarize prints the same last line from the seed's figures.json, without training
+    assert main(["--summarize"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == last
+    # bench.tta: the best trial's checkpoints without the flip give the held-out figure its
+    # saved eval probabilities gave (the quality study trains without TTA)
+    from bench.tta import tta_figures
+
+    tta = tta_figures(root / "seed0", next((tmp_path / "runs").glob("quality_data-*")))
+    assert not tta["trained_with_tta"] and tta["off"] == pytest.approx(seed["heldout"])
     # trial 0 of the fresh study is the warm-start recipe, the gauge's
     from studies import quality
 
