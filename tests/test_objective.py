@@ -43,17 +43,19 @@ def soft_one_hot(classes: np.ndarray) -> np.ndarray:
 
 
 class RecordingFit:
-    """A stand-in for ``core.engine.fit_fold``: records the targets and labels of each call and
-    predicts each validation image as the label it was handed (a perfect model of whatever the
-    objective calls the truth). ``curve(fold, epoch)`` is the value reported for each epoch."""
+    """A stand-in for ``core.engine.fit_fold``: records the config, targets and labels of each
+    call and predicts each validation image as the label it was handed (a perfect model of
+    whatever the objective calls the truth). ``curve(fold, epoch)`` is each epoch's value."""
 
     def __init__(self, curve=lambda fold, epoch: 0.5) -> None:
         self.train_targets: list[np.ndarray] = []
         self.val_labels: list[np.ndarray] = []
+        self.configs: list = []  # the TrainConfig of each call
         self.curve = curve
 
     def __call__(self, cfg, tr_x, tr_y, va_x, va_y, on_epoch=None, progress=False) -> FoldResult:
         fold = len(self.train_targets)
+        self.configs.append(cfg)
         self.train_targets.append(np.asarray(tr_y).copy())
         self.val_labels.append(np.asarray(va_y).copy())
         history = []

@@ -1,0 +1,178 @@
+"""``search.run``'s promised flags through its ``main``, with a stand-in for training (the
+objective and everything around it are real): ``--sampler``, ``--loader-workers`` and its
+default, ``--max-retry``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import search.run
+from search.claims import OWNER_ATTR, claim, claim_lock, retried_from
+from search.objective import Objective
+from search.storage import open_storage
+from studies import demo
+from tests.test_objective import RecordingFit, uniform_predict
+
+
+@pytest.fixture(autouse=True)
+def _runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MASK_SEARCH_RUNS", str(tmp_path / "runs"))
+
+
+@pytest.fixture
+def fit(monkeypatch: pytest.MonkeyPatch) -> RecordingFit:
+    """search.run's objective with a stand-in ``fit``/``predict`` (no training), and no
+    confusion-matrix picture drawn (seconds per trial on a busy CPU; an empty file instead)."""
+    fit = RecordingFit()
+    monkeypatch.setattr("search.objective.confusion_png",
+                        lambda labels, pred, path, title: Path(path).write_bytes(b""))
+
+    def objective(*args, **kwargs) -> Objective:
+        return Objective(*args, **kwargs, fit=fit, predict_fn=uniform_predict)
+
+    monkeypatch.setattr(search.run, "Objective", objective)
+    return fit
+
+
+def url_in(folder: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'demo.db'}"
+
+
+def run_demo(folder: Path, data: Path, *extra: str) -> int:
+    """``python -m search.run --study demo`` on ``data``, 2 folds x 1 epoch, storage in folder."""
+    return search.run.main(["--study", "demo", "--storage", url_in(folder), "--artifacts",
+                            str(folder / "art"), "--data", str(data), "--folds", "2",
+                            "--epochs", "1", "--no-warm-start", *extra])
+
+
+# ----------------------------------------------------------------------------- --sampler
+
+
+@pytest.mark.parametrize(("flags", "kind"), [
+    ((), optuna.samplers.TPESampler),
+    (("--sampler", "tpe"), optuna.samplers.TPESampler),
+    (("--sampler", "random"), optuna.samplers.RandomSampler),
+    (("--sampler", "gp"), optuna.samplers.GPSampler),
+])
+def test_sampler_flag_picks_the_search_s_sampler(flags, kind, tiny_data, tmp_path, monkeypatch,
+                                                 capsys):
+    seen = []
+
+    def search_here(run, loader_workers):  # where the trials would run: look, run none
+        seen.append(run.study.sampler)
+        return True
+
+    monkeypatch.setattr(search.run, "search_here", search_here)
+    assert run_demo(tmp_path, tiny_data, "--trials", "1", *flags) == 0
+    capsys.readouterr()
+    assert len(seen) == 1 and type(seen[0]) is kind
+
+
+@pytest.mark.filterwarnings("ignore:PartialFixedSampler is experimental")
+def test_random_sampler_with_a_seed_is_that_seeded_random_search(fit, tiny_data, tmp_path,
+                                                                 capsys):
+    """(One image size pinned, so one image cache serves every trial.)"""
+    assert run_demo(tmp_path, tiny_data, "--trials", "3", "--sampler", "random",
+                    "--seed", "5", "--fix", "image_size=48x32") == 0
+    capsys.readouterr()
+    got = [t.params for t in optuna.load_study(study_name="demo",
+                                               storage=url_in(tmp_path)).trials]
+    reference = optuna.create_study(sampler=optuna.samplers.PartialFixedSampler(
+        {"image_size": "48x32"}, optuna.samplers.RandomSampler(seed=5)))
+    for _ in range(3):
+        trial = reference.ask()
+        demo.space(trial)
+        reference.tell(trial, 0.0)
+    assert got == [t.params for t in reference.trials]
+
+
+# ----------------------------------------------------------------------------- --loader-workers
+
+
+@pytest.mark.parametrize(("flags", "cores", "expected"), [
+    (("--device", "cpu", "--loader-workers", "5"), 8, 5),  # asked: used as asked
+    (("--device", "cuda", "--loader-workers", "0"), 8, 0),
+    (("--device", "cpu"), 8, 0),  # the default on the CPU: none
+    (("--device", "cuda"), 8, 7),  # on CUDA: cores - 1 ...
+    (("--device", "cuda"), 32, 12),  # ... at most 12
+    (("--device", "cuda"), 1, 0),
+])
+def test_loader_workers_reach_training(flags, cores, expected, fit, tiny_data, tmp_path,
+                                       monkeypatch, capsys):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert run_demo(tmp_path, tiny_data, "--trials", "1", *flags) == 0
+    capsys.readouterr()
+    assert [cfg.num_workers for cfg in fit.configs] == [expected, expected]  # both folds
+
+
+@pytest.mark.parametrize(("flags", "cores", "expected"), [
+    (("--workers", "3", "--device", "cuda"), 8, 1),  # each process: 8 // 3 - 1
+    (("--gpus", "0,1"), 16, 7),  # one process per GPU: 16 // 2 - 1
+    (("--gpus", "0,1,2,3"), 64, 12),  # 64 // 4 - 1 = 15, at most 12
+    (("--workers", "2", "--loader-workers", "3"), 64, 3),
+])
+def test_each_worker_process_gets_its_share_of_loader_workers(flags, cores, expected, tiny_data,
+                                                              tmp_path, monkeypatch, capsys):
+    started = []
+
+    def launch(argvs, envs):
+        started.extend(argvs)
+        return [0] * len(argvs)
+
+    monkeypatch.setattr(search.run, "launch", launch)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # a GPU machine
+    run_demo(tmp_path, tiny_data, "--trials", "1", *flags)
+    capsys.readouterr()
+    assert started and all(argv[argv.index("--loader-workers") + 1] == str(expected)
+                           for argv in started)
+
+
+# ----------------------------------------------------------------------------- --max-retry
+
+
+def _dead_owner() -> dict:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return {"host": socket.gethostname(), "pid": gone.pid, "start": None}
+
+
+def _a_trial_that_killed_its_worker_twice(url: str) -> tuple[int, int]:
+    """A study whose trial A died with its worker and whose retry B is dying the same way
+    (RUNNING, owner gone): (A, B)."""
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="demo", storage=storage, direction="maximize")
+    first = study.ask()
+    first.set_user_attr(OWNER_ATTR, _dead_owner())
+    retry = claim(study, 10, claim_lock(storage, url, "demo"), max_retry=5)  # reaps A, runs B
+    assert isinstance(retry, optuna.Trial) and retried_from(retry) == first.number
+    retry.set_user_attr(OWNER_ATTR, _dead_owner())
+    return first.number, retry.number
+
+
+@pytest.mark.parametrize(("max_retry", "attempts"), [(1, 2), (2, 3)])
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the test's own ask()
+def test_max_retry_bounds_the_attempts_of_a_trial_that_kills_its_worker(
+        max_retry, attempts, fit, tiny_data, tmp_path, capsys) -> None:
+    """A trial is tried at most 1 + --max-retry times; then it stays FAIL and the search goes on
+    to N finished trials with new ones."""
+    url = url_in(tmp_path)
+    first, second = _a_trial_that_killed_its_worker_twice(url)
+    assert run_demo(tmp_path, tiny_data, "--trials", "2", "--max-retry", str(max_retry)) == 0
+    capsys.readouterr()
+    trials = optuna.load_study(study_name="demo", storage=url).trials
+    chain = [t for t in trials if t.number == first or retried_from(t) == first]
+    assert len(chain) == attempts
+    assert [t.state for t in trials if t.number in (first, second)] == [TrialState.FAIL] * 2
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2
+    assert TrialState.RUNNING not in {t.state for t in trials}
+    assert TrialState.WAITING not in {t.state for t in trials}
