@@ -176,3 +176,47 @@ def test_max_retry_bounds_the_attempts_of_a_trial_that_kills_its_worker(
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2
     assert TrialState.RUNNING not in {t.state for t in trials}
     assert TrialState.WAITING not in {t.state for t in trials}
+
+
+# ----------------------------------------------------------------------------- fixed settings
+
+
+@pytest.fixture
+def first_run(fit, tiny_data: Path, tmp_path: Path, capfd) -> Path:
+    """A demo study made by one run (2 folds, 1 epoch, the data's corrections file)."""
+    assert run_demo(tmp_path, tiny_data, "--trials", "1") == 0
+    capfd.readouterr()
+    return tmp_path
+
+
+@pytest.mark.parametrize(("flags", "said"), [
+    (("--epochs", "2"), "epochs=1; --epochs 2"),
+    (("--corrections", "none"), "corrections='{data}/corrections.csv'; --corrections None"),
+])
+def test_a_rerun_with_other_epochs_or_corrections_is_refused(flags, said, first_run, tiny_data,
+                                                             capfd):
+    """Its trials would not be comparable with the study's: one line, exit 2, nothing stored."""
+    before = optuna.load_study(study_name="demo", storage=url_in(first_run)).user_attrs
+    assert run_demo(first_run, tiny_data, "--trials", "2", *flags) == 2
+    said = said.format(data=tiny_data.resolve())
+    assert capfd.readouterr().err == (
+        f"error: study 'demo' was created with {said} would make its trials incomparable "
+        "(use a new --study name, or drop the flag)\n")
+    study = optuna.load_study(study_name="demo", storage=url_in(first_run))
+    assert len(study.trials) == 1 and study.user_attrs == before
+
+
+def test_a_rerun_keeps_the_study_s_fold_seed(first_run, tiny_data, study_data, monkeypatch,
+                                             capfd):
+    """The demo study's FOLD_SEED changed since the study was made (a new version, say): its
+    later trials still see the folds its first trial saw, so their OOF rows line up."""
+    from core.splits import person_folds
+
+    assert not (person_folds(study_data.table, 2, seed=7) == study_data.folds).all()  # teeth
+    monkeypatch.setattr(demo, "FOLD_SEED", 7)
+    assert run_demo(first_run, tiny_data, "--trials", "2") == 0
+    capfd.readouterr()
+    study = optuna.load_study(study_name="demo", storage=url_in(first_run))
+    assert study.user_attrs["fold_seed"] == 0
+    prints = [t.user_attrs["folds_fingerprint"] for t in study.trials]
+    assert len(prints) == 2 and prints[0] == prints[1]
