@@ -20,6 +20,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -78,6 +80,34 @@ def run_gauge(data_dir: Path, weights: Path, epochs: int, device: str = "cpu",
             "eval_probs": eval_probs, "image_ids": data.eval_table["ImageID"].tolist(),
             "train_people": int(data.table.loc[tr, "person"].nunique()),
             "seconds": time.perf_counter() - t1, "load_seconds": t1 - t0}
+
+
+def cached_gauge(path: Path, data_dir: Path, weights: Path, epochs: int, device: str,
+                 seed: int) -> dict:
+    """``run_gauge`` once per (recipe, epochs, seed): its eval probabilities, curve and seconds
+    are kept in ``path`` (an .npz written by temp name, then rename) and reused by a rerun
+    (``bench.quality --no-search``, or a gauge trained ahead beside the search)."""
+    import json
+
+    from core.atomic import atomic_write
+    from studies import quality
+
+    key = json.dumps({"recipe": quality.GAUGE, "epochs": int(epochs), "seed": int(seed)},
+                     sort_keys=True)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                return {"eval_probs": z["eval_probs"], "val_f1": z["val_f1"].tolist(),
+                        "seconds": float(z["seconds"]), "reused": True}
+    g = run_gauge(data_dir, weights, epochs, device, seed=seed)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, key=key, eval_probs=g["eval_probs"], val_f1=np.asarray(g["val_f1"]),
+                     seconds=g["seconds"])
+
+    atomic_write(path, save)
+    return {**g, "reused": False}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

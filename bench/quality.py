@@ -38,7 +38,7 @@ from bench._quality_figures import (
     people_bootstrap,
     task_f1,
 )
-from bench.gauge import run_gauge
+from bench.gauge import cached_gauge
 from core.cli import run_cli
 from core.errors import DataError
 
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda, cuda:N (default cpu: the README's figures are the CPU's; "
                         "a GPU can afford a larger --trials/--epochs protocol)")
+    p.add_argument("--no-search", action="store_true",
+                   help="score the studies already in runs/quality/seedN (finished or cut "
+                        "short: their complete trials) instead of searching anew")
     p.add_argument("--summarize", action="store_true",
                    help="print the table of the seeds already finished (runs/quality/seed*/"
                         "figures.json) without training, e.g. after an interrupted --seeds run")
@@ -199,9 +202,14 @@ def run_seed(args: argparse.Namespace, data: Path, seed: int, root: Path) -> dic
     from core.dataset import load_eval_table
 
     out = root / f"seed{seed}"
-    shutil.rmtree(out, ignore_errors=True)  # a bench run measures now, never resumes
-    out.mkdir(parents=True)
-    _, t_search = _timed(_search, args, data, seed, out)
+    if args.no_search:  # score the study already there (finished or cut short)
+        if not (out / "study.db").is_file():
+            raise DataError(f"{out / 'study.db'}: no study to score (--no-search)")
+        t_search = float("nan")
+    else:
+        shutil.rmtree(out, ignore_errors=True)  # a bench run measures now, never resumes
+        out.mkdir(parents=True)
+        _, t_search = _timed(_search, args, data, seed, out)
     payload, t_ens = _timed(_ensemble, out, data)
     eval_table = load_eval_table(data)
     oof, number, eval_probs, done = _best_trial(out)
@@ -212,7 +220,8 @@ def run_seed(args: argparse.Namespace, data: Path, seed: int, root: Path) -> dic
     sub = pd.read_csv(out / "submission.csv", dtype={"ImageID": str})
     if sub["ImageID"].tolist() != eval_table["ImageID"].tolist():
         raise DataError(f"{out / 'submission.csv'}: rows are not in eval/info.csv order")
-    gauge, t_gauge = _timed(run_gauge, data, args.weights, args.epochs, args.device, seed=seed)
+    gauge = cached_gauge(out / "gauge.npz", data, args.weights, args.epochs, args.device, seed)
+    t_gauge = gauge["seconds"]
     answers, people = answers_and_people(data, eval_table["ImageID"])
     preds = {"heldout": eval_probs.argmax(axis=1), "submission": sub["ans"].to_numpy(np.int64),
              "gauge": gauge["eval_probs"].argmax(axis=1)}
