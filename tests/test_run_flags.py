@@ -9,11 +9,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
+import search.budget
 import search.run
 from search.claims import OWNER_ATTR, claim, claim_lock, retried_from
 from search.objective import Objective
@@ -220,3 +222,32 @@ def test_a_rerun_keeps_the_study_s_fold_seed(first_run, tiny_data, study_data, m
     assert study.user_attrs["fold_seed"] == 0
     prints = [t.user_attrs["folds_fingerprint"] for t in study.trials]
     assert len(prints) == 2 and prints[0] == prints[1]
+
+
+# ----------------------------------------------------------------------------- --hours / --timeout
+
+
+@pytest.mark.parametrize("flags", [("--timeout", "100"), ("--hours", str(100 / 3600))])
+def test_the_time_budget_stops_the_run_at_an_epoch_and_the_summary_says_so(
+        flags, fit, tiny_data, tmp_path, monkeypatch, capsys) -> None:
+    """Every epoch costs 30 s of a 100 s budget (a fake clock): trial 0 ends at 60 s; trial 1
+    can still start (trials take well under the 40 s left), passes the deadline in its second
+    fold's epoch (120 s) and stops there, FAIL 'time budget' and queued for a rerun; no third
+    trial starts; the summary says so."""
+    clock = [1000.0]
+    monkeypatch.setattr(search.budget, "time", SimpleNamespace(time=lambda: clock[0]))
+
+    def epoch_costs_30_s(fold: int, epoch: int) -> float:
+        clock[0] += 30
+        return 0.5
+
+    fit.curve = epoch_costs_30_s
+    assert run_demo(tmp_path, tiny_data, "--trials", "5", *flags) == 0
+    out = capsys.readouterr().out.splitlines()
+    trials = optuna.load_study(study_name="demo", storage=url_in(tmp_path)).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].user_attrs["error"] == "time budget"
+    assert len(fit.configs) == 4 and clock[0] == 1120  # no epoch after the deadline's
+    assert "time budget reached: no trial left that can finish in time; rerun with more --hours " \
+           "to continue (a stopped trial resumes from its finished folds)" in out
+    assert "trials     1 complete, 0 pruned, 1 failed (1 finished of 5 asked)" in out
