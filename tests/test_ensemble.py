@@ -236,8 +236,9 @@ def maker(tmp_path, synth_data) -> StudyMaker:
 
 def test_cli_writes_submission_and_beats_best_single(maker, synth_data, capsys):
     maker.add_pair()
-    weak = member(maker.labels, maker.labels % 3 == 0, 7)  # a worse third trial
-    maker.add(weak, member(maker.answers, maker.answers % 3 == 0, 8))
+    for k, seed in enumerate((7, 9)):  # two worse trials: a pool of MIN_POOL (4) trials
+        maker.add(member(maker.labels, maker.labels % 3 == k, seed),
+                  member(maker.answers, maker.answers % 3 == k, seed + 1))
     assert maker.cli("--size", "6") == 0
     printed = capsys.readouterr().out
     assert printed.startswith("nested cross-fitted")  # the honest figures come first
@@ -256,7 +257,7 @@ def test_cli_writes_submission_and_beats_best_single(maker, synth_data, capsys):
     assert report["uses"] == "ensemble"
     assert sum(m["weight"] for m in report["members"]) == pytest.approx(1.0)
     weights = {m["trial"]: m["weight"] for m in report["members"]}
-    assert {0, 1} <= set(weights)  # both halves of the answer (the third is right elsewhere)
+    assert {0, 1} <= set(weights)  # both halves of the answer (the others are right elsewhere)
     fig = report["figures"]
     assert fig["ensemble_eval_f1"] > fig["best_single_eval_f1"] + 0.05
     assert fig["submission_eval_f1"] == pytest.approx(macro_f1(maker.answers, sub["ans"]))
@@ -264,6 +265,22 @@ def test_cli_writes_submission_and_beats_best_single(maker, synth_data, capsys):
     assert fig["ensemble_oof_f1_in_sample"] >= fig["ensemble_cross_fitted_f1"]
     assert score_main([str(maker.out), str(synth_data / "eval_answers.csv")]) == 0
     assert capsys.readouterr().out == f"macro F1 {fig['submission_eval_f1']:.4f}\n"
+
+
+def test_a_two_trial_study_submits_its_best_trial_and_says_why(maker, capsys):
+    """Two complementary trials: the ensemble is far ahead, but two trials are no pool
+    (``MIN_POOL``); ``--min-pool 2`` submits the ensemble."""
+    from search.ensemble import MIN_POOL
+
+    maker.add_pair()
+    assert maker.cli("--no-gradcam") == 0
+    report = json.loads(maker.out.with_suffix(".json").read_text())
+    assert report["uses"] == "best_single" and report["recipe"]["min_pool"] == MIN_POOL
+    assert [m["trial"] for m in report["members"]] == [0]  # trial 0 has the higher value
+    assert report["why"].startswith("only 2 complete trial(s) to choose from")
+    assert f"submission uses the best single trial ({report['why']})" in capsys.readouterr().out
+    assert maker.cli("--no-gradcam", "--min-pool", "2") == 0
+    assert json.loads(maker.out.with_suffix(".json").read_text())["uses"] == "ensemble"
 
 
 def test_top1_size1_is_the_best_single_trial_through_the_same_rule(maker, capsys):

@@ -187,6 +187,22 @@ def test_the_single_trial_replaces_the_ensemble_only_when_clearly_better_nested(
     assert choose({"ensemble": 0.60, "best_single": 0.40}, ahead) == ("ensemble", None)
 
 
+def test_fewer_trials_than_min_pool_submit_the_best_single_trial(labels, folds):
+    """Issue 27: a study of 2 trials, ensembled on a nested estimate, scored below its better
+    trial held out. Below ``MIN_POOL`` candidates the single trial is submitted, saying so,
+    although the ensemble's nested estimate is ahead; from ``MIN_POOL`` on, the usual rule."""
+    from search.ensemble import MIN_POOL, compare
+
+    pool = trials(labels, MIN_POOL, 1.5, 11)
+    recipe = Recipe(selection=Selection(size=6), offsets="none")
+    few = compare(pool[:MIN_POOL - 1], labels, folds, recipe)
+    assert few["nested"]["ensemble"] > few["nested"]["best_single"] + 0.02
+    assert few["uses"] == "best_single"
+    assert f"only {MIN_POOL - 1} complete trial(s)" in few["why"] and "--min-pool" in few["why"]
+    assert compare(pool[:MIN_POOL - 1], labels, folds, recipe, min_pool=1)["uses"] == "ensemble"
+    assert compare(pool, labels, folds, recipe)["uses"] == "ensemble"
+
+
 def test_an_ensemble_below_the_single_trial_in_sample_is_not_used():
     """Demo seed 6 (2026-12-01): nested 0.4926 vs 0.4532 for the ensemble, but in sample 0.4990
     vs 0.5076; held out the ensemble scored 0.5313 and the single trial 0.5661."""
