@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
+from search.stage import search_trials
+
 #: The ``error`` user attr of a trial stopped by the budget.
 TIME_BUDGET = "time budget"
 
@@ -43,9 +45,10 @@ class Budget:
             raise TimeBudgetExceeded(TIME_BUDGET)
 
     def expected_trial_s(self, study: optuna.Study) -> float:
-        """Median wall time of the study's complete trials (0 when none has finished yet)."""
+        """Median wall time of the study's complete search trials (0 when none has finished yet;
+        final-stage trials train longer and are not what a search starts next)."""
         done = [(t.datetime_complete - t.datetime_start).total_seconds()
-                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                for t in search_trials(study, (TrialState.COMPLETE,))
                 if t.datetime_start and t.datetime_complete]
         return statistics.median(done) if done else 0.0
 

@@ -13,6 +13,10 @@ storage has no heartbeats, so each trial records its owner (host, pid, process s
 the user attr ``worker``; a RUNNING trial whose owner process on THIS host is gone is failed and
 re-queued the same way. Owners on other hosts cannot be checked: the journal is for one machine.
 Retries are claimed before other waiting trials, and resume from their finished folds.
+
+Stages (``search.stage``): a search worker counts, claims and waits for search-stage trials only;
+``search.refit`` claims final-stage trials only, from the queue it filled. Neither takes the
+other's waiting trials, so a final trial's retry is resumed by the final stage, not by a search.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 from optuna.trial import FrozenTrial, TrialState
 
 from core.atomic import file_lock, pid_alive, proc_stat
+from search.stage import FINAL, SEARCH, is_final, search_trials
 from search.storage import journal_path
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -151,11 +156,12 @@ def claim_lock(storage: BaseStorage, url: str,
     return lambda: lock
 
 
-def _claim_waiting_retry(study: optuna.Study) -> optuna.Trial | None:
-    """Start a queued retry (oldest first) before any other waiting trial: it has work saved."""
+def _claim_waiting(study: optuna.Study, final: bool, retries: bool) -> optuna.Trial | None:
+    """Start the oldest waiting trial of this stage (``final``): only retries (``retries``), which
+    have work saved and go first, or any."""
     storage = study._storage  # noqa: SLF001
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if RETRY_OF not in t.system_attrs:
+        if is_final(t) != final or (retries and RETRY_OF not in t.system_attrs):
             continue
         try:
             if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
@@ -165,21 +171,54 @@ def _claim_waiting_retry(study: optuna.Study) -> optuna.Trial | None:
     return None
 
 
+def _ask_search(study: optuna.Study) -> optuna.Trial:
+    """``study.ask()`` for a search worker. Optuna's ``ask`` starts the oldest waiting trial,
+    whatever it is; while a final-stage trial waits (``search.refit``'s), the search's next trial
+    is the oldest waiting search trial or a new one, made as ``ask`` makes it."""
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    if not any(is_final(t) for t in waiting):
+        return study.ask()
+    trial = _claim_waiting(study, final=False, retries=False)
+    if trial is not None:
+        return trial
+    study._thread_local.cached_all_trials = None  # noqa: SLF001  (what ask does first)
+    return optuna.Trial(study, study._storage.create_new_trial(study._study_id))  # noqa: SLF001
+
+
+def _claim_final(study: optuna.Study) -> optuna.Trial | bool:
+    """A waiting final-stage trial (retries first), True while one still runs (it may die and be
+    retried: wait), False when the final stage's queue is empty."""
+    trial = (_claim_waiting(study, final=True, retries=True)
+             or _claim_waiting(study, final=True, retries=False))
+    if trial is not None:
+        return trial
+    return any(is_final(t) for t in study.get_trials(deepcopy=False,
+                                                      states=(TrialState.RUNNING,)))
+
+
 def claim(study: optuna.Study, n_total: int, lock: Callable[[], contextlib.AbstractContextManager],
-          max_retry: int | None) -> optuna.Trial | bool:
-    """A started trial, True (all slots RUNNING: wait), or False (N finished: stop)."""
+          max_retry: int | None, stage: str = SEARCH) -> optuna.Trial | bool:
+    """A started trial, True (all slots RUNNING: wait), or False (N finished: stop).
+
+    ``stage`` ``final``: a waiting final-stage trial instead, and False when none is left
+    (``n_total`` is not used: final trials are not counted).
+    """
     with lock():
         reaped = reap(study, max_retry)
         if reaped:
             log.warning("trial(s) %s: worker gone, marked FAIL and queued for retry", reaped)
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        if finished >= n_total:
-            return False
-        if finished + running >= n_total:
-            return True
-        with warnings.catch_warnings():  # we beat ourselves (``_Heartbeat``), as optimize does
-            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
-            trial = _claim_waiting_retry(study) or study.ask()
-        trial.set_user_attr(OWNER_ATTR, owner_record())
-        return trial
+        if stage == FINAL:
+            got = _claim_final(study)
+        else:
+            finished = len(search_trials(study, FINISHED))
+            running = len(search_trials(study, (TrialState.RUNNING,)))
+            if finished >= n_total:
+                return False
+            if finished + running >= n_total:
+                return True
+            with warnings.catch_warnings():  # we beat ourselves (``_Heartbeat``), as optimize does
+                warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
+                got = _claim_waiting(study, final=False, retries=True) or _ask_search(study)
+        if isinstance(got, optuna.Trial):
+            got.set_user_attr(OWNER_ATTR, owner_record())
+        return got

@@ -16,6 +16,9 @@ Why it looks like this:
   reaper in ``search.claims``) inherits the dead trial's user attrs; when its config and data
   are the same, it reuses those finished folds (probabilities, checkpoint, reported values) and
   trains only the rest. ``resumed_folds`` lists the reused ones.
+- A final-stage trial (``search.refit``, marked by its user attrs, ``search.stage``) trains with
+  its own epochs (``refit_epochs``) instead of the study's, reports its curve at the same step
+  scheme (so the dashboard draws it), and is never pruned: a divergence makes it FAIL.
 - ``data_fingerprint``, ``folds_fingerprint`` and ``eval_fingerprint`` (user attrs) say which
   rows a trial's OOF and eval probabilities belong to; the ensemble refuses mismatches.
 - Data (tables, folds, image caches) is loaded once per process in ``StudyData``. Folds and the
@@ -67,6 +70,7 @@ from search.artifacts import (
 from search.budget import Budget
 from search.claims import retried_from
 from search.space import check_fixed
+from search.stage import final_epochs, is_final
 from search.trial_plots import class_f1, confusion_png
 
 
@@ -122,6 +126,10 @@ def load_study_data(data_dir: str | Path, corrections: str | Path | None, n_fold
                      progress=progress)
 
 
+class FinalTrialDiverged(RuntimeError):
+    """A final-stage trial's training blew up: it FAILs with this reason (never PRUNED)."""
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
@@ -142,13 +150,15 @@ class Objective:
         self.budget = budget
 
     def config(self, trial: optuna.Trial) -> TrainConfig:
-        """The study's space with the run's fixed epochs, device, loader workers and local
-        weights file; validated. A sampled value the run's epochs cannot honour (a warmup
-        longer than the run) is clamped and recorded as used (user attr ``clamped``)."""
+        """The study's space with the run's fixed epochs (a final-stage trial's own), device,
+        loader workers and local weights file; validated. A sampled value the run's epochs cannot
+        honour (a warmup longer than the run) is clamped and recorded as used (user attr
+        ``clamped``)."""
         cfg = self.study_module.space(trial)
         check_fixed(trial, self.fixed)
-        if self.epochs is not None:
-            cfg.epochs = int(self.epochs)
+        epochs = final_epochs(trial) or self.epochs
+        if epochs is not None:
+            cfg.epochs = int(epochs)
         used_warmup = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0) * 0.5)
         if used_warmup != cfg.warmup_epochs:
             trial.set_user_attr("clamped", {"warmup_epochs": {"sampled": cfg.warmup_epochs,
@@ -200,6 +210,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.config(trial)
+        final = is_final(trial)  # never pruned (search.stage)
         data = self.data
         labels = data.labels
         done = self.resumable(trial, cfg)
@@ -223,7 +234,7 @@ class Objective:
                 raise RuntimeError(f"trial {trial.number}: step {step} reported twice")
             reported.add(step)
             trial.report(value, step)
-            return trial.should_prune()
+            return not final and trial.should_prune()
 
         for k in range(data.n_folds):
             val = data.folds == k
@@ -249,8 +260,10 @@ class Objective:
             speeds += [h["images_per_s"] for h in result.history if "images_per_s" in h]
             trial.set_user_attr("epochs_trained", epochs_trained)
             if result.diverged:
-                self._prune(trial, f"diverged in fold {k} (non-finite loss or predictions, "
-                                   f"lr={cfg.lr:g})")
+                why = f"diverged in fold {k} (non-finite loss or predictions, lr={cfg.lr:g})"
+                if final:
+                    raise FinalTrialDiverged(why)
+                self._prune(trial, why)
             if result.stopped_early:
                 self._prune(trial, f"pruner at fold {k}, epoch {len(result.history) - 1}")
 

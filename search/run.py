@@ -50,6 +50,7 @@ from search.objective import Objective, load_study_data
 from search.retention import CheckpointRetention
 from search.run_args import build_parser
 from search.space import fixed_sampler, override_waiting, warm_start
+from search.stage import SEARCH, final_trials, search_trials
 from search.storage import open_storage
 from search.study_settings import (
     create_pruner,
@@ -63,7 +64,8 @@ from studies import face_settings, get_study
 
 
 def count(study: optuna.Study, states: Sequence[TrialState]) -> int:
-    return len(study.get_trials(deepcopy=False, states=tuple(states)))
+    """Search trials in ``states``: final-stage ones (``search.refit``) are not in ``--trials``."""
+    return len(search_trials(study, states))
 
 
 def next_commands(study_name: str, storage: str | None, artifacts: str | None) -> list[str]:
@@ -92,6 +94,10 @@ def summary(study: optuna.Study, seconds: float, trials_asked: int,
         lines.append(f"params     {params}")
     else:
         lines.append("best       none yet (no complete trial)")
+    final = final_trials(study, (TrialState.COMPLETE,))
+    if final:
+        lines.append(f"final      {len(final)} complete final-stage trial(s) (search.refit), "
+                     "not counted in --trials")
     lines.append(f"wall time  {seconds:.1f} s")
     return "\n".join([*lines, *next_commands(study.study_name, storage, artifacts)])
 
@@ -184,8 +190,9 @@ def launch_workers(run: Run, argv: Sequence[str], n_workers: int, loader_workers
     return next((c for c in codes if c > 0), 1)
 
 
-def search_here(run: Run, loader_workers: int) -> bool:
-    """Run trials in this process until the study has enough; False when Ctrl-C ended it."""
+def search_here(run: Run, loader_workers: int, stage: str = SEARCH) -> bool:
+    """Run trials in this process until the study has enough (``stage`` ``final``: until the
+    final-stage queue is empty, ``search.refit``); False when Ctrl-C ended it."""
     args, fixed = run.args, run.fixed
     data = load_study_data(fixed["data_dir"], fixed["corrections"], int(fixed["n_folds"]),
                            int(fixed["fold_seed"]), faces=face_settings(run.module),
@@ -200,7 +207,7 @@ def search_here(run: Run, loader_workers: int) -> bool:
                    lock=claim_lock(run.storage, run.storage_url, run.study.study_name),
                    callbacks=[CheckpointRetention(store, keep=args.keep_checkpoints)],
                    budget=run.budget, max_retry=args.max_retry,
-                   poll_s=min(2.0, float(args.heartbeat_interval)))
+                   poll_s=min(2.0, float(args.heartbeat_interval)), stage=stage)
     except KeyboardInterrupt:
         return False
     return True
@@ -216,7 +223,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     finished = count(run.study, FINISHED)
     n_workers = len(args.gpus) if args.gpus else args.workers
     loader_workers = (args.loader_workers if args.loader_workers is not None else
-                      default_loader_workers(args.device or _auto_device(), n_workers))
+                      default_loader_workers(args.device or auto_device(), n_workers))
     if worker:
         return 0 if finished >= args.trials or search_here(run, loader_workers) else 130
     if finished >= args.trials:
@@ -242,7 +249,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     return 0 if completed else 130
 
 
-def _auto_device() -> str:
+def auto_device() -> str:
+    """cuda when torch sees a GPU, else cpu (what a trial without --device trains on)."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

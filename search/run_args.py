@@ -50,12 +50,47 @@ def positive_float(text: str) -> float:
     return value
 
 
+def add_data_flag(p: argparse.ArgumentParser) -> None:
+    """``--data``: where the study's data lives (a study's own is stored on it)."""
+    p.add_argument("--data", help="data folder (default: the study's; mask: $MASK_DATA)")
+
+
+def add_machine_flags(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--weights``: where training runs and where pretrained weights are."""
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--weights", help=f"folder of pretrained weights named by timm model name "
+                                     f"(DIR/resnet34.safetensors; from python -m search.weights); "
+                                     f"default ${WEIGHTS_ENV}, else the Hugging Face cache")
+
+
+def add_loader_flags(p: argparse.ArgumentParser) -> None:
+    """``--loader-workers`` and ``--keep-checkpoints``: per-process loading and disk use."""
+    p.add_argument("--loader-workers", type=non_negative_int,
+                   help="DataLoader worker processes per training process (default: on CUDA "
+                        "(cores / processes) - 1, at most 12; on the CPU 0)")
+    p.add_argument("--keep-checkpoints", type=non_negative_int, default=DEFAULT_KEEP_CHECKPOINTS,
+                   help="keep fold checkpoints of the best K complete trials (default %(default)s)")
+
+
+def add_liveness_flags(p: argparse.ArgumentParser) -> None:
+    """``--heartbeat-interval``, ``--grace-period``, ``--max-retry``: how a dead worker's trial
+    is found and retried from its finished folds."""
+    p.add_argument("--heartbeat-interval", type=positive_int, default=DEFAULT_HEARTBEAT_S,
+                   help="SQLite/PostgreSQL: seconds between a running trial's heartbeats "
+                        "(default %(default)s)")
+    p.add_argument("--grace-period", type=positive_int, default=DEFAULT_GRACE_S,
+                   help="seconds without a heartbeat before a trial counts as dead, is marked "
+                        "FAIL and retried (default %(default)s)")
+    p.add_argument("--max-retry", type=non_negative_int, default=DEFAULT_MAX_RETRY,
+                   help="retries of a trial whose worker died (default %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m search.run", description=DESCRIPTION)
     p.add_argument("--study", required=True, help=f"study name, one of: {', '.join(STUDIES)}")
     p.add_argument("--trials", type=positive_int, required=True,
                    help="finished (complete + pruned) trials the study should end with")
-    p.add_argument("--data", help="data folder (default: the study's; mask: $MASK_DATA)")
+    add_data_flag(p)
     p.add_argument("--storage", help="sqlite:///FILE, postgresql://..., or FILE.log (journal); "
                                      "default sqlite:///runs/<study>.db")
     p.add_argument("--artifacts", help="artifact folder or s3://bucket/prefix "
@@ -76,10 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folds (fixed when the study is created; default the study's)")
     p.add_argument("--epochs", type=positive_int,
                    help="epochs per fold (fixed when the study is created; default the study's)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--weights", help=f"folder of pretrained weights named by timm model name "
-                                     f"(DIR/resnet34.safetensors; from python -m search.weights); "
-                                     f"default ${WEIGHTS_ENV}, else the Hugging Face cache")
+    add_machine_flags(p)
     p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
                    help="pin a parameter of the study's space and search the rest (repeatable; "
                         "fixed when the study is created)")
@@ -88,24 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corrections", metavar="FILE|none",
                    help="label corrections CSV, or none (fixed when the study is created; "
                         "default the study's: mask uses the shipped public list)")
-    p.add_argument("--loader-workers", type=non_negative_int,
-                   help="DataLoader worker processes per training process (default: on CUDA "
-                        "(cores / processes) - 1, at most 12; on the CPU 0)")
-    p.add_argument("--keep-checkpoints", type=non_negative_int, default=DEFAULT_KEEP_CHECKPOINTS,
-                   help="keep fold checkpoints of the best K complete trials (default %(default)s)")
+    add_loader_flags(p)
     many = p.add_mutually_exclusive_group()
     many.add_argument("--workers", type=positive_int, default=1,
                       help="worker processes on the CPU, sharing its cores (default 1)")
     many.add_argument("--gpus", type=gpu_list,
                       help="one worker process per GPU, e.g. 0,1,2,3 (CUDA_VISIBLE_DEVICES)")
-    p.add_argument("--heartbeat-interval", type=positive_int, default=DEFAULT_HEARTBEAT_S,
-                   help="SQLite/PostgreSQL: seconds between a running trial's heartbeats "
-                        "(default %(default)s)")
-    p.add_argument("--grace-period", type=positive_int, default=DEFAULT_GRACE_S,
-                   help="seconds without a heartbeat before a trial counts as dead, is marked "
-                        "FAIL and retried (default %(default)s)")
-    p.add_argument("--max-retry", type=non_negative_int, default=DEFAULT_MAX_RETRY,
-                   help="retries of a trial whose worker died (default %(default)s)")
+    add_liveness_flags(p)
     p.add_argument("--worker-id", type=non_negative_int, help=argparse.SUPPRESS)
     p.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")

@@ -21,6 +21,7 @@ from core.errors import DataError
 from core.weights import check_weights, fingerprint, weights_dir
 from search import paths
 from search.space import explore, parse_fixes
+from search.stage import SearchOnlyPruner
 from search.storage import study_names
 
 #: What a reported step means to each pruner: "epoch" = ``fold * epochs + epoch``, "fold" =
@@ -56,9 +57,15 @@ def create_sampler(name: str, seed: int | None,
 
 def create_pruner(name: str, n_steps: int, n_folds: int,
                 n_startup_trials: int = 3) -> optuna.pruners.BasePruner:
-    """``n_steps`` = folds * epochs: the last step any trial reports (epoch mode)."""
+    """``n_steps`` = folds * epochs: the last step any trial reports (epoch mode).
+
+    Median and wilcoxon read other trials' values, so they see search trials only
+    (``SearchOnlyPruner``); halving and hyperband compare only trials they were asked about, which
+    final-stage trials never are (hyperband also stays itself: Optuna's samplers look for it).
+    """
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=1)
+        return SearchOnlyPruner(optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials,
+                                                            n_warmup_steps=1))
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_steps,
                                               reduction_factor=3)
@@ -67,8 +74,8 @@ def create_pruner(name: str, n_steps: int, n_folds: int,
     if name == "wilcoxon":
         with warnings.catch_warnings():  # experimental since Optuna 3.6; the k-fold pruner
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.pruners.WilcoxonPruner(p_threshold=0.1,
-                                                 n_startup_steps=min(2, n_folds))
+            return SearchOnlyPruner(optuna.pruners.WilcoxonPruner(
+                p_threshold=0.1, n_startup_steps=min(2, n_folds)))
     return optuna.pruners.NopPruner()
 
 

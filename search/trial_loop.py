@@ -25,6 +25,7 @@ from core.config import ConfigError
 from core.errors import DataError, first_line
 from search.budget import TIME_BUDGET, Budget, TimeBudgetExceeded
 from search.claims import FINISHED, claim, heartbeats_on, log, retry_callback
+from search.stage import FINAL, SEARCH, search_trials
 
 ERROR_ATTR = "error"  # user attr of a FAIL trial: why, in one line
 #: Errors every trial would hit (a bad study space, bad data): they stop the worker at once.
@@ -142,9 +143,10 @@ def _room_for_one(study: optuna.Study, n_total: int,
     lock at the moment a trial would finish. The claim made the same check when the trial
     started, but a retry can be queued after that for a trial that was wrongly judged dead (a
     heartbeat starved on a loaded machine) and still finishes: without this second check the
-    study would end with N + 1 (seen once in the PostgreSQL kill test under load)."""
+    study would end with N + 1 (seen once in the PostgreSQL kill test under load). Final-stage
+    trials are not counted (``search.stage``)."""
     with lock():
-        return len(study.get_trials(deepcopy=False, states=FINISHED)) < n_total
+        return len(search_trials(study, FINISHED)) < n_total
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, why: str,
@@ -162,10 +164,11 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
                callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
                budget: Budget | None = None, max_retry: int | None = None,
                poll_s: float = 2.0, fatal: tuple[type[BaseException], ...] = FATAL,
-               max_failures: int = MAX_CONSECUTIVE_FAILURES) -> int:
+               max_failures: int = MAX_CONSECUTIVE_FAILURES, stage: str = SEARCH) -> int:
     """Claim and run trials until the study has ``n_total`` finished ones, or the ``budget``
     says no trial can finish in the time left (a trial running at the deadline stops at its
-    next epoch boundary: that is the objective's part, ``Budget.check``).
+    next epoch boundary: that is the objective's part, ``Budget.check``). ``stage`` ``final``
+    (``search.refit``): run the queued final-stage trials instead, until none is left.
 
     Returns the number of trials this worker ran. Raises ``TooManyFailures`` after
     ``max_failures`` failed trials in a row: then every trial is failing (a dead GPU, a full
@@ -175,14 +178,15 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
     while budget is None or budget.can_start(study):
         got = None
         try:
-            got = claim(study, n_total, lock, max_retry)
+            got = claim(study, n_total, lock, max_retry, stage=stage)
             if got is False:
                 break
             if got is True:
                 time.sleep(poll_s)
                 continue
             frozen = run_one(study, got, objective, fatal,
-                             seal=lambda: _room_for_one(study, n_total, lock))
+                             seal=None if stage == FINAL else
+                             lambda: _room_for_one(study, n_total, lock))
         except TimeBudgetExceeded:
             return ran + 1
         except Exception as e:  # a server restart: wait, fail the cut trial, queue it again
