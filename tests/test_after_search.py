@@ -65,6 +65,35 @@ def test_predict_on_the_eval_folder_gives_the_submissions_classes(finished, caps
 
 
 @pytest.mark.slow
+def test_predict_prob_is_the_blended_eval_probability_of_its_class(finished, capsys) -> None:
+    """``prob`` is the probability of the printed class under the submission's blend: the
+    members' stored eval probabilities averaged with their weights (submission.json)."""
+    import json
+
+    import numpy as np
+
+    from search.artifacts import EVAL, load_array, open_store
+
+    capsys.readouterr()
+    assert predict.main([*finished.flags, "--quiet", str(finished.data / "eval" / "images")]) == 0
+    out = read_csv(capsys.readouterr().out)
+    payload = json.loads(finished.submission.with_suffix(".json").read_text())
+    store = open_store(finished.art)
+    trials = {t.number: t for t in finished.study.trials}
+    weights = np.array([m["weight"] for m in payload["members"]])
+    stored = [load_array(trials[m["trial"]], store, EVAL) for m in payload["members"]]
+    blended = sum(w * p.astype(np.float64) for w, p in zip(weights, stored, strict=True))
+    blended /= weights.sum()
+    ids = pd.read_csv(finished.data / "eval" / "info.csv", dtype={"ImageID": str})["ImageID"]
+    row = {image_id: i for i, image_id in enumerate(ids)}
+    expected = [blended[row[Path(f).name], int(c)] for f, c in zip(out["file"], out["class"],
+                                                                    strict=True)]
+    assert len(out) == len(ids)
+    # printed with 4 decimals: within 0.00005 of the blend, plus float noise
+    np.testing.assert_allclose(out["prob"].astype(float), expected, rtol=0, atol=6e-5)
+
+
+@pytest.mark.slow
 def test_predict_gives_unreadable_files_a_row_with_the_reason(finished, tmp_path, capsys) -> None:
     photos = tmp_path / "photos"
     photos.mkdir()
