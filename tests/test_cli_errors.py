@@ -182,7 +182,7 @@ MISSING = {  # each CLI run without arguments: what it must say, whole
     "search.run": "--study, --trials", "search.ensemble": "--study",
     "search.dashboard": "--study", "search.predict": "paths, --study",
     "search.explain": "--study", "search.report": "--study", "search.weights": "--study, --out",
-    "search.labels": "--study",
+    "search.labels": "--study", "search.refit": "--study",
     "search.ensemble_score": "submission, answers", "core.train_fold": "--data",
     "core.cache": "--data", "core.synth": "--out",
 }
