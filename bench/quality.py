@@ -319,9 +319,10 @@ def print_report(results: list[dict], med: dict, stages: dict | None = None,
     many = len(results) > 1
     cols = [f"seed {r['seed']}" for r in results] + (["median", "spread"] if many else [])
     table = results + ([med, spreads(results)] if many else [])
-    print(f"\n{'':<52}" + "".join(f"{c:>16}" for c in cols))
+    width = max(len(label) for label, _ in ROWS) + 1
+    print(f"\n{'':<{width}}" + "".join(f"{c:>16}" for c in cols))
     for label, get in ROWS:
-        print(f"{label:<52}" + "".join(f"{_cell(label, get(r)):>16}" for r in table))
+        print(f"{label:<{width}}" + "".join(f"{_cell(label, get(r)):>16}" for r in table))
     uses = sorted({r["submission_uses"] for r in results})
     print(f"(submission = {', '.join(uses)}, as search.ensemble chose; '>=60': old_classes = "
           "mean F1 of the six >=60 classes, old_age = >=60 within the age task)")
