@@ -160,8 +160,9 @@ def crops_section(found: FinishedStudy, table: pd.DataFrame, data_dir: Path,
     ev = index[index["split"] == "eval"].assign(group="eval (all)")
     both = pd.concat([train[["group", "box_source"]], ev[["group", "box_source"]]])
     shares = pd.crosstab(both["group"], both["box_source"], normalize="index")
-    return ("<p>Where each face crop came from (mtcnn: found; retry: found on the second "
-            "pass; dataset / center: the fallback box).</p>"
+    return ("<p>Where each face crop came from (yunet / mtcnn: the detector that found it, "
+            "YuNet first, MTCNN on its misses; retry: MTCNN's second pass; dataset / center: "
+            "the fallback box).</p>"
             + shares.to_html(float_format="%.3f"))
 
 
