@@ -40,8 +40,10 @@ def tta_figures(seed_dir: Path, data_dir: Path) -> dict:
     study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{db}")
     best = study.best_trial
     cfg = trial_config(best, "cpu")
-    data = load_study_data(data_dir, quality.corrections(data_dir), quality.FOLDS,
-                           quality.FOLD_SEED, face_settings(quality))
+    attrs = study.user_attrs  # the study's own folds (a smoke run may use --folds 2)
+    data = load_study_data(data_dir, quality.corrections(data_dir),
+                           int(attrs.get("n_folds", quality.FOLDS)),
+                           int(attrs.get("fold_seed", quality.FOLD_SEED)), face_settings(quality))
     images = data.eval_images(cfg.image_size)
     states = fold_states(best, open_store(Path(seed_dir) / "artifacts"), data.n_folds)
     preds = [np.mean([predict(s, cfg, images, tta=tta) for s in states], axis=0).argmax(axis=1)

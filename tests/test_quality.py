@@ -212,4 +212,4 @@ def test_bench_search_races_on_real_faces_with_a_group_arm(
     assert out.strip().splitlines()[-1].startswith("search epochs_ratio=1.00 best_gap=+0.0000")
     with pytest.raises(SystemExit, match="'median\\+grup' is not PRUNER or PRUNER\\+group"):
         main(["--faces", "--data", str(data), "--trials", "1", "--seeds", "1",
-              "--arms", "median+grup"])
+              "--arms", "median+grup", "--weights", str(quality_weights)])
