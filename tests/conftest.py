@@ -182,6 +182,17 @@ def quality_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture
+def quiet_optuna():
+    """Optuna's per-trial INFO lines off for a test (files opt in with ``pytestmark``)."""
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    yield
+    optuna.logging.set_verbosity(level)
+
+
 STUDY_DATA_FOLDS = 2
 
 

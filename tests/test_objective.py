@@ -27,12 +27,7 @@ from tests.conftest import FAST, STUDY_DATA_FOLDS
 DEMO = __import__("studies.demo", fromlist=["space"])
 
 
-@pytest.fixture(autouse=True)
-def _quiet_optuna():
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    yield
-    optuna.logging.set_verbosity(level)
+pytestmark = pytest.mark.usefixtures("quiet_optuna")
 
 
 def soft_one_hot(classes: np.ndarray) -> np.ndarray:

@@ -47,12 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, TOP = 1, 2
 
 
-@pytest.fixture(autouse=True)
-def _quiet_optuna():
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    yield
-    optuna.logging.set_verbosity(level)
+pytestmark = pytest.mark.usefixtures("quiet_optuna")
 
 
 def flags(url: str, art: Path) -> list[str]:
