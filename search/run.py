@@ -59,6 +59,7 @@ from search.study_settings import (
     settle,
     settle_pruner,
 )
+from search.tracking import TrackerCallback, check_trackers
 from search.trial_loop import StorageUnreachable, TooManyFailures, run_worker
 from studies import face_settings, get_study
 
@@ -205,7 +206,8 @@ def search_here(run: Run, loader_workers: int, stage: str = SEARCH) -> bool:
     try:
         run_worker(run.study, objective, args.trials,
                    lock=claim_lock(run.storage, run.storage_url, run.study.study_name),
-                   callbacks=[CheckpointRetention(store, keep=args.keep_checkpoints)],
+                   callbacks=[CheckpointRetention(store, keep=args.keep_checkpoints),
+                              *([TrackerCallback(args.log_to, store)] if args.log_to else [])],
                    budget=run.budget, max_retry=args.max_retry,
                    poll_s=min(2.0, float(args.heartbeat_interval)), stage=stage)
     except KeyboardInterrupt:
@@ -219,6 +221,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     # SIGINT always ends the search cleanly: a shell without job control starts background
     # commands ignoring it (``cmd &``), and a worker gets it forwarded by its parent
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    check_trackers(args.log_to)  # before the study is opened: nothing stored on a typo'd setup
     run = open_run(args)
     finished = count(run.study, FINISHED)
     n_workers = len(args.gpus) if args.gpus else args.workers

@@ -9,6 +9,7 @@ from core.weights import WEIGHTS_ENV
 from search.retention import DEFAULT_KEEP_CHECKPOINTS
 from search.storage import DEFAULT_GRACE_S, DEFAULT_HEARTBEAT_S, DEFAULT_MAX_RETRY
 from search.study_settings import PRUNERS, SAMPLERS
+from search.tracking import INSTALL, TRACKERS
 from studies import STUDIES
 
 DESCRIPTION = "Create or resume a study and run trials until it has N finished ones."
@@ -129,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_liveness_flags(p)
     p.add_argument("--worker-id", type=non_negative_int, help=argparse.SUPPRESS)
     p.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
+    p.add_argument("--log-to", action="append", default=[], choices=list(TRACKERS),
+                   help="also log each finished trial (params, value, state, per-epoch curve, "
+                        "confusion plot) to W&B (offline: runs/<study>/wandb) or MLflow "
+                        "($MLFLOW_TRACKING_URI, else runs/mlflow.db); repeatable; "
+                        f"needs {INSTALL}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
     return p
 
