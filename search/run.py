@@ -59,7 +59,7 @@ from search.study_settings import (
     settle,
     settle_pruner,
 )
-from search.tracking import TrackerCallback, check_trackers
+from search.tracking import TrackerCallback, check_trackers, prepare_trackers
 from search.trial_loop import StorageUnreachable, TooManyFailures, run_worker
 from studies import face_settings, get_study
 
@@ -223,6 +223,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     check_trackers(args.log_to)  # before the study is opened: nothing stored on a typo'd setup
     run = open_run(args)
+    if not worker:
+        prepare_trackers(args.log_to, args.study)
     finished = count(run.study, FINISHED)
     n_workers = len(args.gpus) if args.gpus else args.workers
     loader_workers = (args.loader_workers if args.loader_workers is not None else

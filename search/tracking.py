@@ -116,23 +116,37 @@ def default_mlflow_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.runs_dir() / 'mlflow.db'}"
 
 
-def log_to_mlflow(run: TrialRun, study_name: str, uri: str) -> None:
-    """One MLflow run per trial in the study's experiment (made by the first worker to need
-    it; a second worker making it at the same moment reads the first's)."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunStatus
+def mlflow_experiment(client: Any, study_name: str) -> str:
+    """The study's MLflow experiment id, made when missing (a second worker making it at the
+    same moment reads the first's)."""
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(study_name)
-    if exp is None:
-        try:
-            location = (paths.runs_dir() / "mlflow-artifacts" / study_name).as_uri()
-            exp_id = client.create_experiment(study_name, artifact_location=location)
-        except MlflowException:
-            exp_id = client.get_experiment_by_name(study_name).experiment_id
-    else:
-        exp_id = exp.experiment_id
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        location = (paths.runs_dir() / "mlflow-artifacts" / study_name).as_uri()
+        return client.create_experiment(study_name, artifact_location=location)
+    except MlflowException:
+        return client.get_experiment_by_name(study_name).experiment_id
+
+
+def prepare_trackers(names: Sequence[str], study_name: str) -> None:
+    """Make what every worker will log into before any starts: MLflow's store and the study's
+    experiment (several workers creating a fresh SQLite store at once race on its schema)."""
+    if "mlflow" in names:
+        from mlflow import MlflowClient
+
+        mlflow_experiment(MlflowClient(tracking_uri=default_mlflow_uri()), study_name)
+
+
+def log_to_mlflow(run: TrialRun, study_name: str, uri: str) -> None:
+    """One MLflow run per trial in the study's experiment."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunStatus
+
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = mlflow_experiment(client, study_name)
     made = client.create_run(exp_id, run_name=f"trial-{run.number}", tags=run.tags)
     rid = made.info.run_id
     now = int(made.info.start_time)

@@ -69,7 +69,7 @@ def same_curve(logged: list[tuple[int, float]], trial: optuna.trial.FrozenTrial)
 
 @pytest.fixture(scope="module")
 def tracked(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A 2-trial demo search logged to both trackers, under its own runs/ folder."""
+    """A 3-trial demo search by 2 workers, logged to both trackers, under its own runs/."""
     root = tmp_path_factory.mktemp("tracked")
     mp = pytest.MonkeyPatch()
     mp.setenv("MASK_SEARCH_RUNS", str(root / "runs"))
@@ -77,9 +77,9 @@ def tracked(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
         mp.delenv(var, raising=False)
     mp.setenv("WANDB_SILENT", "true")
     url, art = f"sqlite:///{root / 'demo.db'}", root / "artifacts"
-    enqueue(url, STUDY, 2)
-    assert search_run.main(args(STUDY, url, art, tiny_data, 2, "--pruner", "none",
-                                "--log-to", "wandb", "--log-to", "mlflow")) == 0
+    enqueue(url, STUDY, 3)
+    assert search_run.main(args(STUDY, url, art, tiny_data, 3, "--pruner", "none",
+                                "--workers", "2", "--log-to", "wandb", "--log-to", "mlflow")) == 0
     study = optuna.load_study(study_name=STUDY, storage=url)
     yield SimpleNamespace(root=root, runs=root / "runs", study=study, art=art,
                           trials={f"trial-{t.number}": t for t in study.trials})
