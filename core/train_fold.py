@@ -3,13 +3,17 @@
     python -m core.train_fold --data DIR --fold 0 --folds 5 --seed 0 --set lr=3e-4 --set epochs=2
 
 ``--seed`` is the fold seed (the study's ``fold_seed``), so the fold is the one a trial saw;
-the training seed is a config field like any other (``--set seed=1``). Values of ``--set`` are
-read as JSON when they parse (``3e-4``, ``true``, ``[96, 64]``), else as strings (``resnet18``).
+the training seed is a config field like any other (``--set seed=1``). ``--face`` sets a
+``FaceSettings`` field the same way: a study with its own ``FACES`` (the demo's
+``--face reduce=1 --face min_face_size=16``) needs them to train on the crops its trials saw.
+Values are read as JSON when they parse (``3e-4``, ``true``, ``[96, 64]``), else as strings
+(``resnet18``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,6 +22,7 @@ from typing import Any
 from core.cli import Parser, run_cli
 from core.config import ConfigError, TrainConfig
 from core.errors import DataError
+from core.faces import FaceSettings
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -32,6 +37,17 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.strip()] = raw
     return out
+
+
+def build_faces(sets: list[str]) -> FaceSettings:
+    """``FaceSettings`` with ``--face`` overrides (JSON lists become the tuples it holds)."""
+    d = parse_set(sets)
+    fields = {f.name for f in dataclasses.fields(FaceSettings)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ConfigError(f"--face {', '.join(unknown)}: not a FaceSettings field "
+                          f"({', '.join(sorted(fields))})")
+    return FaceSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def build_config(config: str | None, sets: list[str]) -> TrainConfig:
@@ -58,6 +74,7 @@ def run(args: argparse.Namespace) -> float:
     from core.splits import person_folds
 
     cfg = build_config(args.config, args.set or [])
+    faces = build_faces(args.face or [])
     if not 0 <= args.fold < args.folds:
         raise ConfigError(f"--fold must be in 0..{args.folds - 1}, got {args.fold}")
     # Before the minutes of reading and caching: weights that cannot be had fail now.
@@ -66,7 +83,7 @@ def run(args: argparse.Namespace) -> float:
         raise DataError(f"data folder {str(args.data)!r} does not exist")
     table = load_train_table(args.data, corrections=args.corrections)
     folds = person_folds(table, n_folds=args.folds, seed=args.seed)
-    cache = build_cache(args.data, image_size=tuple(cfg.image_size),
+    cache = build_cache(args.data, image_size=tuple(cfg.image_size), faces=faces,
                         progress=not args.quiet)
     images = cache.view(table["file"].tolist())  # read as asked, never copied into RAM
     targets = training_targets(table, cfg.age_threshold)
@@ -101,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="TrainConfig as JSON text or a JSON file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one TrainConfig field (repeatable)")
+    p.add_argument("--face", action="append", metavar="KEY=VALUE",
+                   help="override one FaceSettings field (repeatable): the study's FACES, so "
+                        "the crops are its trials'")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
     args = p.parse_args(argv)

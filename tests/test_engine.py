@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,11 @@ import core.loader as loader
 import core.optim as optim
 from core.config import TrainConfig
 from core.dataset import load_train_table, training_targets
+from core.faces import FaceSettings
 from core.labels import decode
 from core.splits import person_folds
+from core.train_fold import build_faces, parse_set
 from core.train_fold import main as train_fold_main
-from core.train_fold import parse_set
 
 SIZE = (48, 32)  # (height, width)
 BACKBONE = "test_efficientnet"  # timm's tiny test net: resnet18 is ~15x slower on the CPU
@@ -334,11 +336,25 @@ def test_train_fold_cli_runs_one_fold_end_to_end(synth_data: Path, tmp_path: Pat
     monkeypatch.setenv("MASK_SEARCH_CACHE", str(tmp_path / "cache"))  # keep synth_data intact
     rc = train_fold_main(["--data", str(synth_data), "--fold", "1", "--folds", "4", "--quiet",
                           "--set", f"backbone={BACKBONE}", "--set", "image_size=[48, 32]",
-                          "--set", "epochs=1", "--set", "batch_size=32", "--set", "device=cpu"])
+                          "--set", "epochs=1", "--set", "batch_size=32", "--set", "device=cpu",
+                          "--face", "reduce=1", "--face", "min_face_size=16",
+                          "--face", 'detectors=["mtcnn"]'])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "epoch 1: val macro F1" in out and "best val macro F1" in out
-    assert any((tmp_path / "cache").iterdir())
+    # the crops are the ones a study with these FACES trains on (the demo's, say), not the
+    # default settings' (the bug: train_fold built every cache with the defaults)
+    (manifest,) = (tmp_path / "cache").glob("images-48x32-*/manifest.json")
+    faces = json.loads(manifest.read_text())["key"]["faces"]
+    assert (faces["reduce"], faces["min_face_size"], faces["detectors"]) == (1, 16, ["mtcnn"])
+
+
+def test_train_fold_face_flags_are_face_settings_fields(tmp_path: Path, capsys) -> None:
+    assert build_faces(["reduce=1", "min_face_size=16", "thresholds=[0.5, 0.6, 0.6]"]) == \
+        FaceSettings(reduce=1, min_face_size=16, thresholds=(0.5, 0.6, 0.6))
+    assert train_fold_main(["--data", str(tmp_path), "--face", "min_face=16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "min_face: not a FaceSettings field" in err
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
