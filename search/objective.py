@@ -71,6 +71,7 @@ from search.budget import Budget
 from search.claims import retried_from
 from search.space import check_fixed
 from search.stage import final_epochs, is_final
+from search.study_settings import pruning_step
 from search.trial_plots import class_f1, confusion_png
 
 
@@ -252,7 +253,7 @@ class Objective:
                     self.budget.check()
                 if self.per_fold or not math.isfinite(val_f1):
                     return False
-                return report(val_f1, k * cfg.epochs + epoch)
+                return report(val_f1, pruning_step(False, k, epoch, cfg.epochs))
 
             result = self.fit(cfg, images[~val], targets[~val], images[val], labels[val],
                               on_epoch=on_epoch, progress=self.progress)
@@ -273,7 +274,8 @@ class Objective:
             eval_sum += eval_probs
             fold_f1.append(float(result.selected_f1))
             trial.set_user_attr("fold_f1", fold_f1)
-            if self.per_fold and report(float(result.selected_f1), k):
+            if self.per_fold and report(float(result.selected_f1),
+                                        pruning_step(True, k, 0, cfg.epochs)):
                 self._prune(trial, f"pruner after fold {k}")
 
         value = macro_f1(labels, oof)
@@ -294,7 +296,7 @@ class Objective:
         values = [done[k]["f1"]] if self.per_fold else done[k].get("curve", [])
         for e, v in enumerate(values):
             if math.isfinite(v):
-                report(float(v), k if self.per_fold else k * cfg.epochs + e)
+                report(float(v), pruning_step(self.per_fold, k, e, cfg.epochs))
         return saved[0], saved[1], float(done[k]["f1"])
 
     def _save_fold(self, trial: optuna.Trial, k: int, result: FoldResult,

@@ -56,6 +56,7 @@ from search.study_settings import (
     create_pruner,
     create_sampler,
     fixed_settings,
+    n_steps,
     settle,
     settle_pruner,
 )
@@ -172,7 +173,7 @@ def open_run(args: argparse.Namespace) -> Run:
     n_folds, epochs = int(fixed["n_folds"]), int(fixed["epochs"])
     pruner = settle_pruner(name, args.pruner, str(fixed["report_mode"]),
                            study.user_attrs.get("pruner"))
-    study.pruner = create_pruner(pruner, n_folds * epochs, n_folds)
+    study.pruner = create_pruner(pruner, n_steps(n_folds, epochs), n_folds)
     budget = Budget.of(args.hours * 3600 if args.hours else args.timeout)
     return Run(args, module, storage, storage_url, study, fixed, weights, budget)
 

@@ -29,6 +29,18 @@ from search.storage import study_names
 REPORT_MODE = {"median": "epoch", "hyperband": "epoch", "halving": "epoch", "wilcoxon": "fold",
                "none": None}
 PRUNERS = tuple(REPORT_MODE)
+
+
+def pruning_step(per_fold: bool, fold: int, epoch: int, epochs: int) -> int:
+    """The step a value is reported at: ``fold`` per fold, else ``fold * epochs + epoch``
+    (so step ``s`` means the same amount of training in every trial of a study)."""
+    return fold if per_fold else fold * epochs + epoch
+
+
+def n_steps(n_folds: int, epochs: int) -> int:
+    """Steps a whole trial reports in epoch mode: what hyperband's ``max_resource`` is."""
+    return n_folds * epochs
+
 DEFAULT_PRUNER = {"epoch": "median", "fold": "wilcoxon"}
 SAMPLERS = ("tpe", "random", "gp")
 #: Study user attrs that fix what a trial means; a rerun may not change them. ``report_mode``
