@@ -24,6 +24,7 @@ row stop the worker, and a config or data error stops it at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import signal
@@ -45,12 +46,13 @@ from search import paths
 from search.artifacts import open_store
 from search.budget import Budget
 from search.claims import FINISHED, claim_lock, log
+from search.final_stage import EPOCHS_FACTOR, queue_final
 from search.launcher import launch, worker_envs
 from search.objective import Objective, load_study_data
 from search.retention import CheckpointRetention
 from search.run_args import build_parser
 from search.space import fixed_sampler, override_waiting, warm_start
-from search.stage import SEARCH, final_trials, search_trials
+from search.stage import FINAL, SEARCH, final_trials, search_trials
 from search.storage import open_storage
 from search.study_settings import (
     create_pruner,
@@ -174,7 +176,8 @@ def open_run(args: argparse.Namespace) -> Run:
     pruner = settle_pruner(name, args.pruner, str(fixed["report_mode"]),
                            study.user_attrs.get("pruner"))
     study.pruner = create_pruner(pruner, n_steps(n_folds, epochs), n_folds)
-    budget = Budget.of(args.hours * 3600 if args.hours else args.timeout)
+    budget = Budget.of(args.hours * 3600 if args.hours else args.timeout,
+                       final_configs=args.final, final_factor=EPOCHS_FACTOR)
     return Run(args, module, storage, storage_url, study, fixed, weights, budget)
 
 
@@ -216,6 +219,30 @@ def search_here(run: Run, loader_workers: int, stage: str = SEARCH) -> bool:
     return True
 
 
+def final_stage_in_budget(run: Run, loader_workers: int) -> bool:
+    """``--hours`` with ``--final K``: after the search's share, the K best configurations
+    retrained (``search.refit``'s final stage) in the time kept for them, then more search
+    trials in whatever is left. Nothing when there is no budget, no final stage, no time for a
+    final trial or no complete trial to refit. False when Ctrl-C ended it."""
+    budget, study = run.budget, run.study
+    if budget is None or not budget.final_configs or not budget.can_start(study, FINAL):
+        return True
+    epochs = EPOCHS_FACTOR * int(run.fixed["epochs"])
+    with claim_lock(run.storage, run.storage_url, study.study_name)():
+        try:
+            chosen, lines = queue_final(study, budget.final_configs, epochs)
+        except DataError as e:  # every trial pruned or failed: nothing to refit
+            print(f"final stage skipped: {e}", flush=True)
+            return True
+    print(f"final stage: the {len(chosen)} best configuration(s) at {epochs} epochs per fold, "
+          f"{budget.left() / 60:.1f} min left", flush=True)
+    print("\n".join(lines), flush=True)
+    if not search_here(run, loader_workers, stage=FINAL):
+        return False
+    rest = dataclasses.replace(run, budget=dataclasses.replace(budget, final_configs=0))
+    return search_here(rest, loader_workers)
+
+
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """The parent's path (prints, launches workers or searches itself) or a worker's (quiet)."""
     worker = args.worker_id is not None
@@ -239,9 +266,13 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     print(f"study {args.study!r}: {finished} finished, running until {args.trials} "
           f"({run.storage_url}{f', {n_workers} workers' if n_workers > 1 else ''})", flush=True)
     if n_workers > 1:
-        return launch_workers(run, argv, n_workers, loader_workers)
+        code = launch_workers(run, argv, n_workers, loader_workers)
+        if code == 0 and not final_stage_in_budget(run, loader_workers):
+            code = 130
+        return code
     try:
-        completed = search_here(run, loader_workers)
+        completed = search_here(run, loader_workers) and \
+            final_stage_in_budget(run, loader_workers)
     except TooManyFailures:
         print(run.report(), flush=True)
         raise

@@ -6,6 +6,7 @@ import argparse
 
 from core.cli import Parser
 from core.weights import WEIGHTS_ENV
+from search.final_stage import DEFAULT_FINAL, EPOCHS_FACTOR
 from search.retention import DEFAULT_KEEP_CHECKPOINTS
 from search.storage import DEFAULT_GRACE_S, DEFAULT_HEARTBEAT_S, DEFAULT_MAX_RETRY
 from search.study_settings import PRUNERS, SAMPLERS
@@ -102,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "finish in time, and at the deadline the running trial stops at "
                              "its next epoch (FAIL 'time budget', resumed by a rerun)")
     budget.add_argument("--timeout", type=positive_float, help="the same budget in seconds")
+    p.add_argument("--final", type=non_negative_int, default=DEFAULT_FINAL, metavar="K",
+                   help="with --hours/--timeout: keep time for the final stage, the K best "
+                        f"configurations retrained at {EPOCHS_FACTOR}x the epochs on the same "
+                        "folds (as search.refit does) once the search has used its share, then "
+                        "search on in what is left; 0: off (default %(default)s)")
     p.add_argument("--pruner", choices=PRUNERS,
                    help="default: median for a new study; on a rerun, the study's own pruner "
                         "(its report mode is fixed when it is created: wilcoxon reports per "

@@ -175,7 +175,7 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
     disk) and going on would only fill the study with FAIL trials.
     """
     ran, failed_in_a_row = 0, []
-    while budget is None or budget.can_start(study):
+    while budget is None or budget.can_start(study, stage):
         got = None
         try:
             got = claim(study, n_total, lock, max_retry, stage=stage)

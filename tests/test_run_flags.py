@@ -242,7 +242,7 @@ def test_the_time_budget_stops_the_run_at_an_epoch_and_the_summary_says_so(
         return 0.5
 
     fit.curve = epoch_costs_30_s
-    assert run_demo(tmp_path, tiny_data, "--trials", "5", *flags) == 0
+    assert run_demo(tmp_path, tiny_data, "--trials", "5", "--final", "0", *flags) == 0
     out = capsys.readouterr().out.splitlines()
     trials = optuna.load_study(study_name="demo", storage=url_in(tmp_path)).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
@@ -251,3 +251,38 @@ def test_the_time_budget_stops_the_run_at_an_epoch_and_the_summary_says_so(
     assert "time budget reached: no trial left that can finish in time; rerun with more --hours " \
            "to continue (a stopped trial resumes from its finished folds)" in out
     assert "trials     1 complete, 0 pruned, 1 failed (1 finished of 5 asked)" in out
+
+
+@pytest.mark.parametrize(("final", "search_trials", "final_trials"),
+                         [("1", 3, 1), ("0", 5, 0)])
+def test_hours_keep_time_for_the_final_stage_and_use_the_rest(
+        final, search_trials, final_trials, fit, tiny_data, tmp_path, monkeypatch,
+        capsys) -> None:
+    """A 310 s budget, every epoch 30 s of a fake clock, a search trial 2 folds x 1 epoch (60 s)
+    and a final trial twice the epochs (120 s). ``--final 1`` keeps 120 s: search trials start
+    while 60 s fit beside the reserve (t = 0, 60, 120), then the best configuration is
+    retrained (t = 180..300); ``--final 0`` spends it all on search trials (t = 0..300). Both
+    end with 10 s left, less than anything takes: 97% of the budget used."""
+    clock = [1000.0]
+    monkeypatch.setattr(search.budget, "time", SimpleNamespace(time=lambda: clock[0]))
+    # the record a real run would have: search trials take 60 s (trial datetimes are real time)
+    monkeypatch.setattr(search.budget.Budget, "expected_trial_s", lambda self, study: 60.0)
+
+    def epoch_costs_30_s(fold: int, epoch: int) -> float:
+        clock[0] += 30
+        return 0.5
+
+    fit.curve = epoch_costs_30_s
+    assert run_demo(tmp_path, tiny_data, "--trials", "10", "--timeout", "310",
+                    "--final", final) == 0
+    out = capsys.readouterr().out
+    study = optuna.load_study(study_name="demo", storage=url_in(tmp_path))
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    finals = [t for t in done if t.user_attrs.get("stage") == "final"]
+    assert len(done) - len(finals) == search_trials and len(finals) == final_trials
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * len(done)  # none cut
+    assert clock[0] - 1000 == 300
+    if finals:
+        assert finals[0].user_attrs["refit_of"] == 0 and finals[0].user_attrs["refit_epochs"] == 2
+        assert [c.epochs for c in fit.configs[-2:]] == [2, 2]
+        assert "final stage: the 1 best configuration(s) at 2 epochs per fold" in out

@@ -1,0 +1,104 @@
+"""Which configurations the final stage retrains, and how each one ended.
+
+Shared by ``search.refit`` (the final stage on its own) and ``search.run --hours`` (the final
+stage inside the budget, ``search.budget`` keeping its time). A final trial is a trial of the
+study marked by ``search.stage``; this module only chooses, queues and reports them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from core.errors import DataError
+from search.claims import retry_callback
+from search.stage import EPOCHS_ATTR, REFIT_OF_ATTR, final_attrs, final_trials, search_trials
+from search.trial_loop import ERROR_ATTR
+
+#: Default epochs of a final trial: this many times the study's (its trials' length).
+EPOCHS_FACTOR = 2
+#: Configurations ``search.run --hours`` keeps time to retrain (``--final``).
+DEFAULT_FINAL = 1
+
+
+def _config_key(params: dict, epochs: int) -> str:
+    return json.dumps([params, int(epochs)], sort_keys=True, default=str)
+
+
+def best_configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:
+    """The ``top`` best complete search trials with every fold, one per configuration (params),
+    best first (ties: lower number)."""
+    n_folds = int(study.user_attrs.get("n_folds", 0))
+    done = [t for t in search_trials(study, (TrialState.COMPLETE,))
+            if t.value is not None and len(t.user_attrs.get("fold_f1", [])) == n_folds]
+    chosen: dict[str, FrozenTrial] = {}
+    for t in sorted(done, key=lambda t: (-float(t.value or 0.0), t.number)):
+        chosen.setdefault(_config_key(t.params, 0), t)
+        if len(chosen) == top:
+            break
+    return list(chosen.values())
+
+
+def queue_final(study: optuna.Study, top: int,
+                epochs: int) -> tuple[list[FrozenTrial], list[str]]:
+    """Queue a final trial for each of the ``top`` best configurations that has none at
+    ``epochs`` yet: (those configurations' search trials, one line each saying what was done).
+    Call it under the claim lock, after ``reap``, so a dead worker's final trial already has its
+    retry queued."""
+    chosen = best_configurations(study, top)
+    if not chosen:
+        raise DataError(f"study {study.study_name!r}: no complete trial with all "
+                        f"{study.user_attrs.get('n_folds')} folds to refit")
+    trials = study.get_trials(deepcopy=False)
+    by_key: dict[str, list[FrozenTrial]] = {}
+    for f in final_trials(study):
+        origin = trials[int(f.user_attrs[REFIT_OF_ATTR])]
+        by_key.setdefault(_config_key(origin.params, f.user_attrs[EPOCHS_ATTR]), []).append(f)
+    lines = []
+    for t in chosen:
+        mine = by_key.get(_config_key(t.params, epochs), [])
+        head = f"  trial {t.number} (macro F1 {t.value:.4f}): "
+        done = [f for f in mine if f.state == TrialState.COMPLETE]
+        live = [f for f in mine if f.state in (TrialState.WAITING, TrialState.RUNNING)]
+        failed = [f for f in mine if f.state == TrialState.FAIL]
+        if done:
+            lines.append(f"{head}already refitted by trial {done[0].number} "
+                         f"(macro F1 {done[0].value:.4f}); skipped")
+        elif live:
+            lines.append(f"{head}already queued (trial {live[0].number}, "
+                         f"{live[0].state.name.lower()})")
+        elif failed:
+            last = max(failed, key=lambda f: f.number)
+            retry_callback(None)(study, last)
+            lines.append(f"{head}its final trial {last.number} failed "
+                         f"({last.user_attrs.get(ERROR_ATTR, 'interrupted')}); queued again as "
+                         "its retry, which reuses its finished folds")
+        else:
+            study.enqueue_trial(t.params, user_attrs=final_attrs(t.number, epochs))
+            lines.append(f"{head}queued")
+    return chosen, lines
+
+
+def outcome(study: optuna.Study, chosen: Sequence[FrozenTrial],
+            epochs: int) -> list[tuple[str, bool]]:
+    """Per refitted configuration: a line on its latest final trial, and whether one is done."""
+    trials = study.get_trials(deepcopy=False)
+    out = []
+    for t in chosen:
+        mine = [f for f in final_trials(study) if
+                _config_key(trials[int(f.user_attrs[REFIT_OF_ATTR])].params,
+                            f.user_attrs[EPOCHS_ATTR]) == _config_key(t.params, epochs)]
+        done = [f for f in mine if f.state == TrialState.COMPLETE]
+        if not mine:  # queued by this run, so only a hand-edited study gets here
+            out.append((f"  trial {t.number}: no final trial", False))
+            continue
+        f = done[0] if done else max(mine, key=lambda f: f.number)
+        what = (f"macro F1 {f.value:.4f} (at the study's epochs: {t.value:.4f})" if done else
+                f.state.name + (f" ({f.user_attrs[ERROR_ATTR]})" if ERROR_ATTR in f.user_attrs
+                                else ""))
+        out.append((f"  trial {f.number} refits trial {t.number} at {epochs} epochs: {what}",
+                    bool(done)))
+    return out
