@@ -210,8 +210,12 @@ def claim(study: optuna.Study, n_total: int, lock: Callable[[], contextlib.Abstr
         if stage == FINAL:
             got = _claim_final(study)
         else:
-            finished = len(search_trials(study, FINISHED))
-            running = len(search_trials(study, (TrialState.RUNNING,)))
+            # One read for both counts: trials are told finished outside this lock, and one
+            # that finished between two reads was counted in neither, so a claim started an
+            # (N + 1)-th trial (seen as FAIL 'surplus' with six workers on SQLite).
+            counted = search_trials(study, (*FINISHED, TrialState.RUNNING))
+            finished = sum(t.state in FINISHED for t in counted)
+            running = len(counted) - finished
             if finished >= n_total:
                 return False
             if finished + running >= n_total:

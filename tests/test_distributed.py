@@ -342,6 +342,38 @@ def test_claims_stop_at_n_counting_running_trials(tmp_path: Path) -> None:
     assert len(study.trials) == 3
 
 
+def test_a_trial_finishing_while_a_claim_counts_is_not_missed(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """The overshoot's root cause: trials are told finished outside the claim lock, so the
+    claim's count must be one snapshot. Here the study has 1 finished and 1 running of N = 2,
+    and the running one finishes right after the claim's first read of the trials (another
+    worker's ``tell``): the claim must not start a third trial. Counting finished and running
+    trials in two reads (the old code) saw 1 finished and 0 running, and asked for one more."""
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="r", storage=storage)
+    lock = claim_lock(storage, url, "r")
+    done = claim(study, 2, lock, max_retry=0)
+    study.tell(done, 1.0)
+    running = claim(study, 2, lock, max_retry=0)
+    real = study.get_trials
+
+    def get_trials(*args, **kwargs):
+        out = real(*args, **kwargs)
+        states = kwargs.get("states") or ()
+        if TrialState.COMPLETE in states and running.number not in \
+                {t.number for t in real(states=(TrialState.COMPLETE,))}:
+            study.tell(running, 2.0)  # finishes right after the count was read
+        return out
+
+    monkeypatch.setattr(study, "get_trials", get_trials)
+    got = claim(study, 2, lock, max_retry=0)
+    assert not isinstance(got, optuna.Trial), f"trial {got.number} started: N + 1"
+    monkeypatch.undo()
+    assert len(study.trials) == 2
+    assert claim(study, 2, lock, max_retry=0) is False  # now both are finished
+
+
 def _run_fake(tmp_path: Path, objective, n_total: int) -> optuna.Study:
     """One worker running a fake objective on a fresh SQLite study until ``n_total``."""
     url = f"sqlite:///{tmp_path / 'f.db'}"
