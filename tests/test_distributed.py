@@ -221,9 +221,11 @@ def test_postgres_restart_while_two_workers_run_ends_with_exactly_n(
     try:
         study = optuna.load_study(study_name="demo", storage=storage)
         deadline = time.monotonic() + 150
+        cut: list[int] = []  # the trials running with a saved fold when the server goes
         while time.monotonic() < deadline and proc.poll() is None:
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if any(fold_done_attr(0) in t.user_attrs for t in running):
+            cut = [t.number for t in running if fold_done_attr(0) in t.user_attrs]
+            if cut:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -239,6 +241,17 @@ def test_postgres_restart_while_two_workers_run_ends_with_exactly_n(
         origin = [retried_from(t) if retried_from(t) is not None else t.number
                   for t in finished]
         assert len(set(origin)) == len(origin), origin
+        # what the README promises of a cut trial: FAIL, and its retry resumes its saved folds
+        # (or, when the server was back before it next wrote, it simply finished)
+        assert cut
+        for number in cut:
+            was = trials[number]
+            if was.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                continue
+            assert was.state == TrialState.FAIL, (number, was.state.name)
+            (retry,) = [t for t in finished if retried_from(t) == number]
+            saved = [k for k in range(FOLDS) if fold_done_attr(k) in was.user_attrs]
+            assert saved and retry.user_attrs["resumed_folds"] == saved
     finally:
         if proc.poll() is None:
             proc.terminate()
