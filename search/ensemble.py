@@ -228,7 +228,8 @@ def run(args: argparse.Namespace) -> dict:
     """The whole command; returns the JSON payload it wrote."""
     from search import paths
     from search.artifacts import open_store
-    from search.ensemble_trials import eval_answers, load_candidates, load_eval
+    from search.ensemble_trials import eval_answers, load_candidates, load_eval, open_study
+    from search.finished_study import SUBMISSION_ATTR
 
     recipe = recipe_of(args)
     storage, data_dir, table, folds, eval_table, ranked, notes, fps = _load_study(args)
@@ -272,7 +273,9 @@ def run(args: argparse.Namespace) -> dict:
     write_submission(out, eval_table["ImageID"].tolist(), submission)
     if not args.no_gradcam:
         payload["gradcam"] = _explain_best(args.study, storage, store, cands[0].number)
-    write_json(out.with_suffix(".json"), payload)
+    written = write_json(out.with_suffix(".json"), payload)
+    # report, predict, explain and labels find it wherever --out put it
+    open_study(args.study, storage).set_user_attr(SUBMISSION_ATTR, str(Path(written).resolve()))
     _print_report(payload)
     return payload
 

@@ -25,6 +25,9 @@ from core.errors import DataError
 from search import paths
 from search.artifacts import checkpoint_name, load_file, open_store
 
+#: Study user attr: the absolute path of the submission JSON ``search.ensemble`` last wrote.
+SUBMISSION_ATTR = "submission_json"
+
 
 def add_study_flags(p: argparse.ArgumentParser) -> None:
     """``--study``, ``--storage``, ``--artifacts``, ``--debug``: as ``search.ensemble`` has them."""
@@ -73,8 +76,10 @@ class FinishedStudy:
 
     @property
     def submission_path(self) -> Path:
-        """Where ``search.ensemble`` writes the submission's JSON by default."""
-        return paths.study_dir(self.name) / "submission.json"
+        """Where ``search.ensemble`` last wrote the submission's JSON (recorded on the study:
+        ``--out`` may put it anywhere), else where it writes it by default."""
+        recorded = self.study.user_attrs.get(SUBMISSION_ATTR)
+        return Path(recorded) if recorded else paths.study_dir(self.name) / "submission.json"
 
     def submission(self) -> dict:
         """The ensemble's JSON (members, weights, decision rule); one line when never written."""

@@ -214,3 +214,32 @@ def test_the_report_renders_in_chromium_with_every_image(finished, tmp_path, cap
     assert f"The submission uses {html.escape(ensemble.what_it_uses(payload))};" in text
     assert "No Grad-CAM grid" not in r.stdout  # the grid itself, not how to make it
     assert "Grad-CAM" in r.stdout and "&gt;=60" in r.stdout
+
+
+@pytest.mark.slow
+def test_tools_after_the_search_find_a_submission_written_elsewhere(finished, tmp_path,
+                                                                   capsys) -> None:
+    """``search.ensemble --out elsewhere.csv``: predict (and report, explain, labels, which
+    read it the same way) find it there, not "no ensemble yet"; the default place is not read."""
+    from search.finished_study import FinishedStudy
+
+    elsewhere = tmp_path / "team" / "final.csv"
+    default = finished.submission.with_suffix(".json")
+    default.rename(tmp_path / "kept.json")
+    try:
+        assert ensemble.main([*finished.flags, "--size", "3", "--no-gradcam",
+                              "--out", str(elsewhere)]) == 0
+        capsys.readouterr()
+        study = optuna.load_study(study_name=STUDY, storage=finished.url)
+        found = FinishedStudy(STUDY, finished.url, study, None)
+        assert found.submission_path == elsewhere.with_suffix(".json").resolve()
+        assert found.submission()["submission"] == str(elsewhere)
+        photo = sorted((finished.data / "eval" / "images").iterdir())[0]
+        assert predict.main([*finished.flags, "--quiet", str(photo)]) == 0, \
+            capsys.readouterr().err
+        rows = read_csv(capsys.readouterr().out)
+        want = pd.read_csv(elsewhere, dtype={"ImageID": str}).set_index("ImageID")["ans"]
+        assert int(rows["class"][0]) == int(want[photo.name])
+    finally:
+        (tmp_path / "kept.json").rename(default)
+        assert ensemble.main([*finished.flags, "--size", "3", "--no-gradcam"]) == 0  # as before
