@@ -239,3 +239,31 @@ def test_each_warm_start_recipe_is_a_complete_valid_point_of_the_space(recipe) -
     assert (cfg.sampler, cfg.soft_f1_weight, cfg.mix, cfg.age_head) == (
         "none", 0.0, "none", "classes")
     assert fits(mask, recipe)
+
+
+def test_a_worker_with_other_weights_is_refused_in_one_line(offline, tiny_data, tmp_path,
+                                                            monkeypatch, capfd) -> None:
+    """The study stores a fingerprint of its weights (names, sizes, SHA-256): a second machine
+    or rerun with different files for the same backbone is refused before anything runs, in
+    one line naming the study and the fix; the same files elsewhere are fine."""
+    ran = []
+    monkeypatch.setattr(search.run, "search_here", lambda run, workers, **kw: ran.append(1)
+                        or True)
+    first = write_marked_resnet18(tmp_path / "weights")
+    argv = ["--trials", "1", "--fix", "backbone=resnet18", "--corrections", "none"]
+    assert run_mask(tmp_path, tiny_data, *argv, "--weights", str(first.parent)) == 0
+    moved = tmp_path / "elsewhere" / first.name  # the same files in another folder: accepted
+    moved.parent.mkdir()
+    moved.write_bytes(first.read_bytes())
+    assert run_mask(tmp_path, tiny_data, *argv, "--weights", str(moved.parent)) == 0
+    capfd.readouterr()
+    other = tmp_path / "other"
+    state = load_file(str(first))
+    state["fc.bias"] = state["fc.bias"] + 1  # another fine-tune of the same backbone
+    other.mkdir()
+    save_file(state, str(other / first.name))
+    assert run_mask(tmp_path, tiny_data, *argv, "--weights", str(other)) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "study 'mask' was created with other pretrained weights" in err[0]
+    assert "pass --weights with the study's files" in err[0]
+    assert len(ran) == 2  # the refused run trained nothing
