@@ -100,3 +100,23 @@ def test_bags_spread_the_weight_over_equally_good_trials(maker, capsys):
     assert strong in one and len(one & {rescue_a, rescue_b}) == 1  # one selection: one of them
     # ten bags, each with the best trial and one of the other two: both rescues get weight
     assert members(maker, capsys, *keep_all, "--bags", "10") == {strong, rescue_a, rescue_b}
+
+
+def sure(classes: np.ndarray, top: float, seed: int) -> np.ndarray:
+    """Right on every row, with probability ``top`` on the true class (the rest spread)."""
+    rng = np.random.default_rng(seed)
+    p = np.full((len(classes), NUM_CLASSES), (1 - top) / (NUM_CLASSES - 1))
+    p[np.arange(len(classes)), classes] = top
+    p = p + rng.uniform(0, 0.001, p.shape)
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_objective_logloss_takes_a_trial_that_only_sharpens_the_probabilities(maker, capsys):
+    """Two trials right on every row, one unsure (0.3 on the true class), one sure (0.8): macro
+    F1 is 1.0 either way, so F1 selection keeps the first alone; the blend's log loss is lower
+    than the unsure trial's, so ``--objective logloss`` adds the sure one."""
+    unsure = maker.add(sure(maker.labels, 0.3, 0), sure(maker.answers, 0.3, 100))
+    confident = maker.add(sure(maker.labels, 0.8, 1), sure(maker.answers, 0.8, 101))
+    keep_all = ("--pool-margin", "-1", "--bags", "1", "--offsets", "none")
+    assert members(maker, capsys, *keep_all) == {unsure}
+    assert members(maker, capsys, *keep_all, "--objective", "logloss") == {unsure, confident}
