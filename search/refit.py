@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C ends it cleanly
     open_finished(args)  # no study, no complete trial: one line, before anything is created
     run: Run = open_run(search_run_args(args))
-    study, study_epochs = run.study, int(run.fixed["epochs"])
+    study, study_epochs = run.study, run.settings.epochs
     epochs = args.refit_epochs or EPOCHS_FACTOR * study_epochs
     if epochs <= study_epochs:
         raise ConfigError(f"--epochs {epochs}: the final stage trains longer than the search's "

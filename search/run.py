@@ -55,10 +55,10 @@ from search.space import fixed_sampler, override_waiting, warm_start
 from search.stage import FINAL, SEARCH, final_trials, search_trials
 from search.storage import open_storage
 from search.study_settings import (
+    StudySettings,
     create_pruner,
     create_sampler,
     fixed_settings,
-    n_steps,
     settle,
     settle_pruner,
 )
@@ -132,7 +132,7 @@ class Run:
     storage: Any
     storage_url: str
     study: optuna.Study
-    fixed: dict
+    settings: StudySettings
     weights: Path | None
     budget: Budget | None
     t0: float = field(default_factory=time.perf_counter)
@@ -153,8 +153,7 @@ def open_run(args: argparse.Namespace) -> Run:
     given = {k for k, flag in (("n_folds", args.folds), ("data_dir", args.data),
                                ("epochs", args.epochs), ("fixed", args.fix or None),
                                ("corrections", args.corrections)) if flag is not None}
-    wanted = settle(args, module, storage, name)
-    weights = wanted.pop("_weights_dir")
+    wanted, weights = settle(args, module, storage, name)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                 load_if_exists=True)
     # Offset by the trials already there: a resumed run with the same --seed must not replay
@@ -163,22 +162,21 @@ def open_run(args: argparse.Namespace) -> Run:
     started = len(study.get_trials(deepcopy=False)) - count(study, (TrialState.WAITING,))
     seed = None if args.seed is None else args.seed + started + 7919 * (args.worker_id or 0)
     created = "n_folds" not in study.user_attrs
-    fixed = fixed_settings(study, wanted, given | {"weights"})
+    settings = fixed_settings(study, wanted, given | {"weights"})
     if created and not args.no_warm_start:  # the study's known-good recipes go first, once
-        for params in warm_start(module, fixed["fixed"]):
+        for params in warm_start(module, settings.fixed):
             study.enqueue_trial(params)
-    study.sampler = fixed_sampler(create_sampler(args.sampler, seed), fixed["fixed"])
-    override_waiting(study, storage, fixed["fixed"])
-    if not Path(fixed["data_dir"]).is_dir():
-        raise DataError(f"data folder {fixed['data_dir']!r} (stored on study {name!r}) does "
+    study.sampler = fixed_sampler(create_sampler(args.sampler, seed), settings.fixed)
+    override_waiting(study, storage, settings.fixed)
+    if not Path(settings.data_dir).is_dir():
+        raise DataError(f"data folder {settings.data_dir!r} (stored on study {name!r}) does "
                         "not exist")
-    n_folds, epochs = int(fixed["n_folds"]), int(fixed["epochs"])
-    pruner = settle_pruner(name, args.pruner, str(fixed["report_mode"]),
+    pruner = settle_pruner(name, args.pruner, settings.report_mode,
                            study.user_attrs.get("pruner"))
-    study.pruner = create_pruner(pruner, n_steps(n_folds, epochs), n_folds)
+    study.pruner = create_pruner(pruner, settings.n_steps, settings.n_folds)
     budget = Budget.of(args.hours * 3600 if args.hours else args.timeout,
                        final_configs=args.final, final_factor=EPOCHS_FACTOR)
-    return Run(args, module, storage, storage_url, study, fixed, weights, budget)
+    return Run(args, module, storage, storage_url, study, settings, weights, budget)
 
 
 def launch_workers(run: Run, argv: Sequence[str], n_workers: int, loader_workers: int) -> int:
@@ -198,15 +196,16 @@ def launch_workers(run: Run, argv: Sequence[str], n_workers: int, loader_workers
 def search_here(run: Run, loader_workers: int, stage: str = SEARCH) -> bool:
     """Run trials in this process until the study has enough (``stage`` ``final``: until the
     final-stage queue is empty, ``search.refit``); False when Ctrl-C ended it."""
-    args, fixed = run.args, run.fixed
-    data = load_study_data(fixed["data_dir"], fixed["corrections"], int(fixed["n_folds"]),
-                           int(fixed["fold_seed"]), faces=face_settings(run.module),
+    args, settings = run.args, run.settings
+    data = load_study_data(settings.data_dir, settings.corrections, settings.n_folds,
+                           settings.fold_seed, faces=face_settings(run.module),
                            progress=args.progress)
     store = open_store(args.artifacts or paths.default_artifacts_dir())
-    objective = Objective(run.module, data, store, epochs=int(fixed["epochs"]),
-                          device=args.device, per_fold=fixed["report_mode"] == "fold",
+    objective = Objective(run.module, data, store, epochs=settings.epochs,
+                          device=args.device, per_fold=settings.per_fold,
                           progress=args.progress, weights=run.weights,
-                          loader_workers=loader_workers, fixed=fixed["fixed"], budget=run.budget)
+                          loader_workers=loader_workers, fixed=settings.fixed,
+                          budget=run.budget)
     try:
         run_worker(run.study, objective, args.trials,
                    lock=claim_lock(run.storage, run.storage_url, run.study.study_name),
@@ -227,7 +226,7 @@ def final_stage_in_budget(run: Run, loader_workers: int) -> bool:
     budget, study = run.budget, run.study
     if budget is None or not budget.final_configs or not budget.can_start(study, FINAL):
         return True
-    epochs = EPOCHS_FACTOR * int(run.fixed["epochs"])
+    epochs = EPOCHS_FACTOR * run.settings.epochs
     with claim_lock(run.storage, run.storage_url, study.study_name)():
         try:
             chosen, lines = queue_final(study, budget.final_configs, epochs)

@@ -10,9 +10,12 @@ study is created, so a refused run stores nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import optuna
 
@@ -50,6 +53,50 @@ FIXED_ATTRS = ("n_folds", "fold_seed", "data_dir", "epochs", "report_mode", "cor
 #: The flag that sets each fixed study attr, for the refusal message.
 FLAGS = {"n_folds": "--folds", "data_dir": "--data", "epochs": "--epochs", "fixed": "--fix",
          "corrections": "--corrections", "weights": "--weights"}
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySettings:
+    """What a trial of the study means, fixed when the study is created and stored on it as
+    user attrs (``FIXED_ATTRS``, plus the pruner it was made with and its module): read by
+    field, never by string key."""
+
+    n_folds: int
+    fold_seed: int
+    data_dir: str
+    epochs: int
+    report_mode: str
+    corrections: str | None
+    fixed: dict[str, Any]
+    weights: dict | None
+    pruner: str = "median"
+    study_module: str = ""
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> StudySettings:
+        """From a study's user attrs (or ``to_attrs``' dict)."""
+        return cls(n_folds=int(attrs["n_folds"]), fold_seed=int(attrs["fold_seed"]),
+                   data_dir=str(attrs["data_dir"]), epochs=int(attrs["epochs"]),
+                   report_mode=str(attrs.get("report_mode") or "epoch"),
+                   corrections=attrs.get("corrections"), fixed=dict(attrs.get("fixed") or {}),
+                   weights=attrs.get("weights"), pruner=str(attrs.get("pruner") or "median"),
+                   study_module=str(attrs.get("study_module") or ""))
+
+    def to_attrs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def per_fold(self) -> bool:
+        """Whether the pruner reads one value per fold (else one per epoch of each fold)."""
+        return self.report_mode == "fold"
+
+    def step(self, fold: int, epoch: int) -> int:
+        """The pruning step of ``epoch`` of ``fold`` (``pruning_step``)."""
+        return pruning_step(self.per_fold, fold, epoch, self.epochs)
+
+    @property
+    def n_steps(self) -> int:
+        return n_steps(self.n_folds, self.epochs)
 
 
 def create_sampler(name: str, seed: int | None,
@@ -113,34 +160,35 @@ def settle_pruner(study_name: str, asked: str | None, mode: str, created_with: s
     return asked
 
 
-def fixed_settings(study: optuna.Study, wanted: dict, given: set[str]) -> dict:
+def fixed_settings(study: optuna.Study, wanted: StudySettings,
+                   given: set[str]) -> StudySettings:
     """Store the study's fixed settings on creation; on resume, refuse changed ones.
 
     Settings the user did not pass on the command line are taken from the study, so
     ``--trials 30`` alone resumes a study created with ``--folds 3 --data X``.
     """
-    stored = study.user_attrs
+    stored, asked = study.user_attrs, wanted.to_attrs()
     if "n_folds" not in stored:
-        for key, value in wanted.items():
+        for key, value in asked.items():
             study.set_user_attr(key, value)
-        return dict(wanted)
-    settled = dict(wanted)
+        return wanted
+    settled = dict(asked)
     for key in FIXED_ATTRS:
         if key not in stored:  # a study from before the key existed: it is fixed from now on
-            study.set_user_attr(key, wanted[key])
+            study.set_user_attr(key, asked[key])
             continue
-        if key in given and stored[key] != wanted[key]:
+        if key in given and stored[key] != asked[key]:
             if key == "weights":
                 raise ConfigError(
                     f"study {study.study_name!r} was created with other pretrained weights "
-                    f"({_weights_text(stored[key])}); these are {_weights_text(wanted[key])}: "
+                    f"({_weights_text(stored[key])}); these are {_weights_text(asked[key])}: "
                     "pass --weights with the study's files (or use a new --study name)")
             raise ConfigError(
                 f"study {study.study_name!r} was created with {key}={stored[key]!r}; "
-                f"{FLAGS.get(key, key)} {wanted[key]!r} would make its trials incomparable "
+                f"{FLAGS.get(key, key)} {asked[key]!r} would make its trials incomparable "
                 "(use a new --study name, or drop the flag)")
         settled[key] = stored[key]
-    return settled
+    return StudySettings.from_attrs(settled)
 
 
 def _weights_text(fingerprint: dict | None) -> str:
@@ -168,10 +216,12 @@ def resolve_data(module: ModuleType, data: str | None) -> Path:
     return path.resolve()
 
 
-def settle(args: argparse.Namespace, module: ModuleType, storage, name: str) -> dict:
-    """This run's fixed settings: the stored ones on a rerun (changed ones refused), the asked
-    ones for a new study. Every check runs before the study is created, so a refused run
-    stores nothing and the suggested rerun is not refused as "different settings"."""
+def settle(args: argparse.Namespace, module: ModuleType, storage,
+           name: str) -> tuple[StudySettings, Path | None]:
+    """This run's fixed settings and its local weights folder: the stored settings on a rerun
+    (changed ones refused), the asked ones for a new study. Every check runs before the study
+    is created, so a refused run stores nothing and the suggested rerun is not refused as
+    "different settings"."""
     stored = (optuna.load_study(study_name=name, storage=storage).user_attrs
               if name in study_names(storage) else {})
     if "data_dir" in stored and args.data is None:
@@ -184,18 +234,10 @@ def settle(args: argparse.Namespace, module: ModuleType, storage, name: str) -> 
     backbones = explore(module, fixed).pretrained_backbones()
     if args.worker_id is None:  # a missing download fails now, not after the cache is built
         check_weights(backbones, folder, name)
-    return {
-        "report_mode": pruner_mode(args.pruner),
-        "pruner": args.pruner or "median",
-        "n_folds": args.folds or module.FOLDS,
-        "fold_seed": module.FOLD_SEED,
-        "data_dir": str(data_dir),
-        "epochs": args.epochs or module.EPOCHS,
-        "corrections": str(corrections) if corrections else None,
-        "fixed": fixed,
-        "weights": fingerprint(folder, backbones) if folder else None,
-        "study_module": module.__name__,
-        "_weights_dir": folder,
-    }
-
-
+    return StudySettings(
+        report_mode=pruner_mode(args.pruner), pruner=args.pruner or "median",
+        n_folds=args.folds or module.FOLDS, fold_seed=module.FOLD_SEED,
+        data_dir=str(data_dir), epochs=args.epochs or module.EPOCHS,
+        corrections=str(corrections) if corrections else None, fixed=fixed,
+        weights=fingerprint(folder, backbones) if folder else None,
+        study_module=module.__name__), folder
