@@ -56,7 +56,7 @@ def run_gauge(data_dir: Path, weights: Path, epochs: int, device: str = "cpu",
     and wall time (training and prediction; loading the shared caches is counted apart)."""
     from core.dataset import load_train_table, training_targets
     from core.engine import fit_fold, predict
-    from search.objective import load_study_data
+    from core.study_data import load_study_data
     from studies import face_settings, quality
 
     cfg = gauge_config(params or quality.GAUGE, weights, epochs, device)

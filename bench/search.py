@@ -34,8 +34,9 @@ if not __package__:  # run as a file (python bench/NAME.py): import from the che
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.quality import check_weights_folder, weights_arg
+from core.study_data import load_study_data
 from search.artifacts import open_store
-from search.objective import Objective, load_study_data
+from search.objective import Objective
 from search.study_settings import DEFAULT_PRUNER, REPORT_MODE, create_pruner, create_sampler
 from studies import demo, face_settings, quality
 

@@ -29,9 +29,9 @@ def tta_figures(seed_dir: Path, data_dir: Path) -> dict:
     import optuna
 
     from core.engine import predict
+    from core.study_data import load_study_data
     from search.artifacts import open_store
     from search.finished_study import fold_states, trial_config
-    from search.objective import load_study_data
     from studies import face_settings, quality
 
     db = Path(seed_dir) / "study.db"

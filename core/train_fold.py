@@ -67,11 +67,10 @@ def build_config(config: str | None, sets: list[str]) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> float:
     """Load data, fold and cache; train; print per-epoch and final macro F1; return the best."""
-    from core.cache import build_cache
-    from core.dataset import load_train_table, training_targets
+    from core.dataset import training_targets
     from core.engine import fit_fold
     from core.models import check_weights_available
-    from core.splits import person_folds
+    from core.study_data import load_study_data
 
     cfg = build_config(args.config, args.set or [])
     faces = build_faces(args.face or [])
@@ -81,13 +80,12 @@ def run(args: argparse.Namespace) -> float:
     check_weights_available(cfg)
     if not Path(args.data).is_dir():
         raise DataError(f"data folder {str(args.data)!r} does not exist")
-    table = load_train_table(args.data, corrections=args.corrections)
-    folds = person_folds(table, n_folds=args.folds, seed=args.seed)
-    cache = build_cache(args.data, image_size=tuple(cfg.image_size), faces=faces,
-                        progress=not args.quiet)
-    images = cache.view(table["file"].tolist())  # read as asked, never copied into RAM
-    targets = training_targets(table, cfg.age_threshold)
-    tr, va = folds != args.fold, folds == args.fold
+    # the rows, folds and crops a trial of a study with these settings sees
+    data = load_study_data(args.data, args.corrections, args.folds, args.seed, faces=faces,
+                           progress=not args.quiet)
+    images = data.train_images(tuple(cfg.image_size))  # a view: never copied into RAM
+    targets = training_targets(data.table, cfg.age_threshold)
+    tr, va = data.folds != args.fold, data.folds == args.fold
     train_images, val_images = images[tr], images[va]
     print(f"fold {args.fold}/{args.folds}: {len(train_images)} training images, "
           f"{len(val_images)} validation "
@@ -97,8 +95,8 @@ def run(args: argparse.Namespace) -> float:
         print(f"epoch {epoch + 1}: val macro F1 {f1:.4f}", flush=True)
         return False
 
-    result = fit_fold(cfg, train_images, targets[tr], val_images,
-                      table["label"].to_numpy()[va], on_epoch=report, progress=not args.quiet)
+    result = fit_fold(cfg, train_images, targets[tr], val_images, data.labels[va],
+                      on_epoch=report, progress=not args.quiet)
     for h in result.history:
         print(json.dumps(h), flush=True)
     if result.diverged:

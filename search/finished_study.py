@@ -22,6 +22,7 @@ import torch
 
 from core.config import TrainConfig
 from core.errors import DataError
+from core.study_data import load_study_data
 from search import paths
 from search.artifacts import checkpoint_name, load_file, open_store
 
@@ -96,10 +97,8 @@ class FinishedStudy:
 def study_rows(study: optuna.Study, data_dir: str | Path | None = None
                ) -> tuple[Path, pd.DataFrame, np.ndarray]:
     """(data folder, train table, folds) exactly as the study's trials saw them, from the
-    study's own attrs (``data_dir`` overrides where the data lives now)."""
-    from core.dataset import load_train_table
-    from core.splits import person_folds
-
+    study's own attrs (``data_dir`` overrides where the data lives now), assembled as the
+    trials assembled them (``core.study_data``)."""
     attrs = study.user_attrs
     data_dir = data_dir or attrs.get("data_dir")
     if not data_dir:
@@ -108,9 +107,9 @@ def study_rows(study: optuna.Study, data_dir: str | Path | None = None
         if key not in attrs:
             raise DataError(f"study {study.study_name!r} has no user attr {key!r} (not made by "
                             "search.run?)")
-    table = load_train_table(Path(data_dir), corrections=attrs.get("corrections"))
-    folds = person_folds(table, int(attrs["n_folds"]), seed=int(attrs["fold_seed"]))
-    return Path(data_dir), table, folds
+    data = load_study_data(Path(data_dir), attrs.get("corrections"), int(attrs["n_folds"]),
+                           int(attrs["fold_seed"]))
+    return data.data_dir, data.table, data.folds
 
 
 def submission_classes(payload: dict, member_probs: list[np.ndarray]

@@ -42,13 +42,14 @@ from optuna.trial import TrialState
 from core.cli import EXPECTED, run_cli
 from core.errors import DataError
 from core.loader import default_loader_workers
+from core.study_data import load_study_data
 from search import paths
 from search.artifacts import open_store
 from search.budget import Budget
 from search.claims import FINISHED, claim_lock, log
 from search.final_stage import EPOCHS_FACTOR, queue_final
 from search.launcher import launch, worker_envs
-from search.objective import Objective, load_study_data
+from search.objective import Objective
 from search.retention import CheckpointRetention
 from search.run_args import build_parser
 from search.space import fixed_sampler, override_waiting, warm_start

@@ -200,6 +200,6 @@ STUDY_DATA_FOLDS = 2
 def study_data(tiny_data: Path):
     """What ``search.run`` loads for ``tiny_data`` with 2 folds (table, folds, cache), without a
     search; for objective tests with a stand-in ``fit``."""
-    from search.objective import load_study_data
+    from core.study_data import load_study_data
 
     return load_study_data(tiny_data, tiny_data / "corrections.csv", STUDY_DATA_FOLDS, 0)

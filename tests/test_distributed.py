@@ -31,6 +31,7 @@ from sqlalchemy.engine import make_url
 
 from core.config import ConfigError
 from core.labels import NUM_CLASSES
+from core.study_data import load_study_data
 from search import artifacts
 from search.artifacts import (
     EVAL,
@@ -41,7 +42,6 @@ from search.artifacts import (
     oof_fold_name,
 )
 from search.claims import OWNER_ATTR, claim, claim_lock, reap, retried_from
-from search.objective import load_study_data
 from search.run import main
 from search.storage import open_storage
 from search.trial_loop import ERROR_ATTR, MAX_CONSECUTIVE_FAILURES, TooManyFailures, run_worker
