@@ -47,9 +47,11 @@ ensure_python() {
       "$base" -m venv .venv
     fi
   fi
-  echo "== installing mask-search into .venv: pip install -e \".[$extras]\" (minutes, once)"
+  local spec="."
+  [ -n "$extras" ] && spec=".[$extras]"
+  echo "== installing mask-search into .venv: pip install -e \"$spec\" (minutes, once)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[$extras]"
+  .venv/bin/python -m pip install -q -e "$spec"
   use_python "$PWD/.venv/bin/python"
 }
 
