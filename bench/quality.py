@@ -155,7 +155,8 @@ def _search(args: argparse.Namespace, data: Path, seed: int, out: Path) -> None:
             "--storage", f"sqlite:///{out / 'study.db'}", "--artifacts", str(out / "artifacts"),
             "--sampler", "tpe", "--seed", str(seed), "--pruner", "none",
             "--epochs", str(args.epochs), "--folds", str(args.folds),
-            "--timeout", str(SAFETY_TIMEOUT_S), "--device", args.device,
+            "--timeout", str(SAFETY_TIMEOUT_S), "--final", "0",  # a cap, not a user's budget
+            "--device", args.device,
             "--weights", str(args.weights)]
     if sys.stderr.isatty():
         argv.append("--progress")
