@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -243,3 +244,19 @@ def test_tools_after_the_search_find_a_submission_written_elsewhere(finished, tm
     finally:
         (tmp_path / "kept.json").rename(default)
         assert ensemble.main([*finished.flags, "--size", "3", "--no-gradcam"]) == 0  # as before
+
+
+def test_explain_picks_per_mask_state_the_lowest_true_class_probability_first() -> None:
+    """The Grad-CAM grid's rows: for each mask state (class // 6: worn, incorrect, not worn),
+    the images whose true class got the lowest OOF probability, lowest first."""
+    from search.explain import pick_rows
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 18, 200)
+    oof = rng.dirichlet(np.ones(18), 200)
+    picked = pick_rows(labels, oof, per_state=4)
+    assert len(picked) == 3
+    for mask_state, rows in enumerate(picked):
+        mine = [r for r in range(200) if labels[r] // 6 == mask_state]
+        by_p = sorted(mine, key=lambda r: oof[r, labels[r]])
+        assert list(rows) == by_p[:4]
