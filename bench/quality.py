@@ -321,9 +321,11 @@ def print_report(results: list[dict], med: dict, stages: dict | None = None,
     cols = [f"seed {r['seed']}" for r in results] + (["median", "spread"] if many else [])
     table = results + ([med, spreads(results)] if many else [])
     width = max(len(label) for label, _ in ROWS) + 1
-    print(f"\n{'':<{width}}" + "".join(f"{c:>16}" for c in cols))
-    for label, get in ROWS:
-        print(f"{label:<{width}}" + "".join(f"{_cell(label, get(r)):>16}" for r in table))
+    cells = [[_cell(label, get(r)) for r in table] for label, get in ROWS]
+    col = max(16, *(len(c) + 2 for row in cells for c in row))  # never run two cells together
+    print(f"\n{'':<{width}}" + "".join(f"{c:>{col}}" for c in cols))
+    for (label, _), row in zip(ROWS, cells, strict=True):
+        print(f"{label:<{width}}" + "".join(f"{c:>{col}}" for c in row))
     uses = sorted({r["submission_uses"] for r in results})
     print(f"(submission = {', '.join(uses)}, as search.ensemble chose; '>=60': old_classes = "
           "mean F1 of the six >=60 classes, old_age = >=60 within the age task)")
