@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,6 @@ TRACKERS: dict[str, str] = {"wandb": "wandb", "mlflow": "mlflow"}
 INSTALL = 'pip install -e ".[tracking]"'
 #: The metric names every tracker gets.
 CURVE, VALUE = "val_macro_f1", "oof_macro_f1"
-
-Callback = Callable[[optuna.Study, FrozenTrial], None]
 
 
 def check_trackers(names: Sequence[str]) -> None:
@@ -173,12 +171,11 @@ class TrackerCallback:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         with tempfile.TemporaryDirectory(prefix="mask_search_track_") as tmp:
             run = trial_run(study, trial, self.store, Path(tmp))
+            where = {"wandb": lambda: paths.study_dir(study.study_name),
+                     "mlflow": default_mlflow_uri}
             for name in self.names:
+                log_to = log_to_wandb if name == "wandb" else log_to_mlflow
                 try:
-                    if name == "wandb":
-                        log_to_wandb(run, study.study_name,
-                                     paths.study_dir(study.study_name))
-                    else:
-                        log_to_mlflow(run, study.study_name, default_mlflow_uri())
+                    log_to(run, study.study_name, where[name]())
                 except Exception as e:  # the tracker is a view; the search goes on
                     log.warning("could not log trial %d to %s: %s", trial.number, name, e)
