@@ -36,7 +36,7 @@ import numpy as np
 if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.dataset import IMAGE_SUFFIXES
+from core.cache import source_listing
 from core.face_pass import detect_files
 from core.faces import FaceSettings
 from core.pool import Runner
@@ -46,10 +46,8 @@ ARMS: dict[str, tuple[str, ...]] = {"mtcnn": ("mtcnn",), "default": FaceSettings
 
 
 def photo_paths(data: Path) -> list[str]:
-    """Every training and eval photo of a data set in the competition layout, sorted."""
-    files = sorted(data.glob("train/images/*/*")) + sorted(data.glob("eval/images/*"))
-    return [str(p) for p in files
-            if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
+    """Every photo of a data set in the competition layout, as a cache build lists them."""
+    return [str(data / f) for f in source_listing(data)["file"]]
 
 
 def time_arms(paths: list[str], device: str, repeats: int) -> dict[str, dict[str, float]]:
@@ -91,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if data is None:
             from core.synth import generate
 
-            data = generate(Path(tmp) / "data", people=args.people, eval_people=0)
+            data = generate(Path(tmp) / "data", people=args.people, eval_people=1)
         paths = photo_paths(data)
         if not paths:
             print(f"{data}: no photos under train/images or eval/images", file=sys.stderr)
