@@ -93,11 +93,12 @@ def answers_and_people(data: Path, image_ids: Sequence[str]) -> tuple[np.ndarray
     return _answers(data, image_ids), people.loc[list(image_ids), "person"].to_numpy()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def protocol_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The flags every real-face bench shares: faces, weights, seeds, the protocol, device."""
     from core.synth_faces import FACES_ENV, default_faces_dir
     from studies import quality
 
-    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--faces", type=Path, default=default_faces_dir(),
                    help=f"faces folder (faces.csv, photos/); default ${FACES_ENV} or "
                         "../shared/faces beside the checkout")
@@ -114,13 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda, cuda:N (default cpu: the README's figures are the CPU's; "
                         "a GPU can afford a larger --trials/--epochs protocol)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = protocol_parser("python -m bench.quality", __doc__.split("\n")[0])
     p.add_argument("--no-search", action="store_true",
                    help="score the studies already in runs/quality/seedN (finished or cut "
                         "short: their complete trials) instead of searching anew")
     p.add_argument("--summarize", action="store_true",
                    help="print the table of the seeds already finished (runs/quality/seed*/"
                         "figures.json) without training, e.g. after an interrupted --seeds run")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
     return p
 
 
@@ -130,14 +136,16 @@ def _timed(fn, *args, **kwargs) -> tuple[object, float]:
     return out, time.perf_counter() - t0
 
 
-def prepare(args: argparse.Namespace, runs: Path) -> tuple[Path, dict, pd.DataFrame]:
-    """Data set and image caches (built on first use): data dir, stage seconds, crop shares."""
+def prepare(args: argparse.Namespace, runs: Path,
+            label_noise: float = 0.0) -> tuple[Path, dict, pd.DataFrame]:
+    """Data set and image caches (built on first use): data dir, stage seconds, crop shares;
+    ``label_noise`` plants label errors in the set (``bench.labels``)."""
     from core.cache import build_cache, default_cache_root
     from studies import face_settings, quality
 
     progress = sys.stderr.isatty()
     data, t_data = _timed(quality.ensure_data, runs, args.faces, args.people, args.eval_people,
-                          quality.DATA_SEED, progress)
+                          quality.DATA_SEED, progress, label_noise)
     reused = any(default_cache_root(data).glob("boxes-*.csv"))
     sizes = list(quality.IMAGE_SIZES.values())
     faces = face_settings(quality)
@@ -148,7 +156,10 @@ def prepare(args: argparse.Namespace, runs: Path) -> tuple[Path, dict, pd.DataFr
     return data, stages, shares
 
 
-def _search(args: argparse.Namespace, data: Path, seed: int, out: Path) -> None:
+def search_study(args: argparse.Namespace, data: Path, seed: int, out: Path,
+                 extra: Sequence[str] = ()) -> None:
+    """The protocol's search (``args.trials`` trials, no pruner) into ``out``/study.db; ``extra``
+    flags go to ``search.run`` (``bench.labels``: ``--corrections``)."""
     from search import run as search_run
 
     argv = ["--study", STUDY, "--trials", str(args.trials), "--data", str(data),
@@ -157,14 +168,16 @@ def _search(args: argparse.Namespace, data: Path, seed: int, out: Path) -> None:
             "--epochs", str(args.epochs), "--folds", str(args.folds),
             "--timeout", str(SAFETY_TIMEOUT_S), "--final", "0",  # a cap, not a user's budget
             "--device", args.device,
-            "--weights", str(args.weights)]
+            "--weights", str(args.weights), *extra]
     if sys.stderr.isatty():
         argv.append("--progress")
     if search_run.main(argv) != 0:
         raise DataError(f"bench.quality: the search (seed {seed}) failed; see above")
 
 
-def _ensemble(out: Path, data: Path) -> dict:
+def ensemble_study(out: Path, data: Path) -> dict:
+    """``search.ensemble`` on the study in ``out`` (its output kept in ensemble.txt); the
+    submission's record (submission.json)."""
     from search import ensemble
 
     argv = ["--study", STUDY, "--storage", f"sqlite:///{out / 'study.db'}",
@@ -210,8 +223,8 @@ def run_seed(args: argparse.Namespace, data: Path, seed: int, root: Path) -> dic
     else:
         shutil.rmtree(out, ignore_errors=True)  # a bench run measures now, never resumes
         out.mkdir(parents=True)
-        _, t_search = _timed(_search, args, data, seed, out)
-    payload, t_ens = _timed(_ensemble, out, data)
+        _, t_search = _timed(search_study, args, data, seed, out)
+    payload, t_ens = _timed(ensemble_study, out, data)
     eval_table = load_eval_table(data)
     oof, number, eval_probs, done = _best_trial(out)
     if done < args.trials:

@@ -52,21 +52,26 @@ GAUGE = {"loss": "focal", "mix": "none", "class_weights": "sqrt_inverse", "optim
 WARM_START = (GAUGE,)
 
 
-def data_name(faces_dir: Path, people: int, eval_people: int, seed: int) -> str:
-    """Folder name of the set built from ``faces_dir``: a changed faces.csv gets a new set."""
+def data_name(faces_dir: Path, people: int, eval_people: int, seed: int,
+              label_noise: float = 0.0) -> str:
+    """Folder name of the set built from ``faces_dir``: a changed faces.csv gets a new set, and
+    planted label errors (``label_noise``, ``bench.labels``) a set of their own."""
     csv = Path(faces_dir) / "faces.csv"
     try:
         digest = hashlib.sha1(csv.read_bytes()).hexdigest()[:10]
     except OSError as e:
         raise DataError(f"{csv}: cannot read ({e.strerror or e}); pass --faces DIR or set "
                         f"MASK_SEARCH_FACES") from None
-    return f"quality_data-{people}x{eval_people}-s{seed}-{digest}-v{LAYOUT_VERSION}"
+    noise = f"-noise{label_noise:g}" if label_noise else ""
+    return f"quality_data-{people}x{eval_people}-s{seed}-{digest}{noise}-v{LAYOUT_VERSION}"
 
 
 def ensure_data(runs: Path, faces_dir: Path, people: int = PEOPLE,
                 eval_people: int = EVAL_PEOPLE, seed: int = DATA_SEED,
-                progress: bool = False) -> Path:
-    """The real-face set under ``runs/``, generated the first time (then reused).
+                progress: bool = False, label_noise: float = 0.0) -> Path:
+    """The real-face set under ``runs/``, generated the first time (then reused); with
+    ``label_noise`` that share of train people per kind carries a planted label error
+    (``core.synth_layout.plant_label_noise``; truth in ``planted_errors.csv``).
 
     Generated in a temporary folder next to it and renamed, so an interrupted first run never
     leaves half a data set behind; a concurrent builder's identical result is kept.
@@ -74,9 +79,9 @@ def ensure_data(runs: Path, faces_dir: Path, people: int = PEOPLE,
     from core.synth_faces import generate
 
     return build_folder_once(
-        Path(runs) / data_name(faces_dir, people, eval_people, seed),
+        Path(runs) / data_name(faces_dir, people, eval_people, seed, label_noise),
         lambda tmp: generate(tmp, faces_dir, people=people, eval_people=eval_people, seed=seed,
-                             progress=progress))
+                             progress=progress, label_noise=label_noise))
 
 
 def default_data(runs: Path) -> Path:
