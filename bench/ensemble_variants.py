@@ -28,8 +28,8 @@ from core.cli import run_cli
 from core.errors import DataError
 from core.labels import NUM_CLASSES
 from core.metrics import macro_f1
-from search.ensemble_select import Selection
-from search.nested import Recipe
+from search.ensemble.nested import Recipe
+from search.ensemble.select import Selection
 
 #: The recipes raced: the CLI's default and the variants that change one thing.
 VARIANTS = {
@@ -46,9 +46,9 @@ def load(folder: Path) -> dict:
     folds and eval answers (the same loading ``search.ensemble`` does)."""
     import optuna
 
-    from search import ensemble
     from search.artifacts import open_store
-    from search.ensemble_trials import eval_answers, load_candidates, load_eval
+    from search.ensemble import cli
+    from search.ensemble.trials import eval_answers, load_candidates, load_eval
 
     db = folder / "study.db"
     if not db.is_file():
@@ -57,9 +57,9 @@ def load(folder: Path) -> dict:
     names = [s.study_name for s in optuna.study.get_all_study_summaries(storage)]
     if len(names) != 1:
         raise DataError(f"{db}: expected one study, found {len(names)}")
-    args = ensemble.build_parser().parse_args(["--study", names[0], "--storage", storage,
-                                               "--artifacts", str(folder / "artifacts")])
-    _, data_dir, table, folds, eval_table, ranked, _, _ = ensemble._load_study(args)
+    args = cli.build_parser().parse_args(["--study", names[0], "--storage", storage,
+                                          "--artifacts", str(folder / "artifacts")])
+    _, data_dir, table, folds, eval_table, ranked, _, _ = cli._load_study(args)
     store = open_store(folder / "artifacts")
     cands = load_candidates(ranked, store, len(table))
     answers = eval_answers(data_dir, eval_table["ImageID"].tolist())
@@ -71,9 +71,9 @@ def load(folder: Path) -> dict:
 
 
 def replay(study: dict, recipe: Recipe) -> tuple[dict[str, float], dict]:
-    """One recipe through ``search.ensemble.compare``: its held-out figures and nested one, and
+    """One recipe through ``search.ensemble.cli.compare``: its held-out figures and nested one, and
     ``compare``'s result (so the default's is not fitted again for the gain split)."""
-    from search.ensemble import SINGLE, compare
+    from search.ensemble.cli import SINGLE, compare
 
     oofs, y, folds, evals, ans = (study[k] for k in ("oofs", "labels", "folds", "evals",
                                                      "answers"))

@@ -178,7 +178,7 @@ def search_study(args: argparse.Namespace, data: Path, seed: int, out: Path,
 def ensemble_study(out: Path, data: Path) -> dict:
     """``search.ensemble`` on the study in ``out`` (its output kept in ensemble.txt); the
     submission's record (submission.json)."""
-    from search import ensemble
+    from search.ensemble import cli as ensemble
 
     argv = ["--study", STUDY, "--storage", f"sqlite:///{out / 'study.db'}",
             "--artifacts", str(out / "artifacts"), "--out", str(out / "submission.csv"),

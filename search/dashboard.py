@@ -19,7 +19,7 @@ from core.cli import EXPECTED, Parser, run_cli
 from core.config import ConfigError
 from search import paths
 from search.artifacts import open_store
-from search.storage import open_existing_storage, study_names
+from search.worker.storage import open_existing_storage, study_names
 
 
 def build_parser() -> argparse.ArgumentParser:

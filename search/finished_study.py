@@ -116,8 +116,8 @@ def submission_classes(payload: dict, member_probs: list[np.ndarray]
                        ) -> tuple[np.ndarray, np.ndarray]:
     """(blended probabilities, classes) as ``submission.json`` says: its members' ``weight``s
     and its decision rule (``offsets``, or the plain argmax). ``member_probs`` in members order."""
-    from search.decision import apply_offsets
-    from search.ensemble_select import blend
+    from search.ensemble.decision import apply_offsets
+    from search.ensemble.select import blend
 
     probs = blend(member_probs, np.array([m["weight"] for m in payload["members"]]))
     offsets = np.asarray(payload.get("offsets") or np.zeros(probs.shape[1]))
@@ -126,7 +126,7 @@ def submission_classes(payload: dict, member_probs: list[np.ndarray]
 
 def open_finished(args: argparse.Namespace) -> FinishedStudy:
     """The study of ``--study``/``--storage``/``--artifacts``, with at least one complete trial."""
-    from search.ensemble_trials import open_study
+    from search.ensemble.trials import open_study
 
     paths.check_study_name(args.study)
     storage = args.storage or paths.default_storage_url(args.study)

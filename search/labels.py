@@ -5,7 +5,7 @@ Why: every top team fixed label errors by hand, and a finished study already hol
 an out-of-fold (OOF) probability for every training photo from models that never saw it. Those
 are the submission's members blended with the weights ``search.ensemble`` recorded in
 ``submission.json`` (the best complete trial when there is none yet), read through the readers
-the other tools use (``search.finished_study``, ``search.ensemble_trials``).
+the other tools use (``search.finished_study``, ``search.ensemble.trials``).
 
 The scoring is cleanlab's label quality on threshold-adjusted probabilities; the person
 structure is ours on top:
@@ -212,8 +212,8 @@ def oof_probabilities(found: FinishedStudy, table: pd.DataFrame, folds: np.ndarr
     weights when ``submission.json`` exists, else the best complete trial with every fold.
     Refused (one line) when the trials ran on other data or folds than the folder gives now."""
     from core.dataset import data_fingerprint, folds_fingerprint
-    from search.ensemble_select import blend
-    from search.ensemble_trials import check_against_now, load_oof, rank_trials
+    from search.ensemble.select import blend
+    from search.ensemble.trials import check_against_now, load_oof, rank_trials
 
     now = {"data_fingerprint": data_fingerprint(table),
            "folds_fingerprint": folds_fingerprint(folds)}

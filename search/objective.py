@@ -13,11 +13,11 @@ Why it looks like this:
   checkpoint, and the user attr ``fold_done_<k>``), so a retried trial can resume from its
   finished folds and an interrupted one loses at most the running fold.
 - A retry of a trial whose worker died (``RetryHeartbeatStaleTrialCallback``, or the journal
-  reaper in ``search.claims``) inherits the dead trial's user attrs; when its config and data
-  are the same, it reuses those finished folds (probabilities, checkpoint, reported values) and
+  reaper in ``search.worker.claims``) inherits the dead trial's user attrs; when its config and
+  data are the same, it reuses those finished folds (probabilities, checkpoint, reported values) and
   trains only the rest. ``resumed_folds`` lists the reused ones.
-- A final-stage trial (``search.refit``, marked by its user attrs, ``search.stage``) trains with
-  its own epochs (``refit_epochs``) instead of the study's, reports its curve at the same step
+- A final-stage trial (``search.refit``, marked by its user attrs, ``search.worker.stage``) trains
+  with its own epochs (``refit_epochs``) instead of the study's, reports its curve at the same step
   scheme (so the dashboard draws it), and is never pruned: a divergence makes it FAIL.
 - ``data_fingerprint``, ``folds_fingerprint`` and ``eval_fingerprint`` (user attrs) say which
   rows a trial's OOF and eval probabilities belong to; the ensemble refuses mismatches.
@@ -62,12 +62,12 @@ from search.artifacts import (
     fold_done_attr,
     oof_fold_name,
 )
-from search.budget import Budget
-from search.claims import retried_from
 from search.space import check_fixed
-from search.stage import final_epochs, is_final
 from search.study_settings import pruning_step
 from search.trial_plots import class_f1, confusion_png
+from search.worker.budget import Budget
+from search.worker.claims import retried_from
+from search.worker.stage import final_epochs, is_final
 
 
 class FinalTrialDiverged(RuntimeError):
@@ -154,7 +154,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.config(trial)
-        final = is_final(trial)  # never pruned (search.stage)
+        final = is_final(trial)  # never pruned (search.worker.stage)
         data = self.data
         labels = data.labels
         done = self.resumable(trial, cfg)

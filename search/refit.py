@@ -6,14 +6,14 @@ epochs (default ``EPOCHS_FACTOR`` times the study's) as trials of the same study
 folds**: their out-of-fold rows line up with every other trial's, and ``search.ensemble`` takes
 them like any complete trial.
 
-How (``search.stage``): each one is enqueued with the params of the trial it refits and the user
-attrs ``stage="final"``, ``refit_of`` and ``refit_epochs``, and run by the study's own objective
-(``search.run``'s path): checkpoints, OOF and eval artifacts, curves in the dashboard, resume from
-finished folds. It is never pruned, a search worker neither claims nor counts it (``--trials``),
-and no pruner compares a search trial with it.
+How (``search.worker.stage``): each one is enqueued with the params of the trial it refits and
+the user attrs ``stage="final"``, ``refit_of`` and ``refit_epochs``, and run by the study's own
+objective (``search.run``'s path): checkpoints, OOF and eval artifacts, curves in the
+dashboard, resume from finished folds. It is never pruned, a search worker neither claims nor
+counts it (``--trials``), and no pruner compares a search trial with it.
 
 Reruns are safe: a configuration already refitted at these epochs (complete, queued or running)
-is skipped; a final trial killed mid-run is found dead (``search.claims.reap``) and its retry
+is skipped; a final trial killed mid-run is found dead (``search.worker.claims.reap``) and its retry
 resumes from its finished folds; one that failed otherwise (Ctrl-C, an error) is queued again as
 its retry, which resumes the same way.
 """
@@ -31,12 +31,12 @@ from core.cli import EXPECTED, Parser, run_cli
 from core.config import ConfigError
 from core.loader import default_loader_workers
 from search import run_args
-from search.claims import claim_lock, log, reap
-from search.final_stage import EPOCHS_FACTOR, outcome, queue_final
 from search.finished_study import add_study_flags, open_finished
 from search.run import Run, auto_device, next_commands, open_run, search_here
-from search.stage import FINAL, final_trials
-from search.trial_loop import StorageUnreachable, TooManyFailures
+from search.worker.claims import claim_lock, log, reap
+from search.worker.final_stage import EPOCHS_FACTOR, outcome, queue_final
+from search.worker.stage import FINAL, final_trials
+from search.worker.trial_loop import StorageUnreachable, TooManyFailures
 
 DEFAULT_TOP = 1
 DESCRIPTION = ("Retrain a study's best configurations for more epochs on the same folds, as "

@@ -10,7 +10,7 @@ summary and exits 130.
 
 Many workers: ``--workers N`` starts N processes on the CPU (cores shared equally), ``--gpus
 0,1,2,3`` one process per GPU (``CUDA_VISIBLE_DEVICES``); several machines run the same command
-against one PostgreSQL ``--storage``. Workers claim trials through ``search.claims``, so the
+against one PostgreSQL ``--storage``. Workers claim trials through ``search.worker.claims``, so the
 study still ends with exactly ``--trials`` finished trials, and a dead worker's trial is failed
 and retried from its finished folds.
 
@@ -45,16 +45,9 @@ from core.loader import default_loader_workers
 from core.study_data import load_study_data
 from search import paths
 from search.artifacts import open_store
-from search.budget import Budget
-from search.claims import FINISHED, claim_lock, log
-from search.final_stage import EPOCHS_FACTOR, queue_final
-from search.launcher import launch, worker_envs
 from search.objective import Objective
-from search.retention import CheckpointRetention
 from search.run_args import build_parser
 from search.space import fixed_sampler, override_waiting, warm_start
-from search.stage import FINAL, SEARCH, final_trials, search_trials
-from search.storage import open_storage
 from search.study_settings import (
     StudySettings,
     create_pruner,
@@ -64,7 +57,14 @@ from search.study_settings import (
     settle_pruner,
 )
 from search.tracking import TrackerCallback, check_trackers, prepare_trackers
-from search.trial_loop import StorageUnreachable, TooManyFailures, run_worker
+from search.worker.budget import Budget
+from search.worker.claims import FINISHED, claim_lock, log
+from search.worker.final_stage import EPOCHS_FACTOR, queue_final
+from search.worker.launcher import launch, worker_envs
+from search.worker.retention import CheckpointRetention
+from search.worker.stage import FINAL, SEARCH, final_trials, search_trials
+from search.worker.storage import open_storage
+from search.worker.trial_loop import StorageUnreachable, TooManyFailures, run_worker
 from studies import face_settings, get_study
 
 

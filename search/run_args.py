@@ -6,11 +6,11 @@ import argparse
 
 from core.cli import Parser
 from core.weights import WEIGHTS_ENV
-from search.final_stage import DEFAULT_FINAL, EPOCHS_FACTOR
-from search.retention import DEFAULT_KEEP_CHECKPOINTS
-from search.storage import DEFAULT_GRACE_S, DEFAULT_HEARTBEAT_S, DEFAULT_MAX_RETRY
 from search.study_settings import PRUNERS, SAMPLERS
 from search.tracking import INSTALL, TRACKERS
+from search.worker.final_stage import DEFAULT_FINAL, EPOCHS_FACTOR
+from search.worker.retention import DEFAULT_KEEP_CHECKPOINTS
+from search.worker.storage import DEFAULT_GRACE_S, DEFAULT_HEARTBEAT_S, DEFAULT_MAX_RETRY
 from studies import STUDIES
 
 DESCRIPTION = "Create or resume a study and run trials until it has N finished ones."

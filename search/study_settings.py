@@ -24,8 +24,8 @@ from core.errors import DataError
 from core.weights import check_weights, fingerprint, weights_dir
 from search import paths
 from search.space import explore, parse_fixes
-from search.stage import SearchOnlyPruner
-from search.storage import study_names
+from search.worker.stage import SearchOnlyPruner
+from search.worker.storage import study_names
 
 #: What a reported step means to each pruner: "epoch" = ``fold * epochs + epoch``, "fold" =
 #: ``fold``. "none" prunes nothing, so it reports in whichever mode the study has.

@@ -38,8 +38,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from core.errors import DataError
 from search import artifacts, paths
-from search.claims import log
-from search.trial_loop import ERROR_ATTR
+from search.worker.claims import log
+from search.worker.trial_loop import ERROR_ATTR
 
 #: ``--log-to`` choices, each with the package it needs.
 TRACKERS: dict[str, str] = {"wandb": "wandb", "mlflow": "mlflow"}

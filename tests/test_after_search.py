@@ -17,8 +17,9 @@ import pandas as pd
 import pytest
 
 from core.faces import FOUND_SOURCES
-from search import ensemble, predict
+from search import predict
 from search import run as search_run
+from search.ensemble import cli as ensemble
 from tests.test_search import args, enqueue
 
 STUDY = "demo"  # search.run takes the space from the study of this name

@@ -10,10 +10,10 @@ import pytest
 from optuna.trial import TrialState
 
 from search import artifacts
-from search.budget import TIME_BUDGET, Budget
-from search.claims import claim_lock
 from search.objective import Objective
-from search.trial_loop import ERROR_ATTR, run_worker
+from search.worker.budget import TIME_BUDGET, Budget
+from search.worker.claims import claim_lock
+from search.worker.trial_loop import ERROR_ATTR, run_worker
 from studies import demo
 from tests.conftest import FAST
 from tests.test_search import fake_fit, fake_predict
@@ -25,7 +25,7 @@ EPOCHS, EPOCH_S = 3, 10.0
 def test_deadline_stops_the_trial_at_an_epoch_and_a_rerun_resumes_it(study_data, tmp_path,
                                                                       monkeypatch) -> None:
     clock = [1000.0]
-    monkeypatch.setattr("search.budget.time.time", lambda: clock[0])
+    monkeypatch.setattr("search.worker.budget.time.time", lambda: clock[0])
     seen: list[int] = []
     fit_with_seen = fake_fit(seen)
 

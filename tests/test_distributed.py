@@ -41,10 +41,15 @@ from search.artifacts import (
     fold_done_attr,
     oof_fold_name,
 )
-from search.claims import OWNER_ATTR, claim, claim_lock, reap, retried_from
 from search.run import main
-from search.storage import open_storage
-from search.trial_loop import ERROR_ATTR, MAX_CONSECUTIVE_FAILURES, TooManyFailures, run_worker
+from search.worker.claims import OWNER_ATTR, claim, claim_lock, reap, retried_from
+from search.worker.storage import open_storage
+from search.worker.trial_loop import (
+    ERROR_ATTR,
+    MAX_CONSECUTIVE_FAILURES,
+    TooManyFailures,
+    run_worker,
+)
 from tests.conftest import FAST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -466,8 +471,8 @@ def test_bad_storage_urls_are_one_line(url: str, expect: str, tmp_path: Path, ca
 
 
 def test_gpus_start_one_worker_per_device_and_workers_share_the_cores() -> None:
-    from search.launcher import worker_envs
     from search.run import build_parser, child_argv
+    from search.worker.launcher import worker_envs
 
     argv = ["--study", "demo", "--trials", "8", "--gpus", "0,2"]
     assert build_parser().parse_args(argv).gpus == ["0", "2"]
@@ -485,7 +490,7 @@ def test_gpus_start_one_worker_per_device_and_workers_share_the_cores() -> None:
 def test_a_trial_finishing_after_the_study_reached_n_is_failed_not_counted(tmp_path) -> None:
     """While this worker's trial ran, another process finished the N-th trial (a retry of a
     trial wrongly judged dead, say): telling this one COMPLETE would make N + 1."""
-    from search.trial_loop import SURPLUS
+    from search.worker.trial_loop import SURPLUS
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     study = optuna.create_study(study_name="s", storage=url, direction="maximize")

@@ -27,14 +27,14 @@ from core.metrics import macro_f1
 from core.splits import person_folds
 from search import artifacts
 from search.artifacts import EVAL, OOF
-from search.ensemble import (
-    blend,
+from search.ensemble.cli import (
     cross_fitted_f1,
     greedy_select,
     main,
     write_submission,
 )
-from search.ensemble_score import main as score_main
+from search.ensemble.score import main as score_main
+from search.ensemble.select import blend
 
 N_FOLDS = 4
 HALF = NUM_CLASSES // 2
@@ -47,10 +47,11 @@ pytestmark = pytest.mark.usefixtures("quiet_optuna")
 def test_one_macro_f1_everywhere_and_torch_free():
     """Engine, objective and ensemble score with the same function; importing it needs no torch."""
     import core.engine
-    import search.ensemble
+    import search.ensemble.cli
     import search.objective
 
-    assert core.engine.macro_f1 is search.objective.macro_f1 is search.ensemble.macro_f1 is macro_f1
+    assert (core.engine.macro_f1 is search.objective.macro_f1 is search.ensemble.cli.macro_f1
+            is macro_f1)
     code = "import sys, core.metrics; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
@@ -239,7 +240,7 @@ def test_cli_writes_submission_and_beats_best_single(maker, synth_data, capsys):
     assert printed.startswith("nested cross-fitted")  # the honest figures come first
     assert "optimistic" in printed and "eval answers" in printed
     last = printed.strip().splitlines()[-1]
-    assert last == (f"score it: python -m search.ensemble_score {maker.out} "
+    assert last == (f"score it: python -m search.ensemble.score {maker.out} "
                     f"{synth_data / 'eval_answers.csv'}")
 
     info = pd.read_csv(synth_data / "eval" / "info.csv", dtype={"ImageID": str})
@@ -265,7 +266,7 @@ def test_cli_writes_submission_and_beats_best_single(maker, synth_data, capsys):
 def test_a_two_trial_study_submits_its_best_trial_and_says_why(maker, capsys):
     """Two complementary trials: the ensemble is far ahead, but two trials are no pool
     (``MIN_POOL``); ``--min-pool 2`` submits the ensemble."""
-    from search.ensemble import MIN_POOL
+    from search.ensemble.cli import MIN_POOL
 
     maker.add_pair()
     assert maker.cli("--no-gradcam") == 0
@@ -406,12 +407,12 @@ def test_crash_mid_write_keeps_the_previous_files(maker, monkeypatch, capsys):
 
 KILLER = """
 import os, sys, time
-import search.ensemble
+import search.ensemble.cli
 def stall(fd):  # the new bytes are in the temp file; stop here until killed
     print("WRITING", flush=True)
     time.sleep(120)
 os.fsync = stall
-sys.exit(search.ensemble.main(sys.argv[1:]))
+sys.exit(search.ensemble.cli.main(sys.argv[1:]))
 """
 
 

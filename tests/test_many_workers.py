@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.trial_loop import ERROR_ATTR
+from search.worker.trial_loop import ERROR_ATTR
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS, TRIALS = 6, 36
@@ -21,9 +21,9 @@ WORKERS, TRIALS = 6, 36
 WORKER = textwrap.dedent("""
     import sys, time
     import optuna
-    from search.claims import claim_lock
-    from search.storage import open_storage
-    from search.trial_loop import run_worker
+    from search.worker.claims import claim_lock
+    from search.worker.storage import open_storage
+    from search.worker.trial_loop import run_worker
 
     url = sys.argv[1]
     storage = open_storage(url, heartbeat_interval=1, grace_period=30)
@@ -52,7 +52,7 @@ def test_six_workers_on_one_sqlite_file_end_with_exactly_n(tmp_path: Path) -> No
     assert not any("database is locked" in e for e in errs), errs
     trials = optuna.load_study(study_name="many", storage=url).trials
     # Exactly N trials ever started, all COMPLETE: no (N + 1)-th started and failed 'surplus'
-    # (the claim counts finished and running trials in one read: search.claims.claim).
+    # (the claim counts finished and running trials in one read: search.worker.claims.claim).
     others = [(t.number, t.state.name, t.user_attrs.get(ERROR_ATTR)) for t in trials
               if t.state != TrialState.COMPLETE]
     assert others == [] and len(trials) == TRIALS

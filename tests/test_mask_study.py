@@ -17,7 +17,7 @@ from huggingface_hub import constants
 from optuna.trial import TrialState
 from safetensors.torch import load_file, save_file
 
-import search.ensemble
+import search.ensemble.cli
 import search.run
 import search.weights
 from core.config import ConfigError
@@ -203,7 +203,7 @@ def test_mask_study_runs_offline_on_local_weights_then_ensembles(offline, tiny_d
     conv1 = state.get("conv1.weight", state.get("backbone.conv1.weight"))  # single / multi head
     assert (conv1 - 0.01).abs().max() < 2e-3  # a few Adam steps at lr 1e-5 from the file
     capsys.readouterr()
-    assert search.ensemble.main(["--study", "mask", "--storage", url, "--artifacts",
+    assert search.ensemble.cli.main(["--study", "mask", "--storage", url, "--artifacts",
                                  str(tmp_path / "artifacts"), "--out",
                                  str(tmp_path / "sub.csv")]) == 0
     assert (tmp_path / "sub.csv").read_text().startswith("ImageID,ans\n")

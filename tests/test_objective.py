@@ -21,7 +21,7 @@ from core.engine import FoldResult
 from core.labels import NUM_CLASSES
 from search import artifacts
 from search.artifacts import OOF
-from search.ensemble import main as ensemble_main
+from search.ensemble.cli import main as ensemble_main
 from tests.conftest import FAST, STUDY_DATA_FOLDS
 
 DEMO = __import__("studies.demo", fromlist=["space"])

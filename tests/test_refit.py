@@ -1,4 +1,4 @@
-"""The final stage (``search.refit``) and the stage marks it relies on (``search.stage``).
+"""The final stage (``search.refit``) and the stage marks it relies on (``search.worker.stage``).
 
 One module fixture runs a tiny demo search (3 trials, 3 folds, 1 epoch, real engine), refits its
 2 best configurations, runs the refit again (nothing to do), then asks ``search.run`` for one
@@ -25,11 +25,14 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from core.labels import NUM_CLASSES
-from search import artifacts, ensemble, final_stage, refit
+from search import artifacts, refit
 from search import run as search_run
 from search.artifacts import checkpoint_name, eval_fold_name, fold_done_attr, oof_fold_name
-from search.claims import OWNER_ATTR, claim, claim_lock, retried_from
-from search.stage import (
+from search.ensemble import cli as ensemble
+from search.study_settings import create_pruner
+from search.worker import final_stage
+from search.worker.claims import OWNER_ATTR, claim, claim_lock, retried_from
+from search.worker.stage import (
     EPOCHS_ATTR,
     FINAL,
     REFIT_OF_ATTR,
@@ -37,8 +40,7 @@ from search.stage import (
     final_attrs,
     is_final,
 )
-from search.storage import open_storage
-from search.study_settings import create_pruner
+from search.worker.storage import open_storage
 from tests.conftest import FAST
 from tests.test_distributed import FOLDS, _kill_mid_trial  # 3 folds: a kill lands mid-trial
 from tests.test_search import fake_fit, fake_predict

@@ -15,11 +15,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-import search.budget
 import search.run
-from search.claims import OWNER_ATTR, claim, claim_lock, retried_from
+import search.worker.budget
 from search.objective import Objective
-from search.storage import open_storage
+from search.worker.claims import OWNER_ATTR, claim, claim_lock, retried_from
+from search.worker.storage import open_storage
 from studies import demo
 from tests.test_objective import RecordingFit, uniform_predict
 
@@ -235,7 +235,7 @@ def test_the_time_budget_stops_the_run_at_an_epoch_and_the_summary_says_so(
     fold's epoch (120 s) and stops there, FAIL 'time budget' and queued for a rerun; no third
     trial starts; the summary says so."""
     clock = [1000.0]
-    monkeypatch.setattr(search.budget, "time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(search.worker.budget, "time", SimpleNamespace(time=lambda: clock[0]))
 
     def epoch_costs_30_s(fold: int, epoch: int) -> float:
         clock[0] += 30
@@ -264,9 +264,9 @@ def test_hours_keep_time_for_the_final_stage_and_use_the_rest(
     retrained (t = 180..300); ``--final 0`` spends it all on search trials (t = 0..300). Both
     end with 10 s left, less than anything takes: 97% of the budget used."""
     clock = [1000.0]
-    monkeypatch.setattr(search.budget, "time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(search.worker.budget, "time", SimpleNamespace(time=lambda: clock[0]))
     # the record a real run would have: search trials take 60 s (trial datetimes are real time)
-    monkeypatch.setattr(search.budget.Budget, "expected_trial_s", lambda self, study: 60.0)
+    monkeypatch.setattr(search.worker.budget.Budget, "expected_trial_s", lambda self, study: 60.0)
 
     def epoch_costs_30_s(fold: int, epoch: int) -> float:
         clock[0] += 30

@@ -14,10 +14,11 @@ import optuna
 import pandas as pd
 import pytest
 
-from search import artifacts, ensemble, predict
+from search import artifacts, predict
 from search import run as search_run
-from search.claims import claim, claim_lock
-from search.storage import open_storage
+from search.ensemble import cli as ensemble
+from search.worker.claims import claim, claim_lock
+from search.worker.storage import open_storage
 from tests.test_search import args, enqueue
 
 pytestmark = pytest.mark.slow

@@ -30,8 +30,8 @@ from core.loader import RowView
 from search import artifacts
 from search.artifacts import CLASS_F1, CONFUSION, EVAL, OOF, checkpoint_name
 from search.objective import Objective
-from search.retention import CheckpointRetention
 from search.run import main
+from search.worker.retention import CheckpointRetention
 from tests.conftest import FAST, STUDY_DATA_FOLDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,7 +220,8 @@ def test_wilcoxon_mode_reports_one_value_per_fold(study_data, tmp_path: Path) ->
 def test_summary_ends_with_the_next_commands_for_this_study(flags: dict) -> None:
     """The last two lines are the dashboard and ensemble commands, carrying exactly the
     non-default flags, and each parses with that CLI's own parser to the same study."""
-    from search import dashboard, ensemble
+    from search import dashboard
+    from search.ensemble import cli as ensemble
     from search.run import summary
 
     study = optuna.create_study(study_name="mine", direction="maximize")

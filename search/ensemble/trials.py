@@ -42,7 +42,7 @@ def open_study(name: str, url: str):
     """Load study ``name`` without creating anything: a missing SQLite file is an error."""
     import optuna
 
-    from search.storage import open_existing_storage, study_names
+    from search.worker.storage import open_existing_storage, study_names
 
     storage = open_existing_storage(url)
     try:

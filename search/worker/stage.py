@@ -4,8 +4,8 @@ The final stage (``search.refit``) retrains the best configurations for more epo
 the same study, on the same folds, so their out-of-fold rows line up with every other trial's and
 ``search.ensemble`` can take them. Such a trial is not one of the search's:
 
-- it never counts toward ``--trials`` (``search.claims``, ``search.run``'s summary) and a search
-  worker never claims it (only ``search.refit`` does);
+- it never counts toward ``--trials`` (``search.worker.claims``, ``search.run``'s summary) and a
+  search worker never claims it (only ``search.refit`` does);
 - it is never pruned, and no pruner compares a search trial with it: its step
   ``fold * epochs + epoch`` counts other epochs, and a longer-trained trial is not the yardstick
   of a short one (``SearchOnlyPruner``);

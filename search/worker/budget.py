@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from search.stage import FINAL, SEARCH, final_trials, search_trials
+from search.worker.stage import FINAL, SEARCH, final_trials, search_trials
 
 #: The ``error`` user attr of a trial stopped by the budget.
 TIME_BUDGET = "time budget"

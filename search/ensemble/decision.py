@@ -5,7 +5,7 @@ task the rare classes (every ">=60" class) are under-predicted, and each of them
 in macro F1 as a common one. Adding an offset to the log-probability of a group of classes and
 taking the argmax moves the decision boundary toward the rare groups. The offsets are fitted on
 OOF predictions by coordinate ascent on macro F1 over a fixed grid; whether they are kept is
-decided by the nested estimate (``search.nested``), not here.
+decided by the nested estimate (``search.ensemble.nested``), not here.
 
 Kinds: ``age`` (one offset per age group, 2 free numbers: the smallest version that can fix
 the ">=60" under-prediction), ``class`` (one per class, 18), ``none``.

@@ -9,7 +9,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import artifacts
 from search.artifacts import checkpoint_names
-from search.claims import retried_from
+from search.worker.claims import retried_from
 
 DEFAULT_KEEP_CHECKPOINTS = 10
 

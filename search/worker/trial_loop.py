@@ -23,9 +23,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from core.config import ConfigError
 from core.errors import DataError, first_line
-from search.budget import TIME_BUDGET, Budget, TimeBudgetExceeded
-from search.claims import FINISHED, claim, heartbeats_on, log, retry_callback
-from search.stage import FINAL, SEARCH, search_trials
+from search.worker.budget import TIME_BUDGET, Budget, TimeBudgetExceeded
+from search.worker.claims import FINISHED, claim, heartbeats_on, log, retry_callback
+from search.worker.stage import FINAL, SEARCH, search_trials
 
 ERROR_ATTR = "error"  # user attr of a FAIL trial: why, in one line
 #: Errors every trial would hit (a bad study space, bad data): they stop the worker at once.
@@ -144,7 +144,7 @@ def _room_for_one(study: optuna.Study, n_total: int,
     started, but a retry can be queued after that for a trial that was wrongly judged dead (a
     heartbeat starved on a loaded machine) and still finishes: without this second check the
     study would end with N + 1 (seen once in the PostgreSQL kill test under load). Final-stage
-    trials are not counted (``search.stage``)."""
+    trials are not counted (``search.worker.stage``)."""
     with lock():
         return len(search_trials(study, FINISHED)) < n_total
 

@@ -14,9 +14,10 @@ the user attr ``worker``; a RUNNING trial whose owner process on THIS host is go
 re-queued the same way. Owners on other hosts cannot be checked: the journal is for one machine.
 Retries are claimed before other waiting trials, and resume from their finished folds.
 
-Stages (``search.stage``): a search worker counts, claims and waits for search-stage trials only;
-``search.refit`` claims final-stage trials only, from the queue it filled. Neither takes the
-other's waiting trials, so a final trial's retry is resumed by the final stage, not by a search.
+Stages (``search.worker.stage``): a search worker counts, claims and waits for search-stage
+trials only; ``search.refit`` claims final-stage trials only, from the queue it filled. Neither
+takes the other's waiting trials, so a final trial's retry is resumed by the final stage, not by
+a search.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 from optuna.trial import FrozenTrial, TrialState
 
 from core.atomic import file_lock, pid_alive, proc_stat
-from search.stage import FINAL, SEARCH, is_final, search_trials
-from search.storage import journal_path
+from search.worker.stage import FINAL, SEARCH, is_final, search_trials
+from search.worker.storage import journal_path
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OWNER_ATTR = "worker"

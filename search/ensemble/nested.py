@@ -17,8 +17,8 @@ import numpy as np
 
 from core.errors import DataError
 from core.metrics import macro_f1
-from search.decision import apply_offsets, fit_offsets
-from search.ensemble_select import Selection, blend, check_probs, filter_pool, select_weights
+from search.ensemble.decision import apply_offsets, fit_offsets
+from search.ensemble.select import Selection, blend, check_probs, filter_pool, select_weights
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Recipe:
 
     top: int = 10  # the pool: the K best trials by macro F1 on the rows the recipe sees
     selection: Selection = field(default_factory=Selection)
-    offsets: str = "age"  # offset kind fitted on top of the blend (see search.decision)
+    offsets: str = "age"  # offset kind fitted on top of the blend (see search.ensemble.decision)
 
 
 @dataclass

@@ -1,14 +1,15 @@
 """Ensemble a study's trials into a submission: ``python -m search.ensemble``.
 
-The recipe (``search.nested``): rank the complete trials by out-of-fold (OOF) macro F1, keep the
-``--top`` best as the pool and drop those far below its median, choose members and weights by
-forward selection (``search.ensemble_select``), then fit a decision rule for macro F1 (offsets on
-the log-probabilities, ``search.decision``). Every one of those choices is made on OOF rows, so
-the in-sample figure is optimistic; the figures printed first are nested cross-fitted (the whole
-recipe fitted on half of the folds, scored on the other half, and swapped), for the ensemble and
-for the best single trial alike. The submission is the ensemble only when its nested estimate
-beats the best single trial's, and keeps offsets only when they raise the nested estimate.
-``--top 1 --size 1`` is the best single trial alone, through the same decision-rule step.
+The recipe (``search.ensemble.nested``): rank the complete trials by out-of-fold (OOF) macro
+F1, keep the ``--top`` best as the pool and drop those far below its median, choose members and
+weights by forward selection (``search.ensemble.select``), then fit a decision rule for macro F1
+(offsets on the log-probabilities, ``search.ensemble.decision``). Every one of those choices is
+made on OOF rows, so the in-sample figure is optimistic; the figures printed first are nested
+cross-fitted (the whole recipe fitted on half of the folds, scored on the other half, and
+swapped), for the ensemble and for the best single trial alike. The submission is the ensemble
+only when its nested estimate beats the best single trial's, and keeps offsets only when they
+raise the nested estimate. ``--top 1 --size 1`` is the best single trial alone, through the same
+decision-rule step.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from core.cli import Parser, run_cli
 from core.errors import DataError
 from core.labels import NUM_CLASSES
 from core.metrics import macro_f1
-from search.decision import OFFSET_KINDS
-from search.ensemble_select import OBJECTIVES, Selection, blend, select_weights
-from search.nested import Recipe, fit_recipe, nested_f1
+from search.ensemble.decision import OFFSET_KINDS
+from search.ensemble.nested import Recipe, fit_recipe, nested_f1
+from search.ensemble.select import OBJECTIVES, Selection, select_weights
 
 DEFAULT_TOP = 10
 DEFAULT_SIZE = 20  # selection rounds; the best prefix is kept
@@ -47,7 +48,7 @@ NESTED_MARGIN = 0.005
 #: 4 is a judgement, not yet a measurement on the yardstick's seeds. ``--min-pool 1``: rule off.
 MIN_POOL = 4
 SINGLE = Recipe(top=1, selection=Selection(size=0, init=1, pool_margin=None))
-__all__ = ["blend", "build_parser", "cross_fitted_f1", "greedy_select", "main", "run",
+__all__ = ["build_parser", "cross_fitted_f1", "greedy_select", "main", "run",
            "write_json", "write_submission"]
 
 
@@ -55,7 +56,7 @@ def greedy_select(oof_list: Sequence[np.ndarray], labels: np.ndarray,
                   size: int = DEFAULT_SIZE) -> np.ndarray:
     """Plain Caruana selection on macro F1 from the empty set (no pool filter, init or bags).
 
-    Kept for callers of the first version; the CLI uses ``search.nested.fit_recipe``.
+    Kept for callers of the first version; the CLI uses ``search.ensemble.nested.fit_recipe``.
     """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
@@ -210,7 +211,7 @@ def _load_study(args: argparse.Namespace):
     """(study, storage, data_dir, table, folds, eval_table, ranked trials, notes, fps)."""
     from core.dataset import fingerprints, load_eval_table
     from search import paths
-    from search.ensemble_trials import check_against_now, open_study, rank_trials
+    from search.ensemble.trials import check_against_now, open_study, rank_trials
     from search.finished_study import study_rows
 
     paths.check_study_name(args.study)
@@ -228,7 +229,7 @@ def run(args: argparse.Namespace) -> dict:
     """The whole command; returns the JSON payload it wrote."""
     from search import paths
     from search.artifacts import open_store
-    from search.ensemble_trials import eval_answers, load_candidates, load_eval, open_study
+    from search.ensemble.trials import eval_answers, load_candidates, load_eval, open_study
     from search.finished_study import SUBMISSION_ATTR
 
     recipe = recipe_of(args)
@@ -285,7 +286,7 @@ def _explain_best(name: str, storage: str, store, number: int) -> str:
     says so. A trial that cannot be explained (its checkpoints removed, say) is a note in that
     line, never a failed ensemble."""
     from core.errors import first_line
-    from search.ensemble_trials import open_study
+    from search.ensemble.trials import open_study
     from search.explain import explain, gradcam_name
     from search.finished_study import FinishedStudy
 
@@ -353,7 +354,7 @@ def _print_report(payload: dict) -> None:
         print(payload["gradcam"])
     print(f"wrote {payload['submission']} and {Path(payload['submission']).with_suffix('.json')}")
     if payload["answers"]:
-        print(f"score it: python -m search.ensemble_score {payload['submission']} "
+        print(f"score it: python -m search.ensemble.score {payload['submission']} "
               f"{payload['answers']}")
     else:
         print("score it: upload it to the competition (no eval_answers.csv beside the data)")

@@ -8,7 +8,7 @@ PostgreSQL (``postgresql://USER@HOST:PORT/DB``) is for several machines.
 RDB storages (SQLite, PostgreSQL) get heartbeats: a running trial whose worker stops beating
 for ``grace_period`` seconds is marked FAIL and re-queued by ``RetryHeartbeatStaleTrialCallback``
 (the retry resumes from the failed trial's finished folds, see ``search.objective``). The
-journal has no heartbeats in Optuna; ``search.claims`` reaps dead workers there by pid.
+journal has no heartbeats in Optuna; ``search.worker.claims`` reaps dead workers there by pid.
 """
 
 from __future__ import annotations

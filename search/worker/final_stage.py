@@ -1,8 +1,8 @@
 """Which configurations the final stage retrains, and how each one ended.
 
 Shared by ``search.refit`` (the final stage on its own) and ``search.run --hours`` (the final
-stage inside the budget, ``search.budget`` keeping its time). A final trial is a trial of the
-study marked by ``search.stage``; this module only chooses, queues and reports them.
+stage inside the budget, ``search.worker.budget`` keeping its time). A final trial is a trial of
+the study marked by ``search.worker.stage``; this module only chooses, queues and reports them.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from core.errors import DataError
-from search.claims import retry_callback
-from search.stage import EPOCHS_ATTR, REFIT_OF_ATTR, final_attrs, final_trials, search_trials
-from search.trial_loop import ERROR_ATTR
+from search.worker.claims import retry_callback
+from search.worker.stage import EPOCHS_ATTR, REFIT_OF_ATTR, final_attrs, final_trials, search_trials
+from search.worker.trial_loop import ERROR_ATTR
 
 #: Default epochs of a final trial: this many times the study's (its trials' length).
 EPOCHS_FACTOR = 2

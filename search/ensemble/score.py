@@ -1,4 +1,4 @@
-"""Score a submission against true answers: ``python -m search.ensemble_score SUB ANSWERS``.
+"""Score a submission against true answers: ``python -m search.ensemble.score SUB ANSWERS``.
 
 Why a command: synthetic data (the demo, ``core.synth``) ship ``eval_answers.csv``, and the
 ensemble's last line tells the user how to check its submission on them with the one macro F1.
@@ -40,7 +40,7 @@ def score(submission: str | Path, answers: str | Path) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = Parser(prog="python -m search.ensemble_score",
+    p = Parser(prog="python -m search.ensemble.score",
                description="Macro F1 of a submission CSV on true answers.")
     p.add_argument("submission", help="ImageID,ans CSV (search.ensemble's output)")
     p.add_argument("answers", help="ImageID,ans CSV with the true classes")
