@@ -2,13 +2,14 @@
 
 ``python -m bench.ensemble_variants runs/quality/seed0 runs/quality/seed1 ...`` reads each
 folder ``bench.quality`` leaves (``study.db``, ``artifacts/``; the data must ship
-``eval_answers.csv``), runs ``search.ensemble``'s own decision (``compare``) with each recipe
-below, and prints per study and on average: the ensemble's held-out macro F1 minus the best
-trial's plain argmax (issue 13's goal), the submission minus the best single trial through the
-same rule (``--top 1 --size 1``), and the nested estimate minus held-out. Then it splits the
-default ensemble's gain over the best trial into the six ">=60" classes' share of macro F1 and
-the other twelve, in sample and held out: where an in-sample gain comes from rare classes with a
-handful of people per fold, it is noise. No training: seconds per study.
+``eval_answers.csv``), runs ``search.ensemble``'s own decision
+(``search.ensemble.choice.compare``) with each recipe below, and prints per study and on
+average: the ensemble's held-out macro F1 minus the best trial's plain argmax (issue 13's goal),
+the submission minus the best single trial through the same rule (``--top 1 --size 1``), and
+the nested estimate minus held-out. Then it splits the default ensemble's gain over the best
+trial into the six ">=60" classes' share of macro F1 and the other twelve, in sample and held
+out: where an in-sample gain comes from rare classes with a handful of people per fold, it is
+noise. No training: seconds per study.
 """
 
 from __future__ import annotations
@@ -71,9 +72,9 @@ def load(folder: Path) -> dict:
 
 
 def replay(study: dict, recipe: Recipe) -> tuple[dict[str, float], dict]:
-    """One recipe through ``search.ensemble.cli.compare``: its held-out figures and nested one, and
-    ``compare``'s result (so the default's is not fitted again for the gain split)."""
-    from search.ensemble.cli import SINGLE, compare
+    """One recipe through ``search.ensemble.choice.compare``: its held-out figures and nested
+    one, and ``compare``'s result (so the default's is not fitted again for the gain split)."""
+    from search.ensemble.choice import SINGLE, compare
 
     oofs, y, folds, evals, ans = (study[k] for k in ("oofs", "labels", "folds", "evals",
                                                      "answers"))

@@ -31,7 +31,7 @@ from core.labels import AGE_GROUP_NAMES, CLASS_NAMES, MASK_NAMES, decode
 from core.metrics import macro_f1
 from search import paths
 from search.artifacts import OOF, finished_artifacts, load_array
-from search.ensemble.cli import what_it_uses
+from search.ensemble.choice import what_it_uses
 from search.finished_study import (
     FinishedStudy,
     add_study_flags,

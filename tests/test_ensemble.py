@@ -266,7 +266,7 @@ def test_cli_writes_submission_and_beats_best_single(maker, synth_data, capsys):
 def test_a_two_trial_study_submits_its_best_trial_and_says_why(maker, capsys):
     """Two complementary trials: the ensemble is far ahead, but two trials are no pool
     (``MIN_POOL``); ``--min-pool 2`` submits the ensemble."""
-    from search.ensemble.cli import MIN_POOL
+    from search.ensemble.choice import MIN_POOL
 
     maker.add_pair()
     assert maker.cli("--no-gradcam") == 0

@@ -178,7 +178,7 @@ def test_nested_ensemble_beats_nested_single_when_trials_complement(labels, fold
 
 
 def test_the_single_trial_replaces_the_ensemble_only_when_clearly_better_nested():
-    from search.ensemble.cli import NESTED_MARGIN, choose
+    from search.ensemble.choice import NESTED_MARGIN, choose
 
     ahead = {"ensemble": 0.60, "best_single": 0.50}  # in sample: the ensemble fits better
     assert choose({"ensemble": 0.1153, "best_single": 0.1154}, ahead)[0] == "ensemble"  # noise
@@ -191,7 +191,7 @@ def test_fewer_trials_than_min_pool_submit_the_best_single_trial(labels, folds):
     """Issue 27: a study of 2 trials, ensembled on a nested estimate, scored below its better
     trial held out. Below ``MIN_POOL`` candidates the single trial is submitted, saying so,
     although the ensemble's nested estimate is ahead; from ``MIN_POOL`` on, the usual rule."""
-    from search.ensemble.cli import MIN_POOL, compare
+    from search.ensemble.choice import MIN_POOL, compare
 
     pool = trials(labels, MIN_POOL, 1.5, 11)
     recipe = Recipe(selection=Selection(size=6), offsets="none")
@@ -206,7 +206,7 @@ def test_fewer_trials_than_min_pool_submit_the_best_single_trial(labels, folds):
 def test_an_ensemble_below_the_single_trial_in_sample_is_not_used():
     """Demo seed 6 (2026-12-01): nested 0.4926 vs 0.4532 for the ensemble, but in sample 0.4990
     vs 0.5076; held out the ensemble scored 0.5313 and the single trial 0.5661."""
-    from search.ensemble.cli import choose
+    from search.ensemble.choice import choose
 
     uses, why = choose({"ensemble": 0.4926, "best_single": 0.4532},
                        {"ensemble": 0.4990, "best_single": 0.5076})
@@ -215,7 +215,7 @@ def test_an_ensemble_below_the_single_trial_in_sample_is_not_used():
 
 def test_the_printed_and_reported_choice_says_why_the_single_trial_was_used():
     """The CLI line and the HTML report both read ``what_it_uses``: a fallback names its reason."""
-    from search.ensemble.cli import choose, what_it_uses
+    from search.ensemble.choice import choose, what_it_uses
 
     uses, why = choose({"ensemble": 0.4926, "best_single": 0.4532},
                        {"ensemble": 0.4990, "best_single": 0.5076})

@@ -9,6 +9,8 @@
 - ``decision``: the decision rule for macro F1: offsets on the log-probabilities.
 - ``nested``: the whole recipe (pool, selection, offsets) fitted on some rows, and its nested
   cross-fitted estimate.
+- ``choice``: the ensemble or the best single trial: both recipes' nested and in-sample figures
+  (``compare``), the rule that picks one (``choose``), and that choice in words.
 - ``score``: ``python -m search.ensemble.score SUB ANSWERS``, a submission's macro F1 on true
   answers.
 """

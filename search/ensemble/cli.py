@@ -8,8 +8,8 @@ made on OOF rows, so the in-sample figure is optimistic; the figures printed fir
 cross-fitted (the whole recipe fitted on half of the folds, scored on the other half, and
 swapped), for the ensemble and for the best single trial alike. The submission is the ensemble
 only when its nested estimate beats the best single trial's, and keeps offsets only when they
-raise the nested estimate. ``--top 1 --size 1`` is the best single trial alone, through the same
-decision-rule step.
+raise the nested estimate (``search.ensemble.choice``). ``--top 1 --size 1`` is the best single
+trial alone, through the same decision-rule step.
 """
 
 from __future__ import annotations
@@ -28,26 +28,13 @@ from core.cli import Parser, run_cli
 from core.errors import DataError
 from core.labels import NUM_CLASSES
 from core.metrics import macro_f1
+from search.ensemble.choice import MIN_POOL, SINGLE, compare, what_it_uses
 from search.ensemble.decision import OFFSET_KINDS
-from search.ensemble.nested import Recipe, fit_recipe, nested_f1
+from search.ensemble.nested import Recipe, nested_f1
 from search.ensemble.select import OBJECTIVES, Selection, select_weights
 
 DEFAULT_TOP = 10
 DEFAULT_SIZE = 20  # selection rounds; the best prefix is kept
-#: Nested figures closer than this are noise (a few hundred OOF rows per class): a change from
-#: the recipe's own result - offsets over the plain argmax, the single trial over the ensemble
-#: (which starts from that trial and adds only what helps) - must win by more than this.
-NESTED_MARGIN = 0.005
-#: Fewer complete candidate trials than this and the submission is the best single trial. The
-#: nested estimate fits pool, members, weights and offsets on half of the folds and scores them
-#: on the other half; with 2 or 3 trials the "ensemble" is the best trial plus one or two others
-#: weighted on a few hundred rows, and that comparison is noise beside what so small a blend can
-#: gain: a real-faces study of 2 trials, ensembled with age offsets, scored below its better
-#: trial held out (issue 27); even on 6-trial studies the ensemble minus the best trial held out
-#: ranged -0.008..+0.018 (README, "The ensemble").
-#: 4 is a judgement, not yet a measurement on the yardstick's seeds. ``--min-pool 1``: rule off.
-MIN_POOL = 4
-SINGLE = Recipe(top=1, selection=Selection(size=0, init=1, pool_margin=None))
 __all__ = ["build_parser", "cross_fitted_f1", "greedy_select", "main", "run",
            "write_json", "write_submission"]
 
@@ -97,57 +84,6 @@ def write_json(path: str | Path, payload: dict) -> Path:
     text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text))
     return path
-
-
-# ----------------------------------------------------------------------------- the decision
-
-
-def choose(nested: dict[str, float], in_sample: dict[str, float], pool: int | None = None,
-           min_pool: int = MIN_POOL) -> tuple[str, str | None]:
-    """``(uses, why)``: ``best_single`` when the ``pool`` of candidate trials is smaller than
-    ``min_pool`` (see ``MIN_POOL``), when its nested F1 beats the ensemble's by more than
-    ``NESTED_MARGIN``, or when the ensemble does not beat it even in sample; ``why`` says which.
-
-    Measured on real faces (``bench.quality``, three seeds): with "strictly better", a single
-    trial ahead by 0.0001 nested won, and scored 0.039 below the ensemble on held-out answers.
-    The in-sample figure is optimistic for the ensemble by construction (its members and weights
-    were chosen on those rows), so an ensemble below the single trial there has no evidence for
-    it; averaging the bags' weights can do that (3 of 10 studies of 2026-12-01, each then below
-    the single trial held out: by 0.004, 0.017 and 0.035).
-    """
-    if pool is not None and pool < min_pool:
-        return "best_single", (f"only {pool} complete trial(s) to choose from, fewer than "
-                               f"{min_pool} (--min-pool): a nested estimate from so few trials "
-                               "is noise")
-    if nested["best_single"] > nested["ensemble"] + NESTED_MARGIN:
-        return "best_single", (f"its nested estimate beats the ensemble's by more than "
-                               f"{NESTED_MARGIN}")
-    if in_sample["ensemble"] < in_sample["best_single"]:
-        return "best_single", "the ensemble does not beat it even on the rows it was fitted on"
-    return "ensemble", None
-
-
-def compare(oofs: list[np.ndarray], labels: np.ndarray, folds: np.ndarray,
-            recipe: Recipe, min_pool: int = MIN_POOL) -> dict:
-    """Nested and in-sample F1 of the ensemble recipe and the best single trial, with and
-    without offsets, and the choice they lead to (offsets only if they raise the nested figure
-    by more than ``NESTED_MARGIN``; the single trial as ``choose`` says, with its reason: also
-    when fewer than ``min_pool`` candidates are given, unless the recipe is one trial anyway,
-    ``--top 1``)."""
-    single = Recipe(top=1, selection=SINGLE.selection, offsets=recipe.offsets)
-    out: dict = {"nested": {}, "in_sample": {}, "fitted": {}, "rule": {}}
-    for name, r in (("ensemble", recipe), ("best_single", single)):
-        nested = nested_f1(oofs, labels, folds, r)
-        fitted = fit_recipe(oofs, labels, r)
-        use = recipe.offsets != "none" and nested[True] > nested[False] + NESTED_MARGIN
-        out["rule"][name] = "offsets" if use else "argmax"
-        out["nested"][name] = nested[use]
-        out["in_sample"][name] = macro_f1(labels, fitted.predict(oofs, use))
-        out["fitted"][name] = fitted
-        out[f"{name}_nested_both"] = {"argmax": nested[False], "offsets": nested[True]}
-    pool = len(oofs) if recipe.top > 1 else None
-    out["uses"], out["why"] = choose(out["nested"], out["in_sample"], pool, min_pool)
-    return out
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -313,21 +249,6 @@ def _figures(cmp: dict, cands: list, labels: np.ndarray) -> dict:
         "ensemble_nested_both": cmp["ensemble_nested_both"],
         "best_single_nested_both": cmp["best_single_nested_both"],
     }
-
-
-def what_it_uses(payload: dict) -> str:
-    """What a submission JSON says it submits and why, in words (the CLI and the report).
-
-    A JSON written by an earlier version (no ``why``, ``recipe`` or ``offsets``) still reads.
-    """
-    if payload.get("uses", "ensemble") != "ensemble":
-        what = f"the best single trial ({payload.get('why') or 'the nested estimate chose it'})"
-    elif len(payload.get("members", ())) == 1:
-        what = "the ensemble, which is the best trial alone"
-    else:
-        what = "the ensemble"
-    kind = payload.get("recipe", {}).get("offsets_tried", "decision")
-    return f"{what}, {f'{kind} offsets' if payload.get('offsets') else 'plain argmax'}"
 
 
 def _print_report(payload: dict) -> None:
