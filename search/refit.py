@@ -32,8 +32,9 @@ from core.config import ConfigError
 from core.loader import default_loader_workers
 from search import run_args
 from search.finished_study import add_study_flags, open_finished
+from search.log import log
 from search.run import Run, auto_device, next_commands, open_run, search_here
-from search.worker.claims import claim_lock, log, reap
+from search.worker.claims import claim_lock, reap
 from search.worker.final_stage import EPOCHS_FACTOR, outcome, queue_final
 from search.worker.stage import FINAL, final_trials
 from search.worker.trial_loop import StorageUnreachable, TooManyFailures

@@ -45,6 +45,7 @@ from core.loader import default_loader_workers
 from core.study_data import load_study_data
 from search import paths
 from search.artifacts import open_store
+from search.log import log
 from search.objective import Objective
 from search.run_args import build_parser
 from search.space import fixed_sampler, override_waiting, warm_start
@@ -58,7 +59,7 @@ from search.study_settings import (
 )
 from search.tracking import TrackerCallback, check_trackers, prepare_trackers
 from search.worker.budget import Budget
-from search.worker.claims import FINISHED, claim_lock, log
+from search.worker.claims import FINISHED, claim_lock
 from search.worker.final_stage import EPOCHS_FACTOR, queue_final
 from search.worker.launcher import launch, worker_envs
 from search.worker.retention import CheckpointRetention

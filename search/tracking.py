@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from core.errors import DataError
 from search import artifacts, paths
-from search.worker.claims import log
+from search.log import log
 from search.worker.trial_loop import ERROR_ATTR
 
 #: ``--log-to`` choices, each with the package it needs.

@@ -38,14 +38,13 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 from optuna.trial import FrozenTrial, TrialState
 
 from core.atomic import file_lock, pid_alive, proc_stat
+from search.log import log
 from search.worker.stage import FINAL, SEARCH, is_final, search_trials
 from search.worker.storage import journal_path
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OWNER_ATTR = "worker"
 RETRY_OF = "failed_trial"  # system attr written by RetryHeartbeatStaleTrialCallback
-#: Under Optuna's logger, so trial lines look like Optuna's and follow its verbosity.
-log = optuna.logging.get_logger("optuna.mask_search")
 
 
 def _start_time(pid: int) -> str | None:

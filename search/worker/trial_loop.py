@@ -23,8 +23,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from core.config import ConfigError
 from core.errors import DataError, first_line
+from search.log import log
 from search.worker.budget import TIME_BUDGET, Budget, TimeBudgetExceeded
-from search.worker.claims import FINISHED, claim, heartbeats_on, log, retry_callback
+from search.worker.claims import FINISHED, claim, heartbeats_on, retry_callback
 from search.worker.stage import FINAL, SEARCH, search_trials
 
 ERROR_ATTR = "error"  # user attr of a FAIL trial: why, in one line
