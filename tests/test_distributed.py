@@ -42,7 +42,7 @@ from search.artifacts import (
     oof_fold_name,
 )
 from search.run import main
-from search.worker.claims import OWNER_ATTR, claim, claim_lock, reap, retried_from
+from search.worker.claims import OWNER_ATTR, Claim, claim, claim_lock, reap, retried_from
 from search.worker.storage import open_storage
 from search.worker.trial_loop import (
     ERROR_ATTR,
@@ -350,13 +350,13 @@ def test_claims_stop_at_n_counting_running_trials(tmp_path: Path) -> None:
     first = claim(study, 2, lock, max_retry=0)
     second = claim(study, 2, lock, max_retry=0)
     assert isinstance(first, optuna.Trial) and isinstance(second, optuna.Trial)
-    assert claim(study, 2, lock, max_retry=0) is True  # both slots running: wait, do not ask
+    assert claim(study, 2, lock, max_retry=0) is Claim.WAIT  # both slots running: do not ask
     study.tell(first, 1.0)
     study.tell(second, state=TrialState.FAIL)  # a failed trial frees its slot
     third = claim(study, 2, lock, max_retry=0)
     assert isinstance(third, optuna.Trial)
     study.tell(third, 2.0)
-    assert claim(study, 2, lock, max_retry=0) is False
+    assert claim(study, 2, lock, max_retry=0) is Claim.DONE
     assert len(study.trials) == 3
 
 
@@ -389,7 +389,7 @@ def test_a_trial_finishing_while_a_claim_counts_is_not_missed(tmp_path: Path,
     assert not isinstance(got, optuna.Trial), f"trial {got.number} started: N + 1"
     monkeypatch.undo()
     assert len(study.trials) == 2
-    assert claim(study, 2, lock, max_retry=0) is False  # now both are finished
+    assert claim(study, 2, lock, max_retry=0) is Claim.DONE  # now both are finished
 
 
 def _run_fake(tmp_path: Path, objective, n_total: int) -> optuna.Study:

@@ -31,7 +31,7 @@ from search.artifacts import checkpoint_name, eval_fold_name, fold_done_attr, oo
 from search.ensemble import cli as ensemble
 from search.study_settings import create_pruner
 from search.worker import final_stage
-from search.worker.claims import OWNER_ATTR, claim, claim_lock, retried_from
+from search.worker.claims import OWNER_ATTR, Claim, claim, claim_lock, retried_from
 from search.worker.stage import (
     EPOCHS_ATTR,
     FINAL,
@@ -167,13 +167,14 @@ def test_a_search_worker_neither_counts_nor_claims_final_trials(tmp_path: Path) 
     assert not is_final(got)  # a new search trial; the queued final trial is left waiting
     assert [t.state for t in study.trials if is_final(t)][-1] == TrialState.WAITING
     study.tell(got, 0.7)
-    assert claim(study, 3, lock, max_retry=0) is False  # 3 search trials: done, 5 complete
+    assert claim(study, 3, lock, max_retry=0) is Claim.DONE  # 3 search trials, 5 complete
     assert "3 complete, 0 pruned, 0 failed (3 finished of 3 asked)" in search_run.summary(
         study, 1.0, 3)
     final = claim(study, 3, lock, max_retry=0, stage=FINAL)
     assert isinstance(final, optuna.Trial) and is_final(final)
+    assert claim(study, 3, lock, max_retry=0, stage=FINAL) is Claim.WAIT  # it may die: wait
     study.tell(final, 0.95)
-    assert claim(study, 3, lock, max_retry=0, stage=FINAL) is False  # its queue is empty
+    assert claim(study, 3, lock, max_retry=0, stage=FINAL) is Claim.DONE  # its queue is empty
 
 
 def test_search_trials_are_pruned_against_search_trials_only() -> None:

@@ -23,6 +23,7 @@ a search.
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import os
 import socket
@@ -45,6 +46,13 @@ from search.worker.storage import journal_path
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OWNER_ATTR = "worker"
 RETRY_OF = "failed_trial"  # system attr written by RetryHeartbeatStaleTrialCallback
+
+
+class Claim(enum.Enum):
+    """What ``claim`` says when it starts no trial."""
+
+    WAIT = "wait"  # every slot is taken by a RUNNING trial, which may die and need a retry: poll
+    DONE = "done"  # the study has its N finished trials (final stage: none left to run): stop
 
 
 def _start_time(pid: int) -> str | None:
@@ -185,23 +193,26 @@ def _ask_search(study: optuna.Study) -> optuna.Trial:
     return optuna.Trial(study, study._storage.create_new_trial(study._study_id))  # noqa: SLF001
 
 
-def _claim_final(study: optuna.Study) -> optuna.Trial | bool:
-    """A waiting final-stage trial (retries first), True while one still runs (it may die and be
-    retried: wait), False when the final stage's queue is empty."""
+def _claim_final(study: optuna.Study) -> optuna.Trial | Claim:
+    """A waiting final-stage trial (retries first), ``Claim.WAIT`` while one still runs (it may
+    die and be retried), ``Claim.DONE`` when the final stage's queue is empty."""
     trial = (_claim_waiting(study, final=True, retries=True)
              or _claim_waiting(study, final=True, retries=False))
     if trial is not None:
         return trial
-    return any(is_final(t) for t in study.get_trials(deepcopy=False,
-                                                      states=(TrialState.RUNNING,)))
+    running = any(is_final(t) for t in study.get_trials(deepcopy=False,
+                                                         states=(TrialState.RUNNING,)))
+    return Claim.WAIT if running else Claim.DONE
 
 
 def claim(study: optuna.Study, n_total: int, lock: Callable[[], contextlib.AbstractContextManager],
-          max_retry: int | None, stage: str = SEARCH) -> optuna.Trial | bool:
-    """A started trial, True (all slots RUNNING: wait), or False (N finished: stop).
+          max_retry: int | None, stage: str = SEARCH) -> optuna.Trial | Claim:
+    """A started trial, ``Claim.WAIT`` (all slots RUNNING: wait), or ``Claim.DONE`` (N finished:
+    stop).
 
-    ``stage`` ``final``: a waiting final-stage trial instead, and False when none is left
-    (``n_total`` is not used: final trials are not counted).
+    ``stage`` ``final``: a waiting final-stage trial instead, ``Claim.WAIT`` while a final trial
+    still runs, and ``Claim.DONE`` when none is left (``n_total`` is not used: final trials are
+    not counted).
     """
     with lock():
         reaped = reap(study, max_retry)
@@ -217,9 +228,9 @@ def claim(study: optuna.Study, n_total: int, lock: Callable[[], contextlib.Abstr
             finished = sum(t.state in FINISHED for t in counted)
             running = len(counted) - finished
             if finished >= n_total:
-                return False
+                return Claim.DONE
             if finished + running >= n_total:
-                return True
+                return Claim.WAIT
             with warnings.catch_warnings():  # we beat ourselves (``_Heartbeat``), as optimize does
                 warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
                 got = _claim_waiting(study, final=False, retries=True) or _ask_search(study)

@@ -25,7 +25,7 @@ from core.config import ConfigError
 from core.errors import DataError, first_line
 from search.log import log
 from search.worker.budget import TIME_BUDGET, Budget, TimeBudgetExceeded
-from search.worker.claims import FINISHED, claim, heartbeats_on, retry_callback
+from search.worker.claims import FINISHED, Claim, claim, heartbeats_on, retry_callback
 from search.worker.stage import FINAL, SEARCH, search_trials
 
 ERROR_ATTR = "error"  # user attr of a FAIL trial: why, in one line
@@ -180,9 +180,9 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
         got = None
         try:
             got = claim(study, n_total, lock, max_retry, stage=stage)
-            if got is False:
+            if got is Claim.DONE:
                 break
-            if got is True:
+            if got is Claim.WAIT:
                 time.sleep(poll_s)
                 continue
             frozen = run_one(study, got, objective, fatal,
