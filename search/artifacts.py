@@ -101,7 +101,7 @@ def open_store(path_or_url: str | Path) -> ArtifactStore:
         if not bucket:
             raise DataError(f"artifact store {text!r}: no bucket name after s3://")
         try:
-            import boto3  # noqa: F401  (Boto3ArtifactStore needs it; say so clearly)
+            import boto3  # noqa: F401  (lazy: optional, the s3 extra; Boto3ArtifactStore needs it)
         except ImportError:
             raise DataError(
                 f"artifact store {text!r} needs boto3, which is not installed: pip install boto3"

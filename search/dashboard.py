@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"study {name!r} is not in {url}; studies there: "
                           f"{', '.join(known) or 'none'}")
     store = open_store(args.artifacts or paths.default_artifacts_dir())
-    from optuna_dashboard import run_server  # deferred: importing it costs a second
+    from optuna_dashboard import run_server  # lazy: importing it costs seconds
 
     print(f"optuna-dashboard for study {name!r}: http://{args.host}:{args.port}/dashboard "
           "(Ctrl-C to stop)", flush=True)

@@ -26,6 +26,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from core.augment import eval_transform
+from core.cache import build_cache
 from core.cli import Parser, run_cli
 from core.config import TrainConfig
 from core.labels import MASK_NAMES, class_name, decode
@@ -36,6 +37,7 @@ from search.finished_study import (
     add_study_flags,
     fold_states,
     open_finished,
+    study_rows,
     trial_config,
 )
 
@@ -75,9 +77,6 @@ def heat_maps(cfg: TrainConfig, state: dict, images: np.ndarray, classes: np.nda
 def gradcam_grid(found: FinishedStudy, number: int, out: Path, per_state: int = PER_STATE,
                  device: str | None = None) -> Path:
     """Draw the trial's grid into ``out`` (PNG)."""
-    from core.cache import build_cache
-    from search.finished_study import study_rows
-
     trial = found.trial(number)
     cfg = trial_config(trial, device or "cpu")
     data_dir, table, folds = study_rows(found.study)

@@ -25,6 +25,10 @@ from core.errors import DataError
 from core.study_data import load_study_data
 from search import paths
 from search.artifacts import checkpoint_name, load_file, open_store
+from search.ensemble.decision import apply_offsets
+from search.ensemble.select import blend
+from search.ensemble.trials import open_study
+from studies import face_settings
 
 #: Study user attr: the absolute path of the submission JSON ``search.ensemble`` last wrote.
 SUBMISSION_ATTR = "submission_json"
@@ -54,8 +58,6 @@ class FinishedStudy:
     @property
     def faces(self):
         """The study's face settings (``studies.face_settings``): crops as its cache has them."""
-        from studies import face_settings
-
         return face_settings(self.name)
 
     @property
@@ -116,9 +118,6 @@ def submission_classes(payload: dict, member_probs: list[np.ndarray]
                        ) -> tuple[np.ndarray, np.ndarray]:
     """(blended probabilities, classes) as ``submission.json`` says: its members' ``weight``s
     and its decision rule (``offsets``, or the plain argmax). ``member_probs`` in members order."""
-    from search.ensemble.decision import apply_offsets
-    from search.ensemble.select import blend
-
     probs = blend(member_probs, np.array([m["weight"] for m in payload["members"]]))
     offsets = np.asarray(payload.get("offsets") or np.zeros(probs.shape[1]))
     return probs, apply_offsets(probs, offsets).astype(np.int64)
@@ -126,8 +125,6 @@ def submission_classes(payload: dict, member_probs: list[np.ndarray]
 
 def open_finished(args: argparse.Namespace) -> FinishedStudy:
     """The study of ``--study``/``--storage``/``--artifacts``, with at least one complete trial."""
-    from search.ensemble.trials import open_study
-
     paths.check_study_name(args.study)
     storage = args.storage or paths.default_storage_url(args.study)
     found = FinishedStudy(args.study, storage, open_study(args.study, storage),

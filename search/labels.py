@@ -57,6 +57,8 @@ from core.dataset import (
     CORRECTION_COLUMNS,
     CORRECTION_FIELDS,
     MASK_SWAP_VALUE,
+    data_fingerprint,
+    folds_fingerprint,
     read_corrections,
 )
 from core.errors import DataError
@@ -72,7 +74,10 @@ from core.labels import (
     factor_probs,
 )
 from search import paths
+from search.ensemble.select import blend
+from search.ensemble.trials import check_against_now, load_oof, rank_trials
 from search.finished_study import FinishedStudy, add_study_flags, open_finished, study_rows
+from search.labels_page import page
 
 #: suspects.csv: a corrections file plus the evidence a reviewer reads.
 CSV_COLUMNS: tuple[str, ...] = (*CORRECTION_COLUMNS, "given", "suggested", "score", "status",
@@ -89,7 +94,7 @@ PHOTO_SEP = ";"
 def _label_scores(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(score, suggested) per row by cleanlab (see the module); classes nobody carries are left
     out (a threshold needs members), a single class leaves nothing to contrast."""
-    from cleanlab.rank import get_label_quality_scores
+    from cleanlab.rank import get_label_quality_scores  # lazy: cleanlab costs ~2 s to import
 
     present = np.unique(labels)
     if len(present) < 2:
@@ -107,7 +112,7 @@ def _label_scores(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np
 def _adjusted(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """Probabilities less each class's confident threshold, shifted and renormalised: the
     adjustment cleanlab's quality scores make (``adjust_pred_probs``)."""
-    from cleanlab.count import get_confident_thresholds
+    from cleanlab.count import get_confident_thresholds  # lazy: cleanlab costs ~2 s to import
 
     t = get_confident_thresholds(labels, probs)
     adj = probs - t + t.max()
@@ -211,10 +216,6 @@ def oof_probabilities(found: FinishedStudy, table: pd.DataFrame, folds: np.ndarr
     """(OOF probabilities, where they came from): the submission's members blended with its
     weights when ``submission.json`` exists, else the best complete trial with every fold.
     Refused (one line) when the trials ran on other data or folds than the folder gives now."""
-    from core.dataset import data_fingerprint, folds_fingerprint
-    from search.ensemble.select import blend
-    from search.ensemble.trials import check_against_now, load_oof, rank_trials
-
     now = {"data_fingerprint": data_fingerprint(table),
            "folds_fingerprint": folds_fingerprint(folds)}
     if found.submission_path.is_file():
@@ -271,8 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from search.labels_page import page
-
     if args.top is not None and args.top < 1:
         raise DataError("--top must be >= 1")
     found = open_finished(args)

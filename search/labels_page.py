@@ -20,6 +20,7 @@ import pandas as pd
 from PIL import Image
 
 from core.errors import DataError
+from core.images import read_rgb
 
 THUMB = (96, 128)  # (width, height) at most; the competition's photos are 384x512
 STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:1250px}
@@ -36,8 +37,6 @@ justify-content:center;color:#a00;font-size:10px}"""
 
 def thumbnail(path: Path) -> str:
     """An ``<img>`` of the photo as a small embedded JPEG, or the reason it cannot be shown."""
-    from core.images import read_rgb
-
     try:
         img = Image.fromarray(read_rgb(path))
     except DataError as e:

@@ -25,6 +25,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from core.atomic import atomic_write
+from core.cache import build_cache
 from core.cli import Parser, run_cli
 from core.errors import first_line
 from core.labels import AGE_GROUP_NAMES, CLASS_NAMES, MASK_NAMES, decode
@@ -152,8 +153,6 @@ def submission_section(found: FinishedStudy, payload: dict, labels: np.ndarray) 
 def crops_section(found: FinishedStudy, table: pd.DataFrame, data_dir: Path,
                   image_size: Sequence[int]) -> str:
     """Share of images per box source: train by mask state, and eval, from the study's cache."""
-    from core.cache import build_cache
-
     index = build_cache(data_dir, tuple(image_size), found.faces, progress=False).index
     train = index[index["split"] == "train"].merge(table[["file", "mask"]], on="file")
     train["group"] = ["train " + MASK_NAMES[int(m)] for m in train["mask"]]
@@ -167,7 +166,7 @@ def crops_section(found: FinishedStudy, table: pd.DataFrame, data_dir: Path,
 
 
 def gradcam_section(found: FinishedStudy, number: int) -> str:
-    from search.explain import gradcam_name
+    from search.explain import gradcam_name  # lazy: search.explain imports grad-cam (~4 s)
 
     for meta in finished_artifacts(found.study, found.trial(number)).values():
         if meta["filename"] == gradcam_name(number):

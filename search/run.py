@@ -289,7 +289,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
 
 def auto_device() -> str:
     """cuda when torch sees a GPU, else cpu (what a trial without --device trains on)."""
-    import torch
+    import torch  # lazy: torch costs ~3 s to import; only a run without --device asks
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -91,7 +91,7 @@ def trial_run(study: optuna.Study, trial: FrozenTrial, store: artifacts.Artifact
 
 def log_to_wandb(run: TrialRun, study_name: str, folder: Path) -> None:
     """One W&B run per trial (offline unless ``$WANDB_MODE``), grouped by study."""
-    import wandb
+    import wandb  # lazy: optional dependency (the tracking extra)
 
     folder.mkdir(parents=True, exist_ok=True)
     wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mask-search"), group=study_name,
@@ -117,7 +117,7 @@ def default_mlflow_uri() -> str:
 def mlflow_experiment(client: Any, study_name: str) -> str:
     """The study's MLflow experiment id, made when missing (a second worker making it at the
     same moment reads the first's)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: optional dependency (tracking extra)
 
     exp = client.get_experiment_by_name(study_name)
     if exp is not None:
@@ -133,13 +133,14 @@ def prepare_trackers(names: Sequence[str], study_name: str) -> None:
     """Make what every worker will log into before any starts: MLflow's store and the study's
     experiment (several workers creating a fresh SQLite store at once race on its schema)."""
     if "mlflow" in names:
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # lazy: optional dependency (the tracking extra)
 
         mlflow_experiment(MlflowClient(tracking_uri=default_mlflow_uri()), study_name)
 
 
 def log_to_mlflow(run: TrialRun, study_name: str, uri: str) -> None:
     """One MLflow run per trial in the study's experiment."""
+    # lazy: optional dependency (the tracking extra)
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunStatus
 

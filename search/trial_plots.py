@@ -13,7 +13,9 @@ from core.labels import CLASS_NAMES, NUM_CLASSES
 
 def confusion_png(labels: np.ndarray, pred: np.ndarray, path: Path, title: str) -> None:
     """Row-normalized 18x18 confusion matrix (true rows, predicted columns) as a PNG."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in any thread
+    # lazy: matplotlib costs ~1 s to import, and a trial draws only when complete; no pyplot:
+    # no GUI backend, safe in any thread
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 8), dpi=80)
     ax = fig.add_subplot()

@@ -25,13 +25,24 @@ import pandas as pd
 
 from core.atomic import atomic_write
 from core.cli import Parser, run_cli
-from core.errors import DataError
+from core.dataset import fingerprints, load_eval_table
+from core.errors import DataError, first_line
 from core.labels import NUM_CLASSES
 from core.metrics import macro_f1
+from search import paths
+from search.artifacts import open_store
 from search.ensemble.choice import MIN_POOL, SINGLE, compare, what_it_uses
 from search.ensemble.decision import OFFSET_KINDS
 from search.ensemble.nested import Recipe, nested_f1
 from search.ensemble.select import OBJECTIVES, Selection, select_weights
+from search.ensemble.trials import (
+    check_against_now,
+    eval_answers,
+    load_candidates,
+    load_eval,
+    open_study,
+    rank_trials,
+)
 
 DEFAULT_TOP = 10
 DEFAULT_SIZE = 20  # selection rounds; the best prefix is kept
@@ -145,9 +156,7 @@ def recipe_of(args: argparse.Namespace) -> Recipe:
 
 def _load_study(args: argparse.Namespace):
     """(study, storage, data_dir, table, folds, eval_table, ranked trials, notes, fps)."""
-    from core.dataset import fingerprints, load_eval_table
-    from search import paths
-    from search.ensemble.trials import check_against_now, open_study, rank_trials
+    # lazy: search.finished_study imports torch (~3 s); --help and flag errors need none
     from search.finished_study import study_rows
 
     paths.check_study_name(args.study)
@@ -163,9 +172,7 @@ def _load_study(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> dict:
     """The whole command; returns the JSON payload it wrote."""
-    from search import paths
-    from search.artifacts import open_store
-    from search.ensemble.trials import eval_answers, load_candidates, load_eval, open_study
+    # lazy: search.finished_study imports torch (~3 s); --help and flag errors need none
     from search.finished_study import SUBMISSION_ATTR
 
     recipe = recipe_of(args)
@@ -221,10 +228,9 @@ def _explain_best(name: str, storage: str, store, number: int) -> str:
     """The best trial's Grad-CAM grid, so the dashboard shows where it looks; the line that
     says so. A trial that cannot be explained (its checkpoints removed, say) is a note in that
     line, never a failed ensemble."""
-    from core.errors import first_line
-    from search.ensemble.trials import open_study
+    # lazy: search.explain imports torch and grad-cam (~8 s), needed only for this picture
     from search.explain import explain, gradcam_name
-    from search.finished_study import FinishedStudy
+    from search.finished_study import FinishedStudy  # lazy: it imports torch (~3 s)
 
     try:
         explain(FinishedStudy(name, storage, open_study(name, storage), store), number)

@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pandas as pd
 
 from core.errors import DataError
 from core.labels import NUM_CLASSES
+from search.artifacts import EVAL, OOF, attr_name, load_array
+from search.worker.storage import open_existing_storage, study_names
 
 FINGERPRINTS = {"data_fingerprint": "data", "folds_fingerprint": "folds",
                 "eval_fingerprint": "eval images"}
@@ -40,10 +43,6 @@ class Candidate:
 
 def open_study(name: str, url: str):
     """Load study ``name`` without creating anything: a missing SQLite file is an error."""
-    import optuna
-
-    from search.worker.storage import open_existing_storage, study_names
-
     storage = open_existing_storage(url)
     try:
         return optuna.load_study(study_name=name, storage=storage)
@@ -72,8 +71,6 @@ def rank_trials(study) -> tuple[list, list[str]]:
     Returns (trials, notes). Refuses (``DataError``) when none qualifies or when they mix data,
     fold or eval fingerprints, naming the trials on each side.
     """
-    import optuna
-
     complete = [t for t in study.get_trials(deepcopy=False,
                                             states=(optuna.trial.TrialState.COMPLETE,))
                 if t.value is not None]
@@ -114,16 +111,12 @@ def check_against_now(trials: list, now: dict[str, str], data_dir: Path) -> None
 
 
 def _require(trial, name: str, what: str) -> None:
-    from search.artifacts import attr_name
-
     if not trial.user_attrs.get(attr_name(name)):
         raise DataError(f"trial {trial.number} has no {what} probabilities (user attr "
                         f"{attr_name(name)!r}); it cannot be ensembled")
 
 
 def _load(trial, store, name: str, rows: int, what: str) -> np.ndarray:
-    from search.artifacts import load_array
-
     a = load_array(trial, store, name)
     if a.shape != (rows, NUM_CLASSES):
         raise DataError(f"trial {trial.number}: {what} probabilities have shape {a.shape}, "
@@ -133,16 +126,12 @@ def _load(trial, store, name: str, rows: int, what: str) -> np.ndarray:
 
 def load_oof(trial, store, n_train: int) -> np.ndarray:
     """A trial's OOF probabilities, shape (n_train, 18); one line when missing or misshapen."""
-    from search.artifacts import OOF
-
     _require(trial, OOF, "out-of-fold")
     return _load(trial, store, OOF, n_train, "out-of-fold")
 
 
 def load_candidates(trials: list, store, n_train: int) -> list[Candidate]:
     """OOF probabilities of each trial; refuses a trial without OOF or eval probabilities."""
-    from search.artifacts import EVAL
-
     out = []
     for rank, t in enumerate(trials, start=1):
         oof = load_oof(t, store, n_train)
@@ -154,8 +143,6 @@ def load_candidates(trials: list, store, n_train: int) -> list[Candidate]:
 def load_eval(cands: Sequence[Candidate], weights: np.ndarray, store,
               n_eval: int) -> list[np.ndarray | None]:
     """Eval probabilities of the members (weight > 0); ``None`` for the others (never read)."""
-    from search.artifacts import EVAL
-
     return [_load(c.trial, store, EVAL, n_eval, "eval") if w > 0 else None
             for c, w in zip(cands, weights, strict=True)]
 

@@ -37,6 +37,7 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import text
 
 from core.atomic import file_lock, pid_alive, proc_stat
 from search.log import log
@@ -131,8 +132,6 @@ def retry_callback(max_retry: int | None) -> Retry:
 @contextlib.contextmanager
 def _pg_lock(storage: RDBStorage, key: int) -> Iterator[None]:
     """Session advisory lock; a killed holder's connection closes and the lock goes with it."""
-    from sqlalchemy import text
-
     with storage.engine.connect() as conn:
         conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
         conn.commit()
