@@ -226,10 +226,11 @@ def test_summary_ends_with_the_next_commands_for_this_study(flags: dict) -> None
 
     study = optuna.create_study(study_name="mine", direction="maximize")
     last = summary(study, 1.0, 5, **flags).splitlines()[-2:]
-    for line, cli in zip(last, (dashboard, ensemble), strict=True):
+    commands = (("search.dashboard", dashboard), ("search.ensemble", ensemble))
+    for line, (name, cli) in zip(last, commands, strict=True):
         head, _, command = line.partition("python -m ")
         module, *argv = shlex.split(command)
-        assert module == cli.__name__
+        assert module == name  # search.ensemble's parser is in search.ensemble.cli
         parsed = cli.build_parser().parse_args(argv)
         assert (parsed.study, parsed.storage, parsed.artifacts) == (
             "mine", flags.get("storage"), flags.get("artifacts"))
