@@ -83,23 +83,25 @@ def run_gauge(data_dir: Path, weights: Path, epochs: int, device: str = "cpu",
 
 
 def cached_gauge(path: Path, data_dir: Path, weights: Path, epochs: int, device: str,
-                 seed: int) -> dict:
+                 seed: int, params: dict | None = None) -> dict:
     """``run_gauge`` once per (recipe, epochs, seed): its eval probabilities, curve and seconds
     are kept in ``path`` (an .npz written by temp name, then rename) and reused by a rerun
-    (``bench.quality --no-search``, or a gauge trained ahead beside the search)."""
+    (``bench.quality --no-search``, a gauge trained ahead beside the search, or
+    ``bench.options``' reference arm). ``params``: the recipe (default the gauge's)."""
     import json
 
     from core.atomic import atomic_write
     from studies import quality
 
-    key = json.dumps({"recipe": quality.GAUGE, "epochs": int(epochs), "seed": int(seed)},
+    params = dict(quality.GAUGE if params is None else params)
+    key = json.dumps({"recipe": params, "epochs": int(epochs), "seed": int(seed)},
                      sort_keys=True)
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) == key:
                 return {"eval_probs": z["eval_probs"], "val_f1": z["val_f1"].tolist(),
                         "seconds": float(z["seconds"]), "reused": True}
-    g = run_gauge(data_dir, weights, epochs, device, seed=seed)
+    g = run_gauge(data_dir, weights, epochs, device, params, seed=seed)
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name

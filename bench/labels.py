@@ -257,7 +257,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(args) and 0, args.debug)
+
+    def body() -> int:
+        run(args)
+        return 0
+
+    return run_cli(body, args.debug)
 
 
 if __name__ == "__main__":

@@ -93,8 +93,9 @@ def answers_and_people(data: Path, image_ids: Sequence[str]) -> tuple[np.ndarray
     return _answers(data, image_ids), people.loc[list(image_ids), "person"].to_numpy()
 
 
-def protocol_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The flags every real-face bench shares: faces, weights, seeds, the protocol, device."""
+def protocol_parser(prog: str, description: str, search: bool = True) -> argparse.ArgumentParser:
+    """The flags every real-face bench shares: faces, weights, seeds, the protocol (its search's
+    trials and folds with ``search``), device."""
     from core.synth_faces import FACES_ENV, default_faces_dir
     from studies import quality
 
@@ -107,9 +108,10 @@ def protocol_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="first sampler seed")
     small = p.add_argument_group(
         "another protocol (tests, smoke runs, a GPU's larger run; figures not comparable)")
-    small.add_argument("--trials", type=int, default=TRIALS)
+    if search:
+        small.add_argument("--trials", type=int, default=TRIALS)
+        small.add_argument("--folds", type=int, default=quality.FOLDS)
     small.add_argument("--epochs", type=int, default=quality.EPOCHS)
-    small.add_argument("--folds", type=int, default=quality.FOLDS)
     small.add_argument("--people", type=int, default=quality.PEOPLE)
     small.add_argument("--eval-people", type=int, default=quality.EVAL_PEOPLE)
     p.add_argument("--device", default="cpu",

@@ -1,0 +1,61 @@
+"""bench.options: each arm is its reference recipe with one option changed, and the paired run
+end to end (cached, reused on a rerun)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+
+from bench.options import ARMS, needed, recipe
+from studies import quality
+
+
+def _config(arm: str) -> dict:
+    return quality.space(optuna.trial.FixedTrial(recipe(arm))).to_dict()
+
+
+@pytest.mark.parametrize(("arm", "fields"), [
+    ("sampler", {"sampler": "sqrt_inverse"}),
+    ("soft_f1", {"soft_f1_weight": 0.4}),
+    ("halfcut", {"mix": "halfcut", "mix_prob": 0.5}),
+    ("ordinal", {"age_head": "ordinal"}),
+])
+def test_an_arm_changes_only_its_option(arm: str, fields: dict) -> None:
+    mine, ref = _config(arm), _config(ARMS[arm][0])
+    assert {k: v for k, v in mine.items() if ref[k] != v} == fields
+    assert _config("multi")["head"] == "multi" and _config("gauge")["head"] == "single"
+
+
+def test_references_run_first_and_once() -> None:
+    assert needed(["ordinal", "sampler", "soft_f1"]) == ["multi", "gauge", "ordinal", "sampler",
+                                                         "soft_f1"]
+
+
+@pytest.mark.slow
+def test_bench_options_end_to_end_and_reused(faces_folder: Path, quality_weights: Path,
+                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.options import main
+
+    monkeypatch.setenv("MASK_SEARCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv("MASK_SEARCH_CACHE", raising=False)
+    argv = ["--faces", str(faces_folder), "--people", "8", "--eval-people", "3", "--epochs", "1",
+            "--weights", str(quality_weights), "--arm", "sampler"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"options sampler=[+-]\d\.\d{4}", last), last
+    runs = tmp_path / "runs"
+    assert (runs / "quality" / "seed0" / "gauge.npz").is_file()  # the gauge arm, where
+    assert (runs / "options" / "sampler-seed0.npz").is_file()  # bench.quality keeps it
+    summary = json.loads((runs / "options" / "options.json").read_text())["summary"]
+    assert float(last.split("=")[1]) == pytest.approx(summary["sampler"]["gain"], abs=5e-5)
+    assert main(argv) == 0  # a rerun trains nothing and says the same
+    again = capsys.readouterr().out
+    assert again.count("(reused)") == 2 and again.strip().splitlines()[-1] == last
+    assert main([*argv, "--arm", "nosuch"]) == 2
+    assert "--arm 'nosuch'" in capsys.readouterr().err
