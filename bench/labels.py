@@ -4,7 +4,7 @@ fixing them gains held out.
 ``python -m bench.labels [--seeds N] [--rerun]`` (issue 30's protocol): the yardstick's real-face
 set (``studies.quality``) rebuilt with ``--noise`` of the train people per kind carrying a planted
 label error (gender flipped, age moved to another group, ``normal``/``incorrect_mask`` swapped;
-``core.synth_layout.plant_label_noise``, truth in ``planted_errors.csv``) on top of its own, which
+``core.label_noise.plant_label_noise``, truth in ``planted_errors.csv``) on top of its own, which
 its corrections file fixes as usual. The yardstick's search runs on it (``bench.quality``'s
 protocol, sampler seed per seed), ``search.ensemble`` and ``search.labels --top 2K`` (K planted
 errors) follow, and the suspects are scored against the truth: the share of planted errors among
@@ -157,10 +157,11 @@ def trained_seed(args: argparse.Namespace, data: Path, truth: pd.DataFrame, seed
 def plant(table: pd.DataFrame, share: float, rng: np.random.Generator
           ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``table`` with ``planted_count(share, people)`` people per kind made wrong as
-    ``core.synth_layout.plant_label_noise`` makes them (one error per person), and the truth."""
+    ``core.label_noise.plant_label_noise`` makes them (one error per person), and the truth."""
     from core.dataset import MASK_SWAP_VALUE
+    from core.label_noise import AGE_SPANS, planted_count
     from core.labels import NUM_AGE, SWAPPED_STEMS, age_group
-    from core.synth_layout import AGE_SPANS, NOISE_KINDS, planted_count
+    from core.synth_layout import NOISE_KINDS
 
     people = table["person"].unique()
     k = planted_count(share, len(people))

@@ -2,7 +2,7 @@
 image not yet in the saved detection table, in parallel across cores.
 
 Each worker process decodes its chunk of files small (``core.images.read_small``), runs the
-detectors on the chunk (``core.faces.FaceDetector``: YuNet image by image, MTCNN as batches on
+detectors on the chunk (``core.detectors.FaceDetector``: YuNet image by image, MTCNN as batches on
 what YuNet missed, each library with one thread: one process per core beats one process with
 many threads on small images), and returns boxes already mapped to full-image pixels. The crop
 pass then decodes each image once at full size.
@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from core import detectors as face_detectors
 from core import faces as face_rules
 from core import images as img_io
 from core.faces import FaceSettings
@@ -42,7 +43,7 @@ def detect_chunk(paths: list[str], settings: FaceSettings
         sizes[k] = hw
         good.append(k)
     if good:  # the detector loads on the first decodable image (seconds; none if all are bad)
-        det[good] = face_rules.get_detector(settings).detect_small(smalls, scales)
+        det[good] = face_detectors.get_detector(settings).detect_small(smalls, scales)
     return det, sizes, reasons
 
 
@@ -53,7 +54,7 @@ def detect_files(paths: list[str], settings: FaceSettings, runner: Runner,
     A detector that cannot load (YuNet's model file not installed) is said here, in one line,
     before any worker starts."""
     if "yunet" in settings.detectors:
-        face_rules.yunet_model()
+        face_detectors.yunet_model()
     det = np.full((len(paths), 6), np.nan)
     sizes = np.zeros((len(paths), 2), dtype=np.int64)
     reasons: list[str | None] = [None] * len(paths)

@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 
 from core.cache import DEFAULT_FACES, ImageCache, build_cache
-from core.dataset import fingerprints, load_eval_table, load_train_table
+from core.dataset import load_eval_table, load_train_table
 from core.faces import FaceSettings
+from core.fingerprints import fingerprints
 from core.loader import RowView
 from core.splits import person_folds
 

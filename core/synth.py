@@ -218,7 +218,7 @@ def generate(out_dir: str | Path, people: int = 60, eval_people: int = 10, seed:
     The tree is built in a sibling temp folder and renamed into place, so a crash never leaves
     half a data set. ``progress`` None shows a bar from 200 people on. ``label_noise`` (default
     0: off) plants that share of train people with a label error of each kind and writes their
-    truth to ``planted_errors.csv`` (``core.synth_layout.plant_label_noise``).
+    truth to ``planted_errors.csv`` (``core.label_noise.plant_label_noise``).
     """
     people, eval_people, seed = int(people), int(eval_people), int(seed)
     h, w = (int(v) for v in size)

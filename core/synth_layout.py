@@ -17,7 +17,6 @@ import csv
 import io
 import os
 import shutil
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,9 +31,6 @@ from core.labels import (
     GENDER_NAMES,
     IMAGE_STEMS,
     MASK_BY_STEM,
-    NUM_AGE,
-    TRUE_OLD_FROM,
-    YOUNG_BELOW,
     age_group,
     encode,
 )
@@ -176,59 +172,6 @@ def assign_ids_and_traps(people: list[Person], rng: np.random.Generator
     return people, fixes
 
 
-def planted_count(share: float, people: int) -> int:
-    """Errors of each kind that ``share`` plants among ``people``: at least one when on, so a
-    small set still carries every kind."""
-    return 0 if share <= 0 else max(1, round(share * people))
-
-
-#: Ages that each age group spans in generated data (YOUNGEST..OLDEST, split as core.labels).
-AGE_SPANS: tuple[tuple[int, int], ...] = ((YOUNGEST, YOUNG_BELOW - 1),
-                                          (YOUNG_BELOW, TRUE_OLD_FROM - 1), (TRUE_OLD_FROM, OLDEST))
-
-
-def plant_label_noise(people: list[Person], fixes: Sequence[tuple[str, str, str]], share: float,
-                      rng: np.random.Generator) -> tuple[list[Person], list[tuple[str, ...]]]:
-    """Write ``planted_count(share, n)`` people of each kind wrong in train.csv / their folder
-    names: gender flipped, age moved to another age group (a random age in it), or ``normal``
-    and ``incorrect_mask`` photos swapped. Returns the people and the truth (``PLANTED_HEADER``
-    rows, by target), so a label-error finder's recall and precision can be measured.
-
-    Each planted person carries one error and is none of the built-in traps (``fixes``' targets)
-    nor shares an id (a renamed folder could then collide with the other's): the truth stays
-    unambiguous. ``rng`` is the noise's own, so the rest of the layout is drawn as without it.
-    """
-    k = planted_count(share, len(people))
-    targets = {t for t, _, _ in fixes}
-    ids = Counter(p.id for p in people)
-    free = [i for i, p in enumerate(people)
-            if p.folder not in targets and p.id not in targets and ids[p.id] == 1]
-    if len(NOISE_KINDS) * k > len(free):
-        raise ValueError(f"label noise {share} plants {k} error(s) of each of "
-                         f"{len(NOISE_KINDS)} kinds: needs {len(NOISE_KINDS) * k} people apart "
-                         f"from the built-in traps, the set has {len(free)}")
-    chosen = rng.permutation(free)[: len(NOISE_KINDS) * k].reshape(len(NOISE_KINDS), k)
-    people = list(people)
-    truth: list[tuple[str, ...]] = []
-    for kind, rows in zip(NOISE_KINDS, chosen.tolist(), strict=True):
-        for i in rows:
-            p = people[i]
-            if kind == "gender":
-                people[i] = replace(p, written_gender=1 - p.gender)
-                row = (GENDER_NAMES[p.gender], GENDER_NAMES[1 - p.gender])
-            elif kind == "age":
-                group = int(age_group(p.age))
-                new = [g for g in range(NUM_AGE) if g != group][int(rng.integers(NUM_AGE - 1))]
-                lo, hi = AGE_SPANS[new]
-                people[i] = replace(p, written_age=int(rng.integers(lo, hi + 1)))
-                row = (str(p.age), str(people[i].written_age))
-            else:
-                people[i] = replace(p, swap_normal_incorrect=True)
-                row = (MASK_SWAP_VALUE, "swapped")
-            truth.append((people[i].folder, kind, *row))
-    return people, sorted(truth)
-
-
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         wr = csv.writer(f, lineterminator="\n")
@@ -254,6 +197,8 @@ def _write_train(root: Path, people: list[Person], seed: int, draw: Draw,
     images = root / "train" / "images"
     images.mkdir(parents=True)
     if label_noise > 0:
+        from core.label_noise import plant_label_noise  # not at the top: it imports this module
+
         train, planted = plant_label_noise(train, fixes, label_noise,
                                            np.random.default_rng([seed, ROLE_NOISE]))
         write_csv(root / PLANTED_ERRORS, PLANTED_HEADER, planted)
@@ -286,7 +231,7 @@ def write_tree(root: Path, train: list[Person], evals: list[Person], seed: int, 
     ``eval_answers.csv`` when ``draw`` returns boxes; ``eval_people.csv`` (ImageID, person) says
     whose photo each eval image is, so held-out figures can be bootstrapped over people.
     ``label_noise`` plants that share of train people with an error of each kind
-    (``plant_label_noise``); 0 writes exactly the layout without the option.
+    (``core.label_noise.plant_label_noise``); 0 writes exactly the layout without the option.
     """
     meta = np.random.default_rng([seed, ROLE_META])
     boxes: list[tuple] = []

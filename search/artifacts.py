@@ -13,7 +13,7 @@ What a trial leaves (the contract the ensemble, dashboard and retries read):
 - a complete trial: ``oof`` (float32 (N_train, 18), table order), ``eval`` (float32
   (N_eval, 18), info.csv order, mean of the fold models), ``confusion`` (PNG), ``class_f1``
   (JSON, class name -> F1 or null);
-- user attrs ``config``, the three fingerprints (``core.dataset.fingerprints``), ``fold_f1``,
+- user attrs ``config``, the three fingerprints (``core.fingerprints.fingerprints``), ``fold_f1``,
   ``epochs_trained``, ``images_per_s``, ``worker``; when relevant ``resumed_folds``,
   ``pruned_because``, ``error`` (a FAIL's reason), ``clamped`` (``{name: {sampled, used}}``).
 """

@@ -57,11 +57,10 @@ from core.dataset import (
     CORRECTION_COLUMNS,
     CORRECTION_FIELDS,
     MASK_SWAP_VALUE,
-    data_fingerprint,
-    folds_fingerprint,
     read_corrections,
 )
 from core.errors import DataError
+from core.fingerprints import data_fingerprint, folds_fingerprint
 from core.labels import (
     AGE_GROUP_NAMES,
     GENDER_NAMES,

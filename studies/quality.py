@@ -71,7 +71,7 @@ def ensure_data(runs: Path, faces_dir: Path, people: int = PEOPLE,
                 progress: bool = False, label_noise: float = 0.0) -> Path:
     """The real-face set under ``runs/``, generated the first time (then reused); with
     ``label_noise`` that share of train people per kind carries a planted label error
-    (``core.synth_layout.plant_label_noise``; truth in ``planted_errors.csv``).
+    (``core.label_noise.plant_label_noise``; truth in ``planted_errors.csv``).
 
     Generated in a temporary folder next to it and renamed, so an interrupted first run never
     leaves half a data set behind; a concurrent builder's identical result is kept.

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import core.detectors as D
 import core.faces as F
 import core.images as IM
 from core.cache import ImageCache, build_cache, crop_resize, default_cache_root, main
@@ -77,7 +78,7 @@ def test_cache_holds_every_image_cropped_and_resized(built: ImageCache, synth_da
 
 def test_reuse_opens_no_source_image(built: ImageCache, synth_data: Path, decodes: list[str],
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(F, "get_detector", lambda s: pytest.fail("detector loaded on reuse"))
+    monkeypatch.setattr(D, "get_detector", lambda s: pytest.fail("detector loaded on reuse"))
     again = build_cache(synth_data, SIZE, cache_root=built.path.parent, workers=1,
                         progress=False)
     assert decodes == []
@@ -88,7 +89,7 @@ def test_reuse_opens_no_source_image(built: ImageCache, synth_data: Path, decode
 def test_other_image_size_reuses_face_boxes(built: ImageCache, synth_data: Path,
                                             decodes: list[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(F, "get_detector", lambda s: pytest.fail("faces detected twice"))
+    monkeypatch.setattr(D, "get_detector", lambda s: pytest.fail("faces detected twice"))
     other = build_cache(synth_data, (20, 16), cache_root=built.path.parent, workers=1,
                         progress=False)
     assert other.path != built.path and other.images.shape[1:3] == (20, 16)
@@ -256,14 +257,14 @@ def test_processes_building_at_once_build_once(copied: tuple[Path, Path], tmp_pa
     script = textwrap.dedent(f"""
         import json, os, time
         from pathlib import Path
-        import core.cache as C, core.faces as F
+        import core.cache as C, core.detectors as D
         def logged(tag, fn):
             def wrap(*args, **kwargs):
                 with open({str(log)!r}, "a") as f:
                     f.write(f"{{tag}} {{os.getpid()}}\\n")
                 return fn(*args, **kwargs)
             return wrap
-        F.get_detector = logged("detector", F.get_detector)
+        D.get_detector = logged("detector", D.get_detector)
         C._install = logged("install", C._install)
         import core.images as IM
         real = IM.read_rgb
@@ -294,7 +295,7 @@ def test_box_settings_change_the_key_and_reuse_detections(built: ImageCache, cop
     """A wider margin is another cache (its crops hold the default ones), built from the saved
     detections: nothing is detected again. Detection settings name another table."""
     data, root = copied
-    monkeypatch.setattr(F, "get_detector", lambda s: pytest.fail("faces detected again"))
+    monkeypatch.setattr(D, "get_detector", lambda s: pytest.fail("faces detected again"))
     wide = build_cache(data, SIZE, F.FaceSettings(margin=0.4), cache_root=root, workers=1,
                        progress=False)
     assert wide.path.name != built.path.name
@@ -312,8 +313,8 @@ def test_another_detector_is_another_cache_and_detects_again(
     and the default's cache and table are still there and reused as they are."""
     data, root = copied
     loaded: list[tuple[str, ...]] = []
-    real = F.get_detector
-    monkeypatch.setattr(F, "get_detector", lambda s: loaded.append(s.detectors) or real(s))
+    real = D.get_detector
+    monkeypatch.setattr(D, "get_detector", lambda s: loaded.append(s.detectors) or real(s))
     default = build_cache(data, SIZE, cache_root=root, workers=1, progress=False)
     assert loaded == []  # the copied root's face-box table serves the copy
     mtcnn = F.FaceSettings(detectors=("mtcnn",))

@@ -14,13 +14,13 @@ from core.dataset import (
     TABLE_COLUMNS,
     CorrectionWarning,
     apply_corrections,
-    data_fingerprint,
     load_eval_table,
     load_train_table,
     read_corrections,
     training_targets,
 )
 from core.errors import DataError
+from core.fingerprints import data_fingerprint
 from core.labels import IMAGE_STEMS, MASK_BY_STEM, age_group, encode
 from tests.conftest import SYNTH_EVAL_PEOPLE, SYNTH_PEOPLE, TINY_PEOPLE
 

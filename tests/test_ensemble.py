@@ -16,12 +16,9 @@ import pandas as pd
 import pytest
 from optuna.artifacts.exceptions import ArtifactNotFound
 
-from core.dataset import (
-    fingerprints,
-    load_eval_table,
-    load_train_table,
-)
+from core.dataset import load_eval_table, load_train_table
 from core.errors import DataError
+from core.fingerprints import fingerprints
 from core.labels import NUM_CLASSES
 from core.metrics import macro_f1
 from core.splits import person_folds

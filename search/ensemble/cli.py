@@ -25,8 +25,9 @@ import pandas as pd
 
 from core.atomic import atomic_write
 from core.cli import Parser, run_cli
-from core.dataset import fingerprints, load_eval_table
+from core.dataset import load_eval_table
 from core.errors import DataError, first_line
+from core.fingerprints import fingerprints
 from core.labels import NUM_CLASSES
 from core.metrics import macro_f1
 from search import paths
