@@ -33,6 +33,7 @@ import json
 import math
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -68,6 +69,35 @@ from search.trial_plots import class_f1, confusion_png
 from search.worker.budget import Budget
 from search.worker.claims import retried_from
 from search.worker.stage import final_epochs, is_final
+
+
+@dataclass(frozen=True)
+class FoldInputs:
+    """One trial's arrays, cut per fold by the folds: training images (a memmap view), the
+    eval images, the training targets (after the trial's age threshold)."""
+
+    images: np.ndarray
+    eval_images: np.ndarray
+    targets: np.ndarray
+
+
+@dataclass
+class FoldSums:
+    """What a trial's folds add up to: OOF rows, summed eval probabilities, each fold's F1, the
+    epochs trained, the speeds seen, the folds resumed from a dead try."""
+
+    oof: np.ndarray
+    eval_sum: np.ndarray
+    fold_f1: list[float] = field(default_factory=list)
+    epochs_trained: int = 0
+    speeds: list[float] = field(default_factory=list)
+    resumed: list[int] = field(default_factory=list)
+
+    def add(self, val: np.ndarray, val_probs: np.ndarray, eval_probs: np.ndarray,
+            f1: float) -> None:
+        self.oof[val] = val_probs
+        self.eval_sum += eval_probs
+        self.fold_f1.append(f1)
 
 
 class FinalTrialDiverged(RuntimeError):
@@ -153,25 +183,40 @@ class Objective:
         return val, ev
 
     def __call__(self, trial: optuna.Trial) -> float:
+        """config -> each fold (resumed from a dead try, else trained) -> macro F1 -> saved."""
         cfg = self.config(trial)
-        final = is_final(trial)  # never pruned (search.worker.stage)
         data = self.data
-        labels = data.labels
         done = self.resumable(trial, cfg)
         trial.set_user_attr("config", cfg.to_dict())
         for name, value in data.fingerprints().items():
             trial.set_user_attr(name, value)
-        images = data.train_images(cfg.image_size)
-        eval_images = data.eval_images(cfg.image_size)
-        targets = training_targets(data.table, cfg.age_threshold)
-
-        oof = np.zeros((len(labels), NUM_CLASSES), np.float32)
-        eval_sum = np.zeros((len(eval_images), NUM_CLASSES), np.float64)
-        fold_f1: list[float] = []
-        speeds: list[float] = []
-        reported: set[int] = set()
-        epochs_trained, resumed = 0, []
+        inputs = FoldInputs(data.train_images(cfg.image_size), data.eval_images(cfg.image_size),
+                            training_targets(data.table, cfg.age_threshold))
+        sums = FoldSums(np.zeros((len(data.labels), NUM_CLASSES), np.float32),
+                        np.zeros((len(inputs.eval_images), NUM_CLASSES), np.float64))
         trial.set_user_attr("epochs_trained", 0)  # a retry inherits the dead trial's count
+        report = self._reporter(trial)
+        for k in range(data.n_folds):
+            saved = self._resume_fold(trial, k, done, cfg, report) if k in done else None
+            if saved is None:
+                self._train_fold(trial, k, cfg, inputs, sums, report)
+                continue
+            sums.add(data.folds == k, *saved)  # a retry: it finished before its worker died
+            sums.resumed.append(k)
+            trial.set_user_attr("resumed_folds", sums.resumed)
+
+        value = macro_f1(data.labels, sums.oof)
+        trial.set_user_attr("images_per_s", float(np.mean(sums.speeds)) if sums.speeds else 0.0)
+        self._save_trial(trial, data.labels, sums.oof,
+                         (sums.eval_sum / data.n_folds).astype(np.float32), value)
+        return value
+
+    @staticmethod
+    def _reporter(trial: optuna.Trial) -> Callable[[float, int], bool]:
+        """``report(value, step) -> prune?`` for this trial: a step reported twice is a bug
+        (raised), and a final-stage trial is never pruned."""
+        reported: set[int] = set()
+        final = is_final(trial)
 
         def report(value: float, step: int) -> bool:
             if step in reported:
@@ -180,51 +225,43 @@ class Objective:
             trial.report(value, step)
             return not final and trial.should_prune()
 
-        for k in range(data.n_folds):
-            val = data.folds == k
-            saved = self._resume_fold(trial, k, done, cfg, report) if k in done else None
-            if saved is not None:  # a retry: this fold finished before its worker died
-                oof[val], fold_eval, f1 = saved
-                eval_sum += fold_eval
-                fold_f1.append(f1)
-                resumed.append(k)
-                trial.set_user_attr("resumed_folds", resumed)
-                continue
+        return report
 
-            def on_epoch(epoch: int, val_f1: float, k: int = k) -> bool:
-                if self.budget is not None:  # the deadline stops a trial between epochs
-                    self.budget.check()
-                if self.per_fold or not math.isfinite(val_f1):
-                    return False
-                return report(val_f1, pruning_step(False, k, epoch, cfg.epochs))
+    def _train_fold(self, trial: optuna.Trial, k: int, cfg: TrainConfig, inputs: FoldInputs,
+                    sums: FoldSums, report: Callable[[float, int], bool]) -> None:
+        """Train fold ``k``, report its curve, save its files the moment it ends, add it to
+        ``sums``; a divergence or the pruner ends the trial (``TrialPruned``, or FAIL when
+        final)."""
+        val = self.data.folds == k
+        labels = self.data.labels
 
-            result = self.fit(cfg, images[~val], targets[~val], images[val], labels[val],
-                              on_epoch=on_epoch, progress=self.progress)
-            epochs_trained += len(result.history)
-            speeds += [h["images_per_s"] for h in result.history if "images_per_s" in h]
-            trial.set_user_attr("epochs_trained", epochs_trained)
-            if result.diverged:
-                why = f"diverged in fold {k} (non-finite loss or predictions, lr={cfg.lr:g})"
-                if final:
-                    raise FinalTrialDiverged(why)
-                self._prune(trial, why)
-            if result.stopped_early:
-                self._prune(trial, f"pruner at fold {k}, epoch {len(result.history) - 1}")
+        def on_epoch(epoch: int, val_f1: float) -> bool:
+            if self.budget is not None:  # the deadline stops a trial between epochs
+                self.budget.check()
+            if self.per_fold or not math.isfinite(val_f1):
+                return False
+            return report(val_f1, pruning_step(False, k, epoch, cfg.epochs))
 
-            eval_probs = self.predict(result.state_dict, cfg, eval_images).astype(np.float32)
-            self._save_fold(trial, k, result, eval_probs)
-            oof[val] = result.val_probs
-            eval_sum += eval_probs
-            fold_f1.append(float(result.selected_f1))
-            trial.set_user_attr("fold_f1", fold_f1)
-            if self.per_fold and report(float(result.selected_f1),
-                                        pruning_step(True, k, 0, cfg.epochs)):
-                self._prune(trial, f"pruner after fold {k}")
+        result = self.fit(cfg, inputs.images[~val], inputs.targets[~val], inputs.images[val],
+                          labels[val], on_epoch=on_epoch, progress=self.progress)
+        sums.epochs_trained += len(result.history)
+        sums.speeds += [h["images_per_s"] for h in result.history if "images_per_s" in h]
+        trial.set_user_attr("epochs_trained", sums.epochs_trained)
+        if result.diverged:
+            why = f"diverged in fold {k} (non-finite loss or predictions, lr={cfg.lr:g})"
+            if is_final(trial):
+                raise FinalTrialDiverged(why)
+            self._prune(trial, why)
+        if result.stopped_early:
+            self._prune(trial, f"pruner at fold {k}, epoch {len(result.history) - 1}")
 
-        value = macro_f1(labels, oof)
-        trial.set_user_attr("images_per_s", float(np.mean(speeds)) if speeds else 0.0)
-        self._save_trial(trial, labels, oof, (eval_sum / data.n_folds).astype(np.float32), value)
-        return value
+        eval_probs = self.predict(result.state_dict, cfg, inputs.eval_images).astype(np.float32)
+        self._save_fold(trial, k, result, eval_probs)
+        sums.add(val, result.val_probs, eval_probs, float(result.selected_f1))
+        trial.set_user_attr("fold_f1", sums.fold_f1)
+        if self.per_fold and report(float(result.selected_f1),
+                                    pruning_step(True, k, 0, cfg.epochs)):
+            self._prune(trial, f"pruner after fold {k}")
 
     def _resume_fold(self, trial: optuna.Trial, k: int, done: dict[int, dict], cfg: TrainConfig,
                      report: Callable[[float, int], bool]
