@@ -259,12 +259,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-
-    def body() -> int:
-        run(args)
-        return 0
-
-    return run_cli(body, args.debug)
+    return run_cli(lambda: run(args), args.debug)  # run's result (a dict) means success
 
 
 if __name__ == "__main__":
