@@ -47,9 +47,10 @@ def load(folder: Path) -> dict:
     folds and eval answers (the same loading ``search.ensemble`` does)."""
     import optuna
 
+    from core.answers import eval_answers
     from search.artifacts import open_store
     from search.ensemble import cli
-    from search.ensemble.trials import eval_answers, load_candidates, load_eval
+    from search.ensemble.trials import load_candidates, load_eval
 
     db = folder / "study.db"
     if not db.is_file():

@@ -55,6 +55,7 @@ from bench.quality import (
     protocol_parser,
     search_study,
 )
+from core.answers import read_answers
 from core.cli import run_cli
 from core.errors import DataError
 
@@ -94,9 +95,9 @@ def score(ranked: pd.DataFrame, truth: pd.DataFrame) -> dict:
 
 def heldout_f1(out: Path, data: Path) -> float:
     """Held-out macro F1 of the submission in ``out`` (eval rows carry no planted error)."""
-    sub = pd.read_csv(out / "submission.csv", dtype={"ImageID": str})
-    answers, _ = answers_and_people(data, sub["ImageID"])
-    return task_f1(answers, sub["ans"].to_numpy(np.int64))["f1"]
+    sub = read_answers(out / "submission.csv")
+    answers, _ = answers_and_people(data, sub.index)
+    return task_f1(answers, sub.to_numpy())["f1"]
 
 
 def find(out: Path, data: Path, top: int) -> pd.DataFrame:

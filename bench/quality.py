@@ -39,8 +39,10 @@ from bench._quality_figures import (
     task_f1,
 )
 from bench.gauge import cached_gauge
+from core.answers import ANSWERS_FILE, answers_for, read_answers
 from core.cli import run_cli
 from core.errors import DataError
+from search.ensemble.submission import Submission
 
 STUDY = "quality"
 TRIALS = 6
@@ -90,7 +92,8 @@ def answers_and_people(data: Path, image_ids: Sequence[str]) -> tuple[np.ndarray
         raise DataError(f"{people_csv}: missing (a set from an older core.synth); delete "
                         f"{data} and rerun to rebuild it")
     people = pd.read_csv(people_csv, dtype={"ImageID": str}).set_index("ImageID")
-    return _answers(data, image_ids), people.loc[list(image_ids), "person"].to_numpy()
+    return (answers_for(data / ANSWERS_FILE, image_ids),
+            people.loc[list(image_ids), "person"].to_numpy())
 
 
 def protocol_parser(prog: str, description: str, search: bool = True) -> argparse.ArgumentParser:
@@ -177,7 +180,7 @@ def search_study(args: argparse.Namespace, data: Path, seed: int, out: Path,
         raise DataError(f"bench.quality: the search (seed {seed}) failed; see above")
 
 
-def ensemble_study(out: Path, data: Path) -> dict:
+def ensemble_study(out: Path, data: Path) -> Submission:
     """``search.ensemble`` on the study in ``out`` (its output kept in ensemble.txt); the
     submission's record (submission.json)."""
     from search.ensemble import cli as ensemble
@@ -190,12 +193,7 @@ def ensemble_study(out: Path, data: Path) -> dict:
     (out / "ensemble.txt").write_text(text.getvalue())
     if code != 0:
         raise DataError(f"bench.quality: the ensemble failed (output in {out / 'ensemble.txt'})")
-    return json.loads((out / "submission.json").read_text())
-
-
-def _answers(data: Path, image_ids: Sequence[str]) -> np.ndarray:
-    answers = pd.read_csv(data / "eval_answers.csv", dtype={"ImageID": str}).set_index("ImageID")
-    return answers.loc[list(image_ids), "ans"].to_numpy(np.int64)
+    return Submission.from_json(json.loads((out / "submission.json").read_text()))
 
 
 def _best_trial(out: Path) -> tuple[float, int, np.ndarray, int]:
@@ -226,24 +224,24 @@ def run_seed(args: argparse.Namespace, data: Path, seed: int, root: Path) -> dic
         shutil.rmtree(out, ignore_errors=True)  # a bench run measures now, never resumes
         out.mkdir(parents=True)
         _, t_search = _timed(search_study, args, data, seed, out)
-    payload, t_ens = _timed(ensemble_study, out, data)
+    submitted, t_ens = _timed(ensemble_study, out, data)
     eval_table = load_eval_table(data)
     oof, number, eval_probs, done = _best_trial(out)
     if done < args.trials:
         print(f"WARNING: seed {seed}: the {SAFETY_TIMEOUT_S} s safety cap stopped the search "
               f"after {done} of {args.trials} trials; its figures are not the fixed protocol's",
               flush=True)
-    sub = pd.read_csv(out / "submission.csv", dtype={"ImageID": str})
-    if sub["ImageID"].tolist() != eval_table["ImageID"].tolist():
+    sub = read_answers(out / "submission.csv")
+    if sub.index.tolist() != eval_table["ImageID"].tolist():
         raise DataError(f"{out / 'submission.csv'}: rows are not in eval/info.csv order")
     gauge = cached_gauge(out / "gauge.npz", data, args.weights, args.epochs, args.device, seed)
     t_gauge = gauge["seconds"]
     answers, people = answers_and_people(data, eval_table["ImageID"])
-    preds = {"heldout": eval_probs.argmax(axis=1), "submission": sub["ans"].to_numpy(np.int64),
+    preds = {"heldout": eval_probs.argmax(axis=1), "submission": sub.to_numpy(),
              "gauge": gauge["eval_probs"].argmax(axis=1)}
     single, submitted, hand = (task_f1(answers, p) for p in preds.values())
     boot = people_bootstrap(answers, list(preds.values()), people)
-    fig = payload.get("figures", {})
+    fig = submitted.figures
     result = {
         "seed": seed, "trials_finished": done, "best_trial": number, "oof": oof,
         "heldout": single["f1"], "gap": oof - single["f1"],
@@ -253,7 +251,7 @@ def run_seed(args: argparse.Namespace, data: Path, seed: int, root: Path) -> dic
         "best_single_cross_fitted": fig.get("best_single_cross_fitted_f1", float("nan")),
         "best_single_rule_heldout": fig.get("best_single_eval_f1", single["f1"]),
         "submission_heldout": submitted["f1"],
-        "submission_uses": payload.get("uses", "ensemble"),
+        "submission_uses": submitted.uses,
         "gauge_heldout": hand["f1"], "gauge_val_f1": gauge["val_f1"],
         "submission_minus_gauge": submitted["f1"] - hand["f1"],
         "intervals": {"heldout": interval(boot[:, 0]), "submission": interval(boot[:, 1]),

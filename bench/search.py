@@ -36,8 +36,14 @@ if not __package__:  # run as a file (python bench/NAME.py): import from the che
 from bench.quality import check_weights_folder, weights_arg
 from core.study_data import load_study_data
 from search.artifacts import open_store
-from search.objective import Objective
-from search.study_settings import DEFAULT_PRUNER, REPORT_MODE, create_pruner, create_sampler
+from search.objective import Machine, Objective
+from search.study_settings import (
+    DEFAULT_PRUNER,
+    REPORT_MODE,
+    StudySettings,
+    create_pruner,
+    create_sampler,
+)
 from studies import demo, face_settings, quality
 
 ARMS = ("none", "median", "hyperband", "halving", "wilcoxon")
@@ -60,8 +66,9 @@ def arm(name: str, study_module, data, trials: int, epochs: int, seed: int, tmp:
     study = optuna.create_study(direction="maximize",
                                 sampler=create_sampler("tpe", seed, group=group),
                                 pruner=create_pruner(pruner, n_folds * epochs, n_folds))
-    obj = Objective(study_module, data, open_store(tmp / f"{name}-{seed}"), epochs=epochs,
-                    per_fold=REPORT_MODE[pruner] == "fold", weights=weights)
+    obj = Objective(study_module, data, open_store(tmp / f"{name}-{seed}"),
+                    StudySettings.of(data, epochs, per_fold=REPORT_MODE[pruner] == "fold"),
+                    Machine(weights=weights))
     t0 = time.perf_counter()
     study.optimize(obj, n_trials=trials)
     done = study.get_trials(states=(TrialState.COMPLETE,))

@@ -25,9 +25,9 @@ from core.errors import DataError
 from core.study_data import load_study_data
 from search import paths
 from search.artifacts import checkpoint_name, load_file, open_store
-from search.ensemble.decision import apply_offsets
-from search.ensemble.select import blend
+from search.ensemble.submission import Submission
 from search.ensemble.trials import open_study
+from search.worker.stage import best_first
 from studies import face_settings
 
 #: Study user attr: the absolute path of the submission JSON ``search.ensemble`` last wrote.
@@ -66,9 +66,7 @@ class FinishedStudy:
 
     def complete(self) -> list[optuna.trial.FrozenTrial]:
         """Complete trials, best first (ties: lower number)."""
-        done = [t for t in self.trials
-                if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
-        return sorted(done, key=lambda t: (-t.value, t.number))
+        return best_first(self.trials)
 
     def trial(self, number: int) -> optuna.trial.FrozenTrial:
         trials = self.trials
@@ -84,14 +82,15 @@ class FinishedStudy:
         recorded = self.study.user_attrs.get(SUBMISSION_ATTR)
         return Path(recorded) if recorded else paths.study_dir(self.name) / "submission.json"
 
-    def submission(self) -> dict:
-        """The ensemble's JSON (members, weights, decision rule); one line when never written."""
+    def submission(self) -> Submission:
+        """The ensemble's choice (members, weights, decision rule); one line when never
+        written."""
         path = self.submission_path
         if not path.is_file():
             raise DataError(f"study {self.name!r} has no ensemble yet ({path} is missing): run "
                             f"python -m search.ensemble --study {self.name} first")
         try:
-            return json.loads(path.read_text())
+            return Submission.from_json(json.loads(path.read_text()))
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: unreadable ({e}); run search.ensemble again") from None
 
@@ -112,15 +111,6 @@ def study_rows(study: optuna.Study, data_dir: str | Path | None = None
     data = load_study_data(Path(data_dir), attrs.get("corrections"), int(attrs["n_folds"]),
                            int(attrs["fold_seed"]))
     return data.data_dir, data.table, data.folds
-
-
-def submission_classes(payload: dict, member_probs: list[np.ndarray]
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """(blended probabilities, classes) as ``submission.json`` says: its members' ``weight``s
-    and its decision rule (``offsets``, or the plain argmax). ``member_probs`` in members order."""
-    probs = blend(member_probs, np.array([m["weight"] for m in payload["members"]]))
-    offsets = np.asarray(payload.get("offsets") or np.zeros(probs.shape[1]))
-    return probs, apply_offsets(probs, offsets).astype(np.int64)
 
 
 def open_finished(args: argparse.Namespace) -> FinishedStudy:

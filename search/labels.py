@@ -218,11 +218,11 @@ def oof_probabilities(found: FinishedStudy, table: pd.DataFrame, folds: np.ndarr
     now = {"data_fingerprint": data_fingerprint(table),
            "folds_fingerprint": folds_fingerprint(folds)}
     if found.submission_path.is_file():
-        members = [m for m in found.submission()["members"] if m["weight"] > 0]
-        trials = [found.trial(int(m["trial"])) for m in members]
+        members = [m for m in found.submission().members if m.weight > 0]
+        trials = [found.trial(m.trial) for m in members]
         check_against_now(trials, now, data_dir)
         probs = blend([load_oof(t, found.store, len(table)) for t in trials],
-                      np.array([m["weight"] for m in members]))
+                      np.array([m.weight for m in members]))
         numbers = ", ".join(str(t.number) for t in trials)
         return probs, (f"the submission's {len(trials)} member(s) (trial {numbers}) blended "
                        f"with its weights")

@@ -64,7 +64,7 @@ from search.artifacts import (
     oof_fold_name,
 )
 from search.space import check_fixed
-from search.study_settings import pruning_step
+from search.study_settings import StudySettings, pruning_step
 from search.trial_plots import class_f1, confusion_png
 from search.worker.budget import Budget
 from search.worker.claims import retried_from
@@ -108,20 +108,29 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-class Objective:
-    """Callable for ``study.optimize``. ``fit``/``predict_fn`` are injectable for tests."""
+@dataclass(frozen=True)
+class Machine:
+    """Where and how this worker trains: what may differ between the machines of one study
+    without changing what a trial means (so it is never stored on the study)."""
 
-    def __init__(self, study_module: ModuleType, data: StudyData, store: Any, *,
-                 epochs: int | None = None, device: str | None = None, per_fold: bool = False,
-                 progress: bool = False, fit: Callable[..., FoldResult] = fit_fold,
-                 predict_fn: Callable[..., np.ndarray] = predict, weights: Path | None = None,
-                 loader_workers: int | None = None, fixed: dict[str, Any] | None = None,
-                 budget: Budget | None = None) -> None:
+    device: str | None = None  # None: the config's own (the GPU when there is one)
+    loader_workers: int | None = None  # None: the config's own
+    weights: Path | None = None  # the local pretrained-weights folder (``--weights``)
+    progress: bool = False
+    budget: Budget | None = None  # the run's deadline, checked between epochs
+
+
+class Objective:
+    """Callable for ``study.optimize``: the study's module (its space), data, artifact store,
+    fixed settings and this machine. ``fit``/``predict_fn`` are injectable for tests."""
+
+    def __init__(self, study_module: ModuleType, data: StudyData, store: Any,
+                 settings: StudySettings, machine: Machine = Machine(), *,
+                 fit: Callable[..., FoldResult] = fit_fold,
+                 predict_fn: Callable[..., np.ndarray] = predict) -> None:
         self.study_module, self.data, self.store = study_module, data, store
-        self.epochs, self.device, self.per_fold, self.progress = epochs, device, per_fold, progress
+        self.settings, self.machine = settings, machine
         self.fit, self.predict = fit, predict_fn
-        self.weights, self.loader_workers, self.fixed = weights, loader_workers, fixed or {}
-        self.budget = budget
 
     def config(self, trial: optuna.Trial) -> TrainConfig:
         """The study's space with the run's fixed epochs (a final-stage trial's own), device,
@@ -129,23 +138,22 @@ class Objective:
         honour (a warmup longer than the run) is clamped and recorded as used (user attr
         ``clamped``)."""
         cfg = self.study_module.space(trial)
-        check_fixed(trial, self.fixed)
-        epochs = final_epochs(trial) or self.epochs
-        if epochs is not None:
-            cfg.epochs = int(epochs)
+        check_fixed(trial, self.settings.fixed)
+        cfg.epochs = int(final_epochs(trial) or self.settings.epochs)
         used_warmup = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0) * 0.5)
         if used_warmup != cfg.warmup_epochs:
             trial.set_user_attr("clamped", {"warmup_epochs": {"sampled": cfg.warmup_epochs,
                                                               "used": used_warmup}})
             cfg.warmup_epochs = used_warmup
-        if self.device is not None:
-            cfg.device = self.device
-        if self.loader_workers is not None:
-            cfg.num_workers = int(self.loader_workers)
-        if cfg.pretrained and self.weights is not None:
-            path = weights_file(self.weights, cfg.backbone)
+        machine = self.machine
+        if machine.device is not None:
+            cfg.device = machine.device
+        if machine.loader_workers is not None:
+            cfg.num_workers = int(machine.loader_workers)
+        if cfg.pretrained and machine.weights is not None:
+            path = weights_file(machine.weights, cfg.backbone)
             if path is None:
-                raise ConfigError(f"no weights for backbone {cfg.backbone!r} in {self.weights} "
+                raise ConfigError(f"no weights for backbone {cfg.backbone!r} in {machine.weights} "
                                   f"(python -m search.weights fills it)")
             cfg.pretrained_file = str(path)
         return cfg.validate()
@@ -236,14 +244,14 @@ class Objective:
         labels = self.data.labels
 
         def on_epoch(epoch: int, val_f1: float) -> bool:
-            if self.budget is not None:  # the deadline stops a trial between epochs
-                self.budget.check()
-            if self.per_fold or not math.isfinite(val_f1):
+            if self.machine.budget is not None:  # the deadline stops a trial between epochs
+                self.machine.budget.check()
+            if self.settings.per_fold or not math.isfinite(val_f1):
                 return False
             return report(val_f1, pruning_step(False, k, epoch, cfg.epochs))
 
         result = self.fit(cfg, inputs.images[~val], inputs.targets[~val], inputs.images[val],
-                          labels[val], on_epoch=on_epoch, progress=self.progress)
+                          labels[val], on_epoch=on_epoch, progress=self.machine.progress)
         sums.epochs_trained += len(result.history)
         sums.speeds += [h["images_per_s"] for h in result.history if "images_per_s" in h]
         trial.set_user_attr("epochs_trained", sums.epochs_trained)
@@ -259,7 +267,7 @@ class Objective:
         self._save_fold(trial, k, result, eval_probs)
         sums.add(val, result.val_probs, eval_probs, float(result.selected_f1))
         trial.set_user_attr("fold_f1", sums.fold_f1)
-        if self.per_fold and report(float(result.selected_f1),
+        if self.settings.per_fold and report(float(result.selected_f1),
                                     pruning_step(True, k, 0, cfg.epochs)):
             self._prune(trial, f"pruner after fold {k}")
 
@@ -273,10 +281,10 @@ class Objective:
                                 len(self.data.eval_table))
         if saved is None:
             return None
-        values = [done[k]["f1"]] if self.per_fold else done[k].get("curve", [])
+        values = [done[k]["f1"]] if self.settings.per_fold else done[k].get("curve", [])
         for e, v in enumerate(values):
             if math.isfinite(v):
-                report(float(v), pruning_step(self.per_fold, k, e, cfg.epochs))
+                report(float(v), pruning_step(self.settings.per_fold, k, e, cfg.epochs))
         return saved[0], saved[1], float(done[k]["f1"])
 
     def _save_fold(self, trial: optuna.Trial, k: int, result: FoldResult,

@@ -25,12 +25,12 @@ from core.engine import predict
 from core.errors import DataError
 from core.labels import AGE_GROUP_NAMES, GENDER_NAMES, MASK_NAMES, decode
 from core.photos import check_any, crop_photos, data_fallback, find_photos
+from search.ensemble.submission import Member
 from search.finished_study import (
     FinishedStudy,
     add_study_flags,
     fold_states,
     open_finished,
-    submission_classes,
     trial_config,
 )
 
@@ -47,11 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def member_probs(found: FinishedStudy, member: dict, crops, device: str | None,
+def member_probs(found: FinishedStudy, member: Member, crops, device: str | None,
                  progress: bool) -> np.ndarray:
     """One member's probabilities for the readable photos: the mean of its fold models, as the
     trial's own eval probabilities are."""
-    trial = found.trial(int(member["trial"]))
+    trial = found.trial(member.trial)
     cfg = trial_config(trial, device)
     images = crops.stack(tuple(cfg.image_size))
     states = fold_states(trial, found.store, found.n_folds)
@@ -61,8 +61,8 @@ def member_probs(found: FinishedStudy, member: dict, crops, device: str | None,
     return (total / len(states)).astype(np.float32)
 
 
-def sizes_of(found: FinishedStudy, members: list[dict]) -> list[tuple[int, int]]:
-    return sorted({tuple(found.trial(int(m["trial"])).user_attrs["config"]["image_size"])
+def sizes_of(found: FinishedStudy, members: Sequence[Member]) -> list[tuple[int, int]]:
+    return sorted({tuple(found.trial(m.trial).user_attrs["config"]["image_size"])
                    for m in members})
 
 
@@ -97,14 +97,14 @@ def rows(files: list[Path], crops, classes: np.ndarray, probs: np.ndarray) -> pd
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
     found = open_finished(args)
-    payload = found.submission()
+    submitted = found.submission()
     files = find_photos(args.paths)
     check_any(files, args.paths)
-    members = payload["members"]
+    members = submitted.members
     crops = crop_photos(files, sizes_of(found, members), study_fallback(found), found.faces,
                         progress=not args.quiet)
-    probs, classes = submission_classes(
-        payload, [member_probs(found, m, crops, args.device, not args.quiet) for m in members])
+    probs, classes = submitted.classes(
+        [member_probs(found, m, crops, args.device, not args.quiet) for m in members])
     table = rows(files, crops, classes, probs)
     if args.out is None:
         table.to_csv(sys.stdout, index=False)

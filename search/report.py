@@ -32,13 +32,12 @@ from core.labels import AGE_GROUP_NAMES, CLASS_NAMES, MASK_NAMES, decode
 from core.metrics import macro_f1
 from search import paths
 from search.artifacts import OOF, finished_artifacts, load_array
-from search.ensemble.choice import what_it_uses
+from search.ensemble.submission import Submission
 from search.finished_study import (
     FinishedStudy,
     add_study_flags,
     open_finished,
     study_rows,
-    submission_classes,
 )
 from search.trial_plots import class_f1, confusion_png
 
@@ -117,23 +116,24 @@ def curves_tag(found: FinishedStudy, trials: list) -> str:
     return figure_tag(fig, "fold curves")
 
 
-def ensemble_oof(found: FinishedStudy, payload: dict) -> np.ndarray:
+def ensemble_oof(found: FinishedStudy, sub: Submission) -> np.ndarray:
     """The submission's in-sample OOF classes: its members' OOF, blended and decided as the
     submission's JSON says."""
-    oofs = [load_array(found.trial(m["trial"]), found.store, OOF) for m in payload["members"]]
-    return submission_classes(payload, oofs)[1]
+    return sub.classes([load_array(found.trial(m.trial), found.store, OOF)
+                        for m in sub.members])[1]
 
 
-def submission_section(found: FinishedStudy, payload: dict, labels: np.ndarray) -> str:
-    f = payload["figures"]
-    members = pd.DataFrame(payload["members"])[["trial", "weight", "oof_f1", "value"]]
+def submission_section(found: FinishedStudy, sub: Submission, labels: np.ndarray) -> str:
+    f = sub.figures
+    members = pd.DataFrame([vars(m) for m in sub.members])[["trial", "weight", "oof_f1",
+                                                             "value"]]
     figures = pd.DataFrame(
         [("ensemble, nested cross-fitted", f["ensemble_cross_fitted_f1"]),
          ("best single trial, nested cross-fitted", f["best_single_cross_fitted_f1"]),
          ("ensemble, in-sample OOF (optimistic)", f["ensemble_oof_f1_in_sample"]),
          *[(f"eval answers: {k}", f[f"{k}_eval_f1"]) for k in ("ensemble", "best_single")
            if f"{k}_eval_f1" in f]], columns=["figure", "macro F1"])
-    pred = ensemble_oof(found, payload)
+    pred = ensemble_oof(found, sub)
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "confusion.png"
         confusion_png(labels, pred, png, "submission, out-of-fold (in-sample)")
@@ -142,7 +142,7 @@ def submission_section(found: FinishedStudy, payload: dict, labels: np.ndarray) 
                               "F1": list(class_f1(labels, pred).values())})
     per_class[">=60"] = [("yes" if AGE_GROUP_NAMES[a] == OLD else "")
                          for a in decode(np.arange(len(CLASS_NAMES)))[2]]
-    return (f"<p>The submission uses {html.escape(what_it_uses(payload))}; out-of-fold macro "
+    return (f"<p>The submission uses {html.escape(sub.what_it_uses())}; out-of-fold macro "
             f"F1 of what it submits: {macro_f1(labels, pred):.4f} (in-sample).</p>"
             + figures.to_html(index=False, float_format="%.4f") + members.to_html(
                 index=False, float_format="%.4f") + matrix
@@ -183,7 +183,7 @@ td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%;display:block;mar
 
 def page(found: FinishedStudy) -> str:
     study = found.study
-    payload = found.submission()
+    submitted = found.submission()
     best = found.complete()
     data_dir, table, _ = study_rows(study)
     labels = table["label"].to_numpy(np.int64)
@@ -193,7 +193,7 @@ def page(found: FinishedStudy) -> str:
         f"<p>{len(board)} trials: " + ", ".join(
             f"{n} {s.lower()}" for s, n in board["state"].value_counts().items())
         + f". Best trial {best[0].number}: OOF macro F1 {best[0].value:.4f}.</p>",
-        "<h2>Submission</h2>", submission_section(found, payload, labels),
+        "<h2>Submission</h2>", submission_section(found, submitted, labels),
         "<h2>History</h2>", history_tag(study),
         "<h2>Parameter importances</h2>", importance_tag(study),
         "<h2>Validation curves (best trials, each fold)</h2>",

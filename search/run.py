@@ -46,7 +46,7 @@ from core.study_data import load_study_data
 from search import paths
 from search.artifacts import open_store
 from search.log import log
-from search.objective import Objective
+from search.objective import Machine, Objective
 from search.run_args import build_parser
 from search.space import fixed_sampler, override_waiting, warm_start
 from search.study_settings import (
@@ -203,11 +203,9 @@ def search_here(run: Run, loader_workers: int, stage: str = SEARCH) -> bool:
                            settings.fold_seed, faces=face_settings(run.module),
                            progress=args.progress)
     store = open_store(args.artifacts or paths.default_artifacts_dir())
-    objective = Objective(run.module, data, store, epochs=settings.epochs,
-                          device=args.device, per_fold=settings.per_fold,
-                          progress=args.progress, weights=run.weights,
-                          loader_workers=loader_workers, fixed=settings.fixed,
-                          budget=run.budget)
+    machine = Machine(device=args.device, loader_workers=loader_workers, weights=run.weights,
+                      progress=args.progress, budget=run.budget)
+    objective = Objective(run.module, data, store, settings, machine)
     try:
         run_worker(run.study, objective, args.trials,
                    lock=claim_lock(run.storage, run.storage_url, run.study.study_name),

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -26,6 +26,9 @@ from search import paths
 from search.space import explore, parse_fixes
 from search.worker.stage import SearchOnlyPruner
 from search.worker.storage import study_names
+
+if TYPE_CHECKING:
+    from core.study_data import StudyData
 
 #: What a reported step means to each pruner: "epoch" = ``fold * epochs + epoch``, "fold" =
 #: ``fold``. "none" prunes nothing, so it reports in whichever mode the study has.
@@ -81,6 +84,15 @@ class StudySettings:
                    corrections=attrs.get("corrections"), fixed=dict(attrs.get("fixed") or {}),
                    weights=attrs.get("weights"), pruner=str(attrs.get("pruner") or "median"),
                    study_module=str(attrs.get("study_module") or ""))
+
+    @classmethod
+    def of(cls, data: StudyData, epochs: int, *, per_fold: bool = False,
+           fixed: dict[str, Any] | None = None, fold_seed: int = 0) -> StudySettings:
+        """Settings of a study made in code over ``data`` (benches, tests), not by search.run;
+        ``fold_seed`` is only recorded (``data``'s folds are already drawn)."""
+        return cls(n_folds=data.n_folds, fold_seed=fold_seed, data_dir=str(data.data_dir),
+                   epochs=int(epochs), report_mode="fold" if per_fold else "epoch",
+                   corrections=None, fixed=dict(fixed or {}), weights=None)
 
     def to_attrs(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

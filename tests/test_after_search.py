@@ -20,7 +20,7 @@ from core.faces import FOUND_SOURCES
 from search import predict
 from search import run as search_run
 from search.ensemble import cli as ensemble
-from search.ensemble.choice import what_it_uses
+from search.ensemble.submission import Submission
 from tests.test_search import args, enqueue
 
 STUDY = "demo"  # search.run takes the space from the study of this name
@@ -214,7 +214,8 @@ def test_the_report_renders_in_chromium_with_every_image(finished, tmp_path, cap
     for number in (f"{best.value:.4f}",
                    f"{payload['figures']['ensemble_cross_fitted_f1']:.4f}"):
         assert number in r.stdout
-    assert f"The submission uses {html.escape(what_it_uses(payload))};" in text
+    uses = Submission.from_json(payload).what_it_uses()
+    assert f"The submission uses {html.escape(uses)};" in text
     assert "No Grad-CAM grid" not in r.stdout  # the grid itself, not how to make it
     assert "Grad-CAM" in r.stdout and "&gt;=60" in r.stdout
 

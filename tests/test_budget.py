@@ -10,7 +10,8 @@ import pytest
 from optuna.trial import TrialState
 
 from search import artifacts
-from search.objective import Objective
+from search.objective import Machine, Objective
+from search.study_settings import StudySettings
 from search.worker.budget import TIME_BUDGET, Budget
 from search.worker.claims import claim_lock
 from search.worker.trial_loop import ERROR_ATTR, run_worker
@@ -42,8 +43,8 @@ def test_deadline_stops_the_trial_at_an_epoch_and_a_rerun_resumes_it(study_data,
 
     def search(seconds: float) -> None:
         budget = Budget.of(seconds)
-        objective = Objective(demo, study_data, store, epochs=EPOCHS, fit=fit,
-                              predict_fn=fake_predict, budget=budget)
+        objective = Objective(demo, study_data, store, StudySettings.of(study_data, EPOCHS),
+                              Machine(budget=budget), fit=fit, predict_fn=fake_predict)
         run_worker(study, objective, 1, lock=claim_lock(study._storage, url, "b"),
                    budget=budget)
 

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from optuna.artifacts.exceptions import ArtifactNotFound
 
+from core.answers import write_submission
 from core.dataset import load_eval_table, load_train_table
 from core.errors import DataError
 from core.fingerprints import fingerprints
@@ -24,14 +25,11 @@ from core.metrics import macro_f1
 from core.splits import person_folds
 from search import artifacts
 from search.artifacts import EVAL, OOF
-from search.ensemble.cli import (
-    cross_fitted_f1,
-    greedy_select,
-    main,
-    write_submission,
-)
+from search.ensemble.choice import SINGLE
+from search.ensemble.cli import main
+from search.ensemble.nested import Recipe, nested_f1
 from search.ensemble.score import main as score_main
-from search.ensemble.select import blend
+from search.ensemble.select import Selection, blend, select_weights
 
 N_FOLDS = 4
 HALF = NUM_CLASSES // 2
@@ -75,6 +73,19 @@ def labels() -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- pure functions
+
+
+def greedy_select(oof_list, labels, size: int) -> np.ndarray:
+    """Plain Caruana selection on macro F1 from the empty set (no pool filter, init or bags)."""
+    return select_weights(oof_list, labels, Selection(objective="f1", size=size, init=0, bags=1,
+                                                      margin=0.0, pool_margin=None))
+
+
+def cross_fitted_f1(oof_list, labels, folds, size: int = Selection().size) -> float:
+    """Nested cross-fitted macro F1 of the CLI's recipe with ``size`` rounds (1: the best
+    single member)."""
+    recipe = SINGLE if size == 1 else Recipe(top=len(oof_list), selection=Selection(size=size))
+    return nested_f1(oof_list, labels, folds, recipe)[recipe.offsets != "none"]
 
 
 def test_complementary_members_ensemble_beats_each(labels):

@@ -215,16 +215,20 @@ def test_an_ensemble_below_the_single_trial_in_sample_is_not_used():
 
 def test_the_printed_and_reported_choice_says_why_the_single_trial_was_used():
     """The CLI line and the HTML report both read ``what_it_uses``: a fallback names its reason."""
-    from search.ensemble.choice import choose, what_it_uses
+    from search.ensemble.choice import choose
+    from search.ensemble.submission import Submission
+
+    def what_it_uses(payload: dict) -> str:
+        return Submission.from_json(payload).what_it_uses()
 
     uses, why = choose({"ensemble": 0.4926, "best_single": 0.4532},
                        {"ensemble": 0.4990, "best_single": 0.5076})
-    payload = {"uses": uses, "why": why, "members": [{"trial": 3}], "offsets": None,
+    payload = {"uses": uses, "why": why, "members": [{"trial": 3, "weight": 1.0}], "offsets": None,
                "recipe": {"offsets_tried": "age"}}
     assert what_it_uses(payload) == f"the best single trial ({why}), plain argmax"
     payload |= {"uses": "ensemble", "why": None, "offsets": [0.0] * 18,
-                "members": [{"trial": 3}, {"trial": 5}]}
+                "members": [{"trial": 3, "weight": 0.5}, {"trial": 5, "weight": 0.5}]}
     assert what_it_uses(payload) == "the ensemble, age offsets"
-    first_version = {"uses": "best_single", "members": [{"trial": 3}]}
+    first_version = {"uses": "best_single", "members": [{"trial": 3, "weight": 1.0}]}
     assert what_it_uses(first_version) == ("the best single trial (the nested estimate chose "
                                            "it), plain argmax")

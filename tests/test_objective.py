@@ -123,11 +123,13 @@ def test_relabelling_changes_training_targets_only(study_data, tiny_data: Path,
     assert [m["oof_f1"] for m in payload["members"]] == [1.0]
 
 
-def demo_objective(data, store, fit, **kwargs):
+def demo_objective(data, store, fit, epochs: int = DEMO.EPOCHS):
     """The demo study's objective with ``fit`` standing in for the engine."""
     from search.objective import Objective
+    from search.study_settings import StudySettings
 
-    return Objective(DEMO, data, store, fit=fit, predict_fn=uniform_predict, **kwargs)
+    return Objective(DEMO, data, store, StudySettings.of(data, epochs), fit=fit,
+                     predict_fn=uniform_predict)
 
 
 class RecordingPruner(optuna.pruners.BasePruner):

@@ -29,7 +29,7 @@ from search import artifacts, refit
 from search import run as search_run
 from search.artifacts import checkpoint_name, eval_fold_name, fold_done_attr, oof_fold_name
 from search.ensemble import cli as ensemble
-from search.study_settings import create_pruner
+from search.study_settings import StudySettings, create_pruner
 from search.worker import final_stage
 from search.worker.claims import OWNER_ATTR, Claim, claim, claim_lock, retried_from
 from search.worker.stage import (
@@ -219,8 +219,8 @@ def test_a_final_trial_trains_its_own_epochs_and_is_never_pruned(study_data,
         result.stopped_early = any(asked)
         return result
 
-    obj = Objective(demo, study_data, artifacts.open_store(tmp_path / "a"), epochs=1,
-                    fit=fit, predict_fn=fake_predict)
+    obj = Objective(demo, study_data, artifacts.open_store(tmp_path / "a"),
+                    StudySettings.of(study_data, 1), fit=fit, predict_fn=fake_predict)
     study.optimize(obj, n_trials=2)
     final, search = study.trials
     assert final.state == TrialState.COMPLETE and search.state == TrialState.PRUNED

@@ -31,6 +31,7 @@ from search import artifacts
 from search.artifacts import CLASS_F1, CONFUSION, EVAL, OOF, checkpoint_name
 from search.objective import Objective
 from search.run import main
+from search.study_settings import StudySettings
 from search.worker.retention import CheckpointRetention
 from tests.conftest import FAST, STUDY_DATA_FOLDS
 
@@ -151,7 +152,7 @@ def test_diverging_trial_is_pruned(demo_run, tmp_path: Path) -> None:
     study = optuna.create_study(direction="maximize")
     study.enqueue_trial({**FAST, "lr": 1e6})
     obj = Objective(__import__("studies.demo", fromlist=["x"]), demo_run.data,
-                    artifacts.open_store(tmp_path / "a"), epochs=EPOCHS)
+                    artifacts.open_store(tmp_path / "a"), StudySettings.of(demo_run.data, EPOCHS))
     study.optimize(obj, n_trials=1)
     t = study.trials[0]
     assert t.state == TrialState.PRUNED
@@ -166,7 +167,7 @@ def test_the_pruner_stops_training_after_the_first_bad_epoch(demo_run, tmp_path:
                                 pruner=optuna.pruners.ThresholdPruner(lower=1.01))
     study.enqueue_trial(FAST)
     obj = Objective(__import__("studies.demo", fromlist=["x"]), demo_run.data,
-                    artifacts.open_store(tmp_path / "a"), epochs=EPOCHS)
+                    artifacts.open_store(tmp_path / "a"), StudySettings.of(demo_run.data, EPOCHS))
     study.optimize(obj, n_trials=1)
     t = study.trials[0]
     assert t.state == TrialState.PRUNED
@@ -205,7 +206,8 @@ def test_wilcoxon_mode_reports_one_value_per_fold(study_data, tmp_path: Path) ->
     study = optuna.create_study(direction="maximize")
     study.enqueue_trial(FAST)
     obj = Objective(__import__("studies.demo", fromlist=["x"]), study_data,
-                    artifacts.open_store(tmp_path / "a"), epochs=3, per_fold=True,
+                    artifacts.open_store(tmp_path / "a"),
+                    StudySettings.of(study_data, 3, per_fold=True),
                     fit=fake_fit(seen), predict_fn=fake_predict)
     study.optimize(obj, n_trials=1)
     assert sorted(study.trials[0].intermediate_values) == list(range(FOLDS))
@@ -347,7 +349,7 @@ def test_a_pruned_trial_drops_every_checkpoint_it_holds(tmp_path) -> None:
     trial = optuna.create_study().ask()
     saved = [artifacts.save_array(trial, store, checkpoint_name(k), np.zeros(2)) for k in (0, 2)]
     with pytest.raises(optuna.TrialPruned, match="pruner at fold 1"):  # fold 2 inherited
-        Objective(None, None, store)._prune(trial, "pruner at fold 1, epoch 0")
+        Objective(None, None, store, None)._prune(trial, "pruner at fold 1, epoch 0")
     assert trial.user_attrs["pruned_because"] == "pruner at fold 1, epoch 0"
     assert not any((tmp_path / "a" / i).exists() for i in saved)
     assert not any(trial.user_attrs[artifacts.attr_name(checkpoint_name(k))] for k in (0, 2))

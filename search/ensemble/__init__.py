@@ -11,6 +11,8 @@
   cross-fitted estimate.
 - ``choice``: the ensemble or the best single trial: both recipes' nested and in-sample figures
   (``compare``), the rule that picks one (``choose``), and that choice in words.
+- ``submission``: what was submitted (``submission.json``) as every tool after the ensemble reads
+  it, and ``decide``: blend plus decision rule, the one place classes come from.
 - ``score``: ``python -m search.ensemble.score SUB ANSWERS``, a submission's macro F1 on true
   answers.
 """

@@ -2,8 +2,8 @@
 
 Both go through the same recipe (``search.ensemble.nested``): the ensemble with the CLI's
 selection, the single trial as a pool of one. ``compare`` gives their nested and in-sample
-figures, with and without offsets; ``choose`` says which one the submission uses and why;
-``what_it_uses`` puts a written submission's choice in words (the CLI's last lines, the report).
+figures, with and without offsets; ``choose`` says which one the submission uses and why
+(``Submission.what_it_uses`` puts it in words).
 """
 
 from __future__ import annotations
@@ -77,18 +77,3 @@ def compare(oofs: list[np.ndarray], labels: np.ndarray, folds: np.ndarray,
     pool = len(oofs) if recipe.top > 1 else None
     out["uses"], out["why"] = choose(out["nested"], out["in_sample"], pool, min_pool)
     return out
-
-
-def what_it_uses(payload: dict) -> str:
-    """What a submission JSON says it submits and why, in words (the CLI and the report).
-
-    A JSON written by an earlier version (no ``why``, ``recipe`` or ``offsets``) still reads.
-    """
-    if payload.get("uses", "ensemble") != "ensemble":
-        what = f"the best single trial ({payload.get('why') or 'the nested estimate chose it'})"
-    elif len(payload.get("members", ())) == 1:
-        what = "the ensemble, which is the best trial alone"
-    else:
-        what = "the ensemble"
-    kind = payload.get("recipe", {}).get("offsets_tried", "decision")
-    return f"{what}, {f'{kind} offsets' if payload.get('offsets') else 'plain argmax'}"

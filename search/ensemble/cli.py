@@ -21,73 +21,30 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+from core.answers import ANSWERS_FILE, eval_answers, write_submission
 from core.atomic import atomic_write
 from core.cli import Parser, run_cli
 from core.dataset import load_eval_table
 from core.errors import DataError, first_line
 from core.fingerprints import fingerprints
-from core.labels import NUM_CLASSES
 from core.metrics import macro_f1
 from search import paths
 from search.artifacts import open_store
-from search.ensemble.choice import MIN_POOL, SINGLE, compare, what_it_uses
+from search.ensemble.choice import MIN_POOL, compare
 from search.ensemble.decision import OFFSET_KINDS
-from search.ensemble.nested import Recipe, nested_f1
-from search.ensemble.select import OBJECTIVES, Selection, select_weights
+from search.ensemble.nested import Recipe
+from search.ensemble.select import OBJECTIVES, Selection
+from search.ensemble.submission import Member, Submission
 from search.ensemble.trials import (
     check_against_now,
-    eval_answers,
     load_candidates,
     load_eval,
     open_study,
     rank_trials,
 )
 
-DEFAULT_TOP = 10
-DEFAULT_SIZE = 20  # selection rounds; the best prefix is kept
-__all__ = ["build_parser", "cross_fitted_f1", "greedy_select", "main", "run",
-           "write_json", "write_submission"]
-
-
-def greedy_select(oof_list: Sequence[np.ndarray], labels: np.ndarray,
-                  size: int = DEFAULT_SIZE) -> np.ndarray:
-    """Plain Caruana selection on macro F1 from the empty set (no pool filter, init or bags).
-
-    Kept for callers of the first version; the CLI uses ``search.ensemble.nested.fit_recipe``.
-    """
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
-    sel = Selection(objective="f1", size=size, init=0, bags=1, margin=0.0, pool_margin=None)
-    return select_weights(oof_list, labels, sel)
-
-
-def cross_fitted_f1(oof_list: Sequence[np.ndarray], labels: np.ndarray, folds: np.ndarray,
-                    size: int = DEFAULT_SIZE, recipe: Recipe | None = None) -> float:
-    """Nested cross-fitted macro F1 of ``recipe`` (default: the CLI's, with ``size`` rounds).
-
-    ``size=1`` with the default recipe gives the honest figure of "pick the best single member".
-    """
-    if recipe is None:
-        recipe = SINGLE if size == 1 else Recipe(top=len(oof_list),
-                                                 selection=Selection(size=size))
-    return nested_f1(oof_list, labels, folds, recipe)[recipe.offsets != "none"]
-
-
-def write_submission(path: str | Path, image_ids: Sequence[str], classes: np.ndarray) -> Path:
-    """Write ``ImageID,ans`` in the given (info.csv) order, atomically; ans are ints 0..17."""
-    path = Path(path)
-    classes = np.asarray(classes)
-    if len(classes) != len(image_ids):
-        raise DataError(f"{path}: {len(classes)} predictions for {len(image_ids)} eval images")
-    if not np.issubdtype(classes.dtype, np.integer) or (
-        len(classes) and (classes.min() < 0 or classes.max() >= NUM_CLASSES)
-    ):
-        raise DataError(f"{path}: predictions must be integer classes 0..{NUM_CLASSES - 1}")
-    frame = pd.DataFrame({"ImageID": list(image_ids), "ans": classes.astype(np.int64)})
-    atomic_write(path, lambda tmp: tmp.write_text(frame.to_csv(index=False), newline=""))
-    return path
+__all__ = ["build_parser", "main", "run", "write_json"]
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
@@ -102,18 +59,18 @@ def write_json(path: str | Path, payload: dict) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = Selection()
+    r, d = Recipe(), Selection()  # the flags' defaults are the recipe's
     p = Parser(
         prog="python -m search.ensemble",
         description="Choose an ensemble of a study's trials and a decision rule for macro F1 on "
                     "out-of-fold predictions, estimate the whole recipe by nested "
                     "cross-fitting, and write the submission CSV.")
     p.add_argument("--study", required=True, help="study name")
-    p.add_argument("--top", type=int, default=DEFAULT_TOP,
-                   help=f"pool: the K best complete trials (default {DEFAULT_TOP}); "
+    p.add_argument("--top", type=int, default=r.top,
+                   help=f"pool: the K best complete trials (default {r.top}); "
                         "--top 1 --size 1 is the best single trial alone")
-    p.add_argument("--size", type=int, default=DEFAULT_SIZE,
-                   help=f"selection rounds (default {DEFAULT_SIZE}); the best prefix is kept")
+    p.add_argument("--size", type=int, default=d.size,
+                   help=f"selection rounds (default {d.size}); the best prefix is kept")
     p.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
                    help=f"selection objective (default {d.objective})")
     p.add_argument("--init", type=int, default=d.init,
@@ -129,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"with fewer complete trials than this, submit the best single trial "
                         f"(default {MIN_POOL}: a nested estimate from 2-3 trials is noise; 1 "
                         "turns the rule off)")
-    p.add_argument("--offsets", choices=OFFSET_KINDS, default="age",
-                   help="decision-rule offsets to try (default age); kept only when the nested "
-                        "estimate says they help")
+    p.add_argument("--offsets", choices=OFFSET_KINDS, default=r.offsets,
+                   help=f"decision-rule offsets to try (default {r.offsets}); kept only when "
+                        "the nested estimate says they help")
     p.add_argument("--out", help="submission CSV (default runs/<study>/submission.csv); "
                                  "a .json with members and figures is written next to it")
     p.add_argument("--storage", help="Optuna storage URL or journal file "
@@ -171,8 +128,8 @@ def _load_study(args: argparse.Namespace):
     return storage, data_dir, table, folds, eval_table, ranked, notes, now
 
 
-def run(args: argparse.Namespace) -> dict:
-    """The whole command; returns the JSON payload it wrote."""
+def run(args: argparse.Namespace) -> Submission:
+    """The whole command; returns what it submitted (written as the CSV and its JSON)."""
     # lazy: search.finished_study imports torch (~3 s); --help and flag errors need none
     from search.finished_study import SUBMISSION_ATTR
 
@@ -200,29 +157,25 @@ def run(args: argparse.Namespace) -> dict:
 
     out = Path(args.out or paths.study_dir(args.study) / "submission.csv")
     oof_f1 = [macro_f1(labels, o.argmax(axis=1)) for o in oofs]
-    payload = {
-        "study": args.study, "storage": storage, "submission": str(out),
-        "uses": cmp["uses"], "why": cmp["why"], "rule": cmp["rule"][cmp["uses"]],
-        "offsets": [float(x) for x in chosen.offsets] if use_offsets else None,
-        "candidates": len(cands),
-        "recipe": {"top": recipe.top, "offsets_tried": recipe.offsets,
-                   "min_pool": args.min_pool, **vars(recipe.selection)},
-        **fps,
-        "members": [{"trial": c.number, "rank": c.rank, "value": c.value,
-                     "oof_f1": oof_f1[i], "weight": float(chosen.weights[i])}
-                    for i, c in enumerate(cands) if chosen.weights[i] > 0],
-        "figures": figures,
-        "notes": notes,
-        "answers": str(data_dir / "eval_answers.csv") if answers is not None else None,
-    }
     write_submission(out, eval_table["ImageID"].tolist(), submission)
-    if not args.no_gradcam:
-        payload["gradcam"] = _explain_best(args.study, storage, store, cands[0].number)
-    written = write_json(out.with_suffix(".json"), payload)
+    submitted = Submission(
+        members=tuple(Member(trial=c.number, weight=float(chosen.weights[i]), rank=c.rank,
+                             value=c.value, oof_f1=oof_f1[i])
+                      for i, c in enumerate(cands) if chosen.weights[i] > 0),
+        offsets=tuple(float(x) for x in chosen.offsets) if use_offsets else None,
+        uses=cmp["uses"], why=cmp["why"], rule=cmp["rule"][cmp["uses"]],
+        study=args.study, storage=storage, csv=str(out), candidates=len(cands),
+        recipe={"top": recipe.top, "offsets_tried": recipe.offsets, "min_pool": args.min_pool,
+                **vars(recipe.selection)},
+        fingerprints=fps, figures=figures, notes=tuple(notes),
+        answers=str(data_dir / ANSWERS_FILE) if answers is not None else None,
+        gradcam=(None if args.no_gradcam
+                 else _explain_best(args.study, storage, store, cands[0].number)))
+    written = write_json(out.with_suffix(".json"), submitted.to_json())
     # report, predict, explain and labels find it wherever --out put it
     open_study(args.study, storage).set_user_attr(SUBMISSION_ATTR, str(Path(written).resolve()))
-    _print_report(payload)
-    return payload
+    _print_report(submitted)
+    return submitted
 
 
 def _explain_best(name: str, storage: str, store, number: int) -> str:
@@ -258,10 +211,10 @@ def _figures(cmp: dict, cands: list, labels: np.ndarray) -> dict:
     }
 
 
-def _print_report(payload: dict) -> None:
-    for note in payload["notes"]:
+def _print_report(sub: Submission) -> None:
+    for note in sub.notes:
         print(f"note: {note}")
-    f = payload["figures"]
+    f = sub.figures
     print("nested cross-fitted macro F1 (every choice made on the other half of the folds):")
     rows = [(f"ensemble ({f['ensemble_rule']})", f["ensemble_cross_fitted_f1"]),
             (f"best single trial ({f['best_single_rule']})", f["best_single_cross_fitted_f1"]),
@@ -274,16 +227,14 @@ def _print_report(payload: dict) -> None:
     for label, value in rows:
         print(f"  {label:<44} {value:.4f}")
     print(f"{'rank':>4} {'trial':>6} {'value':>8} {'oof F1':>8} {'weight':>7}")
-    for m in payload["members"]:
-        print(f"{m['rank']:>4} {m['trial']:>6} {m['value']:>8.4f} {m['oof_f1']:>8.4f} "
-              f"{m['weight']:>7.3f}")
-    print(f"submission uses {what_it_uses(payload)}, {len(payload['members'])} member(s)")
-    if payload.get("gradcam"):
-        print(payload["gradcam"])
-    print(f"wrote {payload['submission']} and {Path(payload['submission']).with_suffix('.json')}")
-    if payload["answers"]:
-        print(f"score it: python -m search.ensemble.score {payload['submission']} "
-              f"{payload['answers']}")
+    for m in sub.members:
+        print(f"{m.rank:>4} {m.trial:>6} {m.value:>8.4f} {m.oof_f1:>8.4f} {m.weight:>7.3f}")
+    print(f"submission uses {sub.what_it_uses()}, {len(sub.members)} member(s)")
+    if sub.gradcam:
+        print(sub.gradcam)
+    print(f"wrote {sub.csv} and {Path(sub.csv).with_suffix('.json')}")
+    if sub.answers:
+        print(f"score it: python -m search.ensemble.score {sub.csv} {sub.answers}")
     else:
         print("score it: upload it to the competition (no eval_answers.csv beside the data)")
 

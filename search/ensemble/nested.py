@@ -17,8 +17,9 @@ import numpy as np
 
 from core.errors import DataError
 from core.metrics import macro_f1
-from search.ensemble.decision import apply_offsets, fit_offsets
+from search.ensemble.decision import fit_offsets
 from search.ensemble.select import Selection, blend, check_probs, filter_pool, select_weights
+from search.ensemble.submission import decide
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,7 @@ class Fitted:
 
     def predict(self, probs: Sequence[np.ndarray], use_offsets: bool = True) -> np.ndarray:
         """Predicted classes of the weighted blend, with or without the offsets."""
-        blended = blend(probs, self.weights)
-        return apply_offsets(blended, self.offsets if use_offsets else 0 * self.offsets)
+        return decide(probs, self.weights, self.offsets if use_offsets else None)[1]
 
 
 def rank_by_f1(probs: Sequence[np.ndarray], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,28 +10,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import pandas as pd
-
+from core.answers import read_answers
 from core.cli import Parser, run_cli
 from core.errors import DataError
 from core.metrics import macro_f1
 
 
-def _read(path: Path) -> pd.Series:
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    df = pd.read_csv(path, dtype={"ImageID": str})
-    if not {"ImageID", "ans"} <= set(df.columns):
-        raise DataError(f"{path}: needs columns ImageID,ans")
-    if df["ImageID"].duplicated().any():
-        raise DataError(f"{path}: ImageID {df['ImageID'][df['ImageID'].duplicated()].iloc[0]!r} "
-                        "occurs twice")
-    return df.set_index("ImageID")["ans"]
-
-
 def score(submission: str | Path, answers: str | Path) -> float:
     """Macro F1 of the submission's ``ans`` against the answers', matched on ImageID."""
-    sub, truth = _read(Path(submission)), _read(Path(answers))
+    sub, truth = read_answers(submission), read_answers(answers)
     missing = truth.index.difference(sub.index)
     if len(missing):
         raise DataError(f"{submission}: no row for ImageID {missing[0]!r} "

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-import pandas as pd
 
 from core.errors import DataError
 from core.labels import NUM_CLASSES
 from search.artifacts import EVAL, OOF, attr_name, load_array
+from search.worker.stage import best_first
 from search.worker.storage import open_existing_storage, study_names
 
 FINGERPRINTS = {"data_fingerprint": "data", "folds_fingerprint": "folds",
@@ -71,9 +71,8 @@ def rank_trials(study) -> tuple[list, list[str]]:
     Returns (trials, notes). Refuses (``DataError``) when none qualifies or when they mix data,
     fold or eval fingerprints, naming the trials on each side.
     """
-    complete = [t for t in study.get_trials(deepcopy=False,
-                                            states=(optuna.trial.TrialState.COMPLETE,))
-                if t.value is not None]
+    complete = best_first(study.get_trials(deepcopy=False),
+                          maximize=study.direction == optuna.study.StudyDirection.MAXIMIZE)
     if not complete:
         raise DataError(f"study {study.study_name!r} has no complete trial to ensemble")
     n_folds = study.user_attrs.get("n_folds")
@@ -87,10 +86,8 @@ def rank_trials(study) -> tuple[list, list[str]]:
             raise DataError(f"study {study.study_name!r}: no complete trial finished all "
                             f"{n_folds} folds")
         complete = full
-    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
-    ranked = sorted(complete, key=lambda t: (sign * t.value, t.number))
-    _check_same(study.study_name, ranked)
-    return ranked, notes
+    _check_same(study.study_name, complete)
+    return complete, notes
 
 
 def check_against_now(trials: list, now: dict[str, str], data_dir: Path) -> None:
@@ -145,18 +142,3 @@ def load_eval(cands: Sequence[Candidate], weights: np.ndarray, store,
     """Eval probabilities of the members (weight > 0); ``None`` for the others (never read)."""
     return [_load(c.trial, store, EVAL, n_eval, "eval") if w > 0 else None
             for c, w in zip(cands, weights, strict=True)]
-
-
-def eval_answers(data_dir: Path, image_ids: Sequence[str]) -> np.ndarray | None:
-    """True eval classes in ``image_ids`` order when ``eval_answers.csv`` ships (synthetic)."""
-    path = data_dir / "eval_answers.csv"
-    if not path.is_file():
-        return None
-    df = pd.read_csv(path, dtype={"ImageID": str})
-    if not {"ImageID", "ans"} <= set(df.columns):
-        raise DataError(f"{path}: needs columns ImageID,ans")
-    answers = df.set_index("ImageID")["ans"]
-    missing = [i for i in image_ids if i not in answers.index]
-    if missing:
-        raise DataError(f"{path}: no answer for ImageID {missing[0]!r} ({len(missing)} missing)")
-    return answers.loc[list(image_ids)].to_numpy(dtype=np.int64)

@@ -15,7 +15,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from core.errors import DataError
 from search.worker.claims import retry_callback
-from search.worker.stage import EPOCHS_ATTR, REFIT_OF_ATTR, final_attrs, final_trials, search_trials
+from search.worker.stage import (
+    EPOCHS_ATTR,
+    REFIT_OF_ATTR,
+    best_first,
+    final_attrs,
+    final_trials,
+    search_trials,
+)
 from search.worker.trial_loop import ERROR_ATTR
 
 #: Default epochs of a final trial: this many times the study's (its trials' length).
@@ -33,9 +40,9 @@ def best_configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:
     best first (ties: lower number)."""
     n_folds = int(study.user_attrs.get("n_folds", 0))
     done = [t for t in search_trials(study, (TrialState.COMPLETE,))
-            if t.value is not None and len(t.user_attrs.get("fold_f1", [])) == n_folds]
+            if len(t.user_attrs.get("fold_f1", [])) == n_folds]
     chosen: dict[str, FrozenTrial] = {}
-    for t in sorted(done, key=lambda t: (-float(t.value or 0.0), t.number)):
+    for t in best_first(done):
         chosen.setdefault(_config_key(t.params, 0), t)
         if len(chosen) == top:
             break

@@ -10,6 +10,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search import artifacts
 from search.artifacts import checkpoint_names
 from search.worker.claims import retried_from
+from search.worker.stage import best_first
 
 DEFAULT_KEEP_CHECKPOINTS = 10
 
@@ -33,8 +34,7 @@ class CheckpointRetention:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)
-        done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-        ranked = sorted(done, key=lambda t: (-t.value, t.number))
+        ranked = best_first(trials)
         live = [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)]
         origins = {retried_from(t) for t in live} - {None}
 

@@ -49,6 +49,15 @@ def final_attrs(refit_of: int, epochs: int) -> dict[str, Any]:
     return {STAGE_ATTR: FINAL, REFIT_OF_ATTR: int(refit_of), EPOCHS_ATTR: int(epochs)}
 
 
+def best_first(trials: Sequence[FrozenTrial], maximize: bool = True) -> list[FrozenTrial]:
+    """The complete trials among ``trials`` that have a value, best first (ties: the lower
+    number): the one ranking of the ensemble, the final stage, retention and the tools after a
+    search."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    sign = -1.0 if maximize else 1.0
+    return sorted(done, key=lambda t: (sign * float(t.value), t.number))
+
+
 def search_trials(study: optuna.Study,
                   states: Sequence[TrialState] | None = None) -> list[FrozenTrial]:
     """The study's search-stage trials in ``states`` (all states when None)."""
