@@ -14,8 +14,12 @@ its first 10 trials at random, so such an arm differs from NAME only beyond 10 t
     python -m bench.search --faces                # the real-face set (studies.quality)
     python -m bench.search --trials 20 --arms median,median+group   # TPE's group=True
 
+    python -m bench.search --seconds 150 --arms median   # equal wall time per arm, not trials
+
 Last line, for scripts (the default pruner, medians over seeds):
-``search epochs_ratio=0.xx best_gap=+0.xxxx arm=median seeds=N``.
+``search epochs_ratio=0.xx best_gap=+0.xxxx arm=median seeds=N``; with ``--seconds S``
+``search seconds=S trials_ratio=x.xx best_gap=+0.xxxx arm=median seeds=N`` (trials evaluated,
+complete or pruned, over no pruning's in the same time: what a user's hours buy).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from search.study_settings import (
     create_pruner,
     create_sampler,
 )
+from search.worker.budget import Budget, TimeBudgetExceeded
 from studies import demo, face_settings, quality
 
 ARMS = ("none", "median", "hyperband", "halving", "wilcoxon")
@@ -58,9 +63,11 @@ def parse_arm(name: str) -> tuple[str, bool]:
     return pruner, option == "group"
 
 
-def arm(name: str, study_module, data, trials: int, epochs: int, seed: int, tmp: Path,
-        weights: Path | None = None) -> dict:
-    """One search of ``trials`` trials with arm ``name`` (``PRUNER[+group]``), TPE seed ``seed``."""
+def arm(name: str, study_module, data, trials: int | None, epochs: int, seed: int, tmp: Path,
+        weights: Path | None = None, seconds: float | None = None) -> dict:
+    """One search with arm ``name`` (``PRUNER[+group]``), TPE seed ``seed``: ``trials`` trials,
+    or as many as ``seconds`` of wall time allow (the trial running at the deadline stops at its
+    next epoch boundary and counts as not evaluated, as ``search.run --timeout`` does it)."""
     pruner, group = parse_arm(name)
     n_folds = data.n_folds
     study = optuna.create_study(direction="maximize",
@@ -68,13 +75,17 @@ def arm(name: str, study_module, data, trials: int, epochs: int, seed: int, tmp:
                                 pruner=create_pruner(pruner, n_folds * epochs, n_folds))
     obj = Objective(study_module, data, open_store(tmp / f"{name}-{seed}"),
                     StudySettings.of(data, epochs, per_fold=REPORT_MODE[pruner] == "fold"),
-                    Machine(weights=weights))
+                    Machine(weights=weights, budget=Budget.of(seconds)))
     t0 = time.perf_counter()
-    study.optimize(obj, n_trials=trials)
+    if seconds is None:
+        study.optimize(obj, n_trials=trials)
+    else:
+        study.optimize(obj, timeout=seconds, catch=(TimeBudgetExceeded,))
     done = study.get_trials(states=(TrialState.COMPLETE,))
+    pruned = len(study.get_trials(states=(TrialState.PRUNED,)))
     return {"epochs": sum(t.user_attrs.get("epochs_trained", 0) for t in study.trials),
             "best": max(t.value for t in done) if done else float("nan"),
-            "pruned": len(study.get_trials(states=(TrialState.PRUNED,))),
+            "pruned": pruned, "evaluated": len(done) + pruned,
             "seconds": time.perf_counter() - t0}
 
 
@@ -82,11 +93,14 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}..{max(values):{fmt}})"
 
 
-def report(runs: dict[tuple[str, int], dict], arms: list[str], seeds: list[int]) -> list[str]:
-    """Per arm: medians over seeds of the ratios to no pruning, with their spread."""
-    lines = [f"{'arm':15} {'epochs/none':>22} {'best - none':>28} {'pruned':>7} {'wall s':>7}"]
+def report(runs: dict[tuple[str, int], dict], arms: list[str], seeds: list[int],
+           equal_time: bool = False) -> list[str]:
+    """Per arm: medians over seeds of the ratios to no pruning, with their spread (at equal
+    time: trials evaluated, not epochs, over no pruning's)."""
+    what, key = ("trials/none", "evaluated") if equal_time else ("epochs/none", "epochs")
+    lines = [f"{'arm':15} {what:>22} {'best - none':>28} {'pruned':>7} {'wall s':>7}"]
     for name in arms:
-        ratio = [runs[name, s]["epochs"] / max(runs["none", s]["epochs"], 1) for s in seeds]
+        ratio = [runs[name, s][key] / max(runs["none", s][key], 1) for s in seeds]
         gap = [runs[name, s]["best"] - runs["none", s]["best"] for s in seeds]
         pruned = statistics.median(runs[name, s]["pruned"] for s in seeds)
         wall = statistics.median(runs[name, s]["seconds"] for s in seeds)
@@ -98,6 +112,9 @@ def report(runs: dict[tuple[str, int], dict], arms: list[str], seeds: list[int])
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--trials", type=int, default=10, help="trials per arm and seed")
+    p.add_argument("--seconds", type=float,
+                   help="race at equal wall time instead: each arm and seed searches this long "
+                        "(--trials is ignored); the last line compares trials evaluated")
     p.add_argument("--seeds", type=int, default=3, help="TPE seeds per arm (0..N-1)")
     p.add_argument("--epochs", type=int,
                    help=f"default: the study's (demo {demo.EPOCHS}, quality {quality.EPOCHS})")
@@ -141,20 +158,24 @@ def main(argv: list[str] | None = None) -> None:
         for seed in seeds:  # interleaved: every arm once per seed, in turn
             for name in arms:
                 runs[name, seed] = arm(name, study_module, data, a.trials, a.epochs, seed, tmp,
-                                       a.weights if a.faces else None)
+                                       a.weights if a.faces else None, a.seconds)
                 r = runs[name, seed]
                 print(f"seed {seed} {name:15} epochs {r['epochs']:4d} best {r['best']:.4f} "
-                      f"pruned {r['pruned']:2d} wall {r['seconds']:.0f} s", flush=True)
-    print(f"{study_module.__name__.split('.')[-1]} study, {a.trials} trials per arm and seed, "
+                      f"evaluated {r['evaluated']:2d} pruned {r['pruned']:2d} "
+                      f"wall {r['seconds']:.0f} s", flush=True)
+    each = f"{a.seconds:.0f} s" if a.seconds else f"{a.trials} trials"
+    print(f"{study_module.__name__.split('.')[-1]} study, {each} per arm and seed, "
           f"seeds {seeds}, {study_module.FOLDS} folds "
           f"x {a.epochs} epochs, {len(data.table)} training images; medians (min..max)")
-    print("\n".join(report(runs, arms, seeds)))
+    print("\n".join(report(runs, arms, seeds, equal_time=a.seconds is not None)))
     default = DEFAULT_PRUNER["epoch"]
     if default in arms:
-        ratio = statistics.median(runs[default, s]["epochs"] / max(runs["none", s]["epochs"], 1)
+        key = "evaluated" if a.seconds else "epochs"
+        ratio = statistics.median(runs[default, s][key] / max(runs["none", s][key], 1)
                                   for s in seeds)
         gap = statistics.median(runs[default, s]["best"] - runs["none", s]["best"] for s in seeds)
-        print(f"search epochs_ratio={ratio:.2f} best_gap={gap:+.4f} arm={default} "
+        head = f"seconds={a.seconds:.0f} trials_ratio" if a.seconds else "epochs_ratio"
+        print(f"search {head}={ratio:.2f} best_gap={gap:+.4f} arm={default} "
               f"seeds={len(seeds)}")
 
 

@@ -237,7 +237,7 @@ def test_tools_after_the_search_find_a_submission_written_elsewhere(finished, tm
         study = optuna.load_study(study_name=STUDY, storage=finished.url)
         found = FinishedStudy(STUDY, finished.url, study, None)
         assert found.submission_path == elsewhere.with_suffix(".json").resolve()
-        assert found.submission()["submission"] == str(elsewhere)
+        assert found.submission().csv == str(elsewhere)
         photo = sorted((finished.data / "eval" / "images").iterdir())[0]
         assert predict.main([*finished.flags, "--quiet", str(photo)]) == 0, \
             capsys.readouterr().err
@@ -263,3 +263,42 @@ def test_explain_picks_per_mask_state_the_lowest_true_class_probability_first() 
         mine = [r for r in range(200) if labels[r] // 6 == mask_state]
         by_p = sorted(mine, key=lambda r: oof[r, labels[r]])
         assert list(rows) == by_p[:4]
+
+
+@pytest.mark.slow
+def test_explain_draws_each_image_through_the_fold_model_that_did_not_train_on_it(
+        finished, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each picked image goes through the model of its own validation fold (the one that never
+    saw it): fold models are tagged, the Grad-CAM call records which images each one got."""
+    from search import explain
+    from search.artifacts import OOF, load_array, open_store
+    from search.finished_study import FinishedStudy, study_rows
+
+    found = FinishedStudy(STUDY, finished.url, finished.study, open_store(finished.art))
+    number = found.complete()[0].number
+    n_folds = found.n_folds
+    monkeypatch.setattr(explain, "fold_states", lambda trial, store, n: [
+        {"fold": k} for k in range(n)])
+    calls: list[tuple[int, np.ndarray]] = []
+
+    def record(cfg, state, images, classes):
+        calls.append((state["fold"], np.asarray(images).copy()))
+        return np.zeros(np.asarray(images).shape[:3], np.float32)
+
+    monkeypatch.setattr(explain, "heat_maps", record)
+    explain.gradcam_grid(found, number, tmp_path / "grid.png")
+
+    # independently: the picked rows, their crops and their folds
+    _, table, folds = study_rows(found.study)
+    trial = found.trial(number)
+    labels = table["label"].to_numpy(np.int64)
+    rows = np.concatenate(explain.pick_rows(labels, load_array(trial, found.store, OOF),
+                                            explain.PER_STATE))
+    cache = explain.build_cache(finished.data, tuple(trial.user_attrs["config"]["image_size"]),
+                                found.faces, progress=False)
+    images = cache.view(table["file"].tolist())
+    seen = {fold: [img.tobytes() for img in imgs] for fold, imgs in calls}
+    assert sorted(seen) == sorted({int(f) for f in folds[rows]}) and n_folds >= 2
+    assert sum(len(v) for v in seen.values()) == len(rows)
+    for r in rows:
+        assert np.asarray(images[int(r)]).tobytes() in seen[int(folds[r])], f"row {r}"

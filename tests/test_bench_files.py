@@ -20,3 +20,25 @@ def test_a_benchmark_runs_as_a_file_from_anywhere(name: str, tmp_path: Path) -> 
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("usage:")
+
+
+@pytest.mark.slow
+def test_bench_search_races_at_equal_wall_time(tiny_data: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``--seconds S``: each arm searches for S seconds (the trial running at the deadline is
+    cut at an epoch boundary), and the last line compares trials evaluated, not epochs."""
+    import re
+
+    from bench.search import main
+
+    main(["--data", str(tiny_data), "--seconds", "8", "--seeds", "1", "--epochs", "1",
+          "--arms", "median"])
+    out = capsys.readouterr().out
+    assert "demo study, 8 s per arm and seed" in out
+    per_arm = re.findall(r"^seed 0 (\w+) +epochs +\d+ best \S+ evaluated +(\d+) pruned", out,
+                         re.M)
+    assert [name for name, _ in per_arm] == ["none", "median"]
+    assert all(int(n) >= 1 for _, n in per_arm), out  # a 2-fold, 1-epoch trial fits in 8 s
+    assert re.search(r"^median +\d+\.\d\d", out, re.M)
+    assert re.fullmatch(r"search seconds=8 trials_ratio=\d+\.\d\d best_gap=[+-]\d\.\d{4} "
+                        r"arm=median seeds=1", out.strip().splitlines()[-1])
