@@ -68,30 +68,47 @@ def test_predict_on_the_eval_folder_gives_the_submissions_classes(finished, caps
 
 
 @pytest.mark.slow
-def test_predict_prob_is_the_blended_eval_probability_of_its_class(finished, capsys) -> None:
+def test_predict_prob_is_the_blended_eval_probability_of_its_class(finished, tmp_path,
+                                                                   capsys) -> None:
     """``prob`` is the probability of the printed class under the submission's blend: the
-    members' stored eval probabilities averaged with their weights (submission.json)."""
+    members' stored eval probabilities averaged with their weights (submission.json). The
+    submission is rewritten with two members weighted 0.7 / 0.3, so equal weights (or one
+    member's probabilities) would not pass."""
     import json
 
     import numpy as np
 
     from search.artifacts import EVAL, load_array, open_store
+    from search.finished_study import SUBMISSION_ATTR
 
-    capsys.readouterr()
-    assert predict.main([*finished.flags, "--quiet", str(finished.data / "eval" / "images")]) == 0
-    out = read_csv(capsys.readouterr().out)
     payload = json.loads(finished.submission.with_suffix(".json").read_text())
+    best, second = [t.number for t in sorted(
+        (t for t in finished.study.trials if t.value is not None),
+        key=lambda t: -t.value)][:2]
+    payload |= {"members": [{"trial": best, "weight": 0.7}, {"trial": second, "weight": 0.3}],
+                "offsets": None, "uses": "ensemble"}
+    mine = tmp_path / "two_members.json"
+    mine.write_text(json.dumps(payload))
+    study = optuna.load_study(study_name=STUDY, storage=finished.url)
+    recorded = study.user_attrs[SUBMISSION_ATTR]
+    study.set_user_attr(SUBMISSION_ATTR, str(mine))
+    try:
+        capsys.readouterr()
+        assert predict.main([*finished.flags, "--quiet",
+                             str(finished.data / "eval" / "images")]) == 0
+        out = read_csv(capsys.readouterr().out)
+    finally:
+        study.set_user_attr(SUBMISSION_ATTR, recorded)
     store = open_store(finished.art)
     trials = {t.number: t for t in finished.study.trials}
-    weights = np.array([m["weight"] for m in payload["members"]])
-    stored = [load_array(trials[m["trial"]], store, EVAL) for m in payload["members"]]
-    blended = sum(w * p.astype(np.float64) for w, p in zip(weights, stored, strict=True))
-    blended /= weights.sum()
+    blended = (0.7 * load_array(trials[best], store, EVAL).astype(np.float64)
+               + 0.3 * load_array(trials[second], store, EVAL).astype(np.float64))
     ids = pd.read_csv(finished.data / "eval" / "info.csv", dtype={"ImageID": str})["ImageID"]
     row = {image_id: i for i, image_id in enumerate(ids)}
-    expected = [blended[row[Path(f).name], int(c)] for f, c in zip(out["file"], out["class"],
-                                                                    strict=True)]
+    rows = [row[Path(f).name] for f in out["file"]]
     assert len(out) == len(ids)
+    assert (out["class"].astype(int).to_numpy() == blended[rows].argmax(axis=1)).all()
+    expected = blended[rows, out["class"].astype(int).to_numpy()]
     # printed with 4 decimals: within 0.00005 of the blend, plus float noise
     np.testing.assert_allclose(out["prob"].astype(float), expected, rtol=0, atol=6e-5)
 
