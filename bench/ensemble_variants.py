@@ -61,7 +61,10 @@ def load(folder: Path) -> dict:
         raise DataError(f"{db}: expected one study, found {len(names)}")
     args = cli.build_parser().parse_args(["--study", names[0], "--storage", storage,
                                           "--artifacts", str(folder / "artifacts")])
-    _, data_dir, table, folds, eval_table, ranked, _, _ = cli._load_study(args)
+    inputs = cli.load_inputs(args)
+    data_dir, table, folds, eval_table = (inputs.data_dir, inputs.table, inputs.folds,
+                                          inputs.eval_table)
+    ranked = inputs.ranked
     store = open_store(folder / "artifacts")
     cands = load_candidates(ranked, store, len(table))
     answers = eval_answers(data_dir, eval_table["ImageID"].tolist())

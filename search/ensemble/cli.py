@@ -18,9 +18,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import optuna
+import pandas as pd
 
 from core.answers import ANSWERS_FILE, eval_answers, write_submission
 from core.atomic import atomic_write
@@ -44,7 +47,7 @@ from search.ensemble.trials import (
     rank_trials,
 )
 
-__all__ = ["build_parser", "main", "run", "write_json"]
+__all__ = ["StudyInputs", "build_parser", "load_inputs", "main", "run", "write_json"]
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
@@ -112,8 +115,23 @@ def recipe_of(args: argparse.Namespace) -> Recipe:
     return Recipe(top=args.top, selection=sel, offsets=args.offsets)
 
 
-def _load_study(args: argparse.Namespace):
-    """(study, storage, data_dir, table, folds, eval_table, ranked trials, notes, fps)."""
+@dataclass(frozen=True)
+class StudyInputs:
+    """What the ensemble reads from a finished study: its complete trials with every fold, best
+    first, and the rows they were scored on (checked against the data folder as it is now)."""
+
+    storage: str
+    data_dir: Path
+    table: pd.DataFrame
+    folds: np.ndarray
+    eval_table: pd.DataFrame
+    ranked: list[optuna.trial.FrozenTrial]
+    notes: list[str]  # e.g. complete trials skipped for missing folds
+    fingerprints: dict[str, str]
+
+
+def load_inputs(args: argparse.Namespace) -> StudyInputs:
+    """The study of ``--study``/``--storage`` (``--data``: where its data lives now)."""
     # lazy: search.finished_study imports torch (~3 s); --help and flag errors need none
     from search.finished_study import study_rows
 
@@ -125,7 +143,7 @@ def _load_study(args: argparse.Namespace):
     eval_table = load_eval_table(data_dir)
     now = fingerprints(table, folds, eval_table)
     check_against_now(ranked, now, data_dir)
-    return storage, data_dir, table, folds, eval_table, ranked, notes, now
+    return StudyInputs(storage, data_dir, table, folds, eval_table, ranked, notes, now)
 
 
 def run(args: argparse.Namespace) -> Submission:
@@ -134,12 +152,13 @@ def run(args: argparse.Namespace) -> Submission:
     from search.finished_study import SUBMISSION_ATTR
 
     recipe = recipe_of(args)
-    storage, data_dir, table, folds, eval_table, ranked, notes, fps = _load_study(args)
-    labels = table["label"].to_numpy(dtype=np.int64)
+    study = load_inputs(args)
+    storage, data_dir, eval_table = study.storage, study.data_dir, study.eval_table
+    labels = study.table["label"].to_numpy(dtype=np.int64)
     store = open_store(args.artifacts or paths.default_artifacts_dir())
-    cands = load_candidates(ranked, store, len(table))
+    cands = load_candidates(study.ranked, store, len(labels))
     oofs = [c.oof for c in cands]
-    cmp = compare(oofs, labels, folds, recipe, args.min_pool)
+    cmp = compare(oofs, labels, study.folds, recipe, args.min_pool)
     chosen = cmp["fitted"][cmp["uses"]]
     use_offsets = cmp["rule"][cmp["uses"]] == "offsets"
     needed = sum(cmp["fitted"][k].weights for k in ("ensemble", "best_single"))
@@ -167,7 +186,7 @@ def run(args: argparse.Namespace) -> Submission:
         study=args.study, storage=storage, csv=str(out), candidates=len(cands),
         recipe={"top": recipe.top, "offsets_tried": recipe.offsets, "min_pool": args.min_pool,
                 **vars(recipe.selection)},
-        fingerprints=fps, figures=figures, notes=tuple(notes),
+        fingerprints=study.fingerprints, figures=figures, notes=tuple(study.notes),
         answers=str(data_dir / ANSWERS_FILE) if answers is not None else None,
         gradcam=(None if args.no_gradcam
                  else _explain_best(args.study, storage, store, cands[0].number)))
