@@ -51,9 +51,13 @@ def gauge_config(params: dict, weights: Path, epochs: int, device: str) -> Train
 
 
 def run_gauge(data_dir: Path, weights: Path, epochs: int, device: str = "cpu",
-              params: dict | None = None, seed: int = 0, progress: bool = False) -> dict:
+              params: dict | None = None, seed: int = 0, progress: bool = False,
+              faces: dict | None = None) -> dict:
     """Train the gauge once (training seed ``seed``); its validation curve, eval probabilities
-    and wall time (training and prediction; loading the shared caches is counted apart)."""
+    and wall time (training and prediction; loading the shared caches is counted apart).
+    ``faces``: changes to the quality study's face settings (other crops, another cache)."""
+    import dataclasses
+
     from core.dataset import load_train_table, training_targets
     from core.engine import fit_fold, predict
     from core.study_data import load_study_data
@@ -66,7 +70,7 @@ def run_gauge(data_dir: Path, weights: Path, epochs: int, device: str = "cpu",
     people = load_train_table(data_dir, corrections)["person"].nunique()  # tests' tiny sets
     data = load_study_data(data_dir, corrections, min(GAUGE_FOLDS, max(2, people // 4)),
                            quality.FOLD_SEED,
-                           face_settings(quality), progress)
+                           dataclasses.replace(face_settings(quality), **(faces or {})), progress)
     images = data.train_images(cfg.image_size)
     tr, va = data.folds != 0, data.folds == 0
     targets = training_targets(data.table, cfg.age_threshold)
@@ -83,25 +87,25 @@ def run_gauge(data_dir: Path, weights: Path, epochs: int, device: str = "cpu",
 
 
 def cached_gauge(path: Path, data_dir: Path, weights: Path, epochs: int, device: str,
-                 seed: int, params: dict | None = None) -> dict:
-    """``run_gauge`` once per (recipe, epochs, seed): its eval probabilities, curve and seconds
-    are kept in ``path`` (an .npz written by temp name, then rename) and reused by a rerun
-    (``bench.quality --no-search``, a gauge trained ahead beside the search, or
-    ``bench.options``' reference arm). ``params``: the recipe (default the gauge's)."""
+                 seed: int, params: dict | None = None, faces: dict | None = None) -> dict:
+    """``run_gauge`` once per (recipe, epochs, seed, face changes): its eval probabilities,
+    curve and seconds are kept in ``path`` (an .npz written by temp name, then rename) and
+    reused by a rerun (``bench.quality --no-search``, a gauge trained ahead beside the search,
+    or ``bench.options``' reference arm). ``params``: the recipe (default the gauge's)."""
     import json
 
     from core.atomic import atomic_write
     from studies import quality
 
     params = dict(quality.GAUGE if params is None else params)
-    key = json.dumps({"recipe": params, "epochs": int(epochs), "seed": int(seed)},
-                     sort_keys=True)
+    key = json.dumps({"recipe": params, "epochs": int(epochs), "seed": int(seed),
+                      **({"faces": faces} if faces else {})}, sort_keys=True)
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) == key:
                 return {"eval_probs": z["eval_probs"], "val_f1": z["val_f1"].tolist(),
                         "seconds": float(z["seconds"]), "reused": True}
-    g = run_gauge(data_dir, weights, epochs, device, params, seed=seed)
+    g = run_gauge(data_dir, weights, epochs, device, params, seed=seed, faces=faces)
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name

@@ -17,7 +17,9 @@ still combine it differently.
 Arms and their reference: ``sampler`` (square-root-inverse weighted sampling) and ``soft_f1``
 (0.4 soft macro-F1 + 0.6 focal, as the top team mixed it) and ``halfcut`` (half CutMix, p 0.5)
 against the gauge; ``ordinal`` (the ordinal age head) against the gauge's recipe on the
-three-head model (``multi``), since only that model has an age head. Runs are cached per
+three-head model (``multi``), since only that model has an age head. ``mtcnn`` is not a team's
+option but the same kind of question (issue 29): the gauge on MTCNN's boxes alone, against the
+gauge on the default boxes (YuNet first, MTCNN on its misses). Runs are cached per
 (recipe, epochs, seed) under ``runs/options/`` (the gauge's own under ``runs/quality/seedN`` is
 reused when ``bench.quality`` trained it). The last line is for scripts:
 ``options sampler=+0.0000 soft_f1=... halfcut=... ordinal=...`` (median paired held-out gain).
@@ -56,7 +58,10 @@ ARMS: dict[str, tuple[str | None, dict]] = {
     "halfcut": ("gauge", {"mix": "halfcut", "mix_prob": 0.5}),
     "multi": (None, {"head": "multi", "age_head": "classes"}),
     "ordinal": ("multi", {"head": "multi", "age_head": "ordinal"}),
+    "mtcnn": ("gauge", {}),
 }
+#: arm -> its changes to the quality study's face settings (``core.faces.FaceSettings``).
+FACE_CHANGES: dict[str, dict] = {"mtcnn": {"detectors": ["mtcnn"]}}
 
 
 def recipe(arm: str) -> dict:
@@ -105,7 +110,8 @@ def run(args: argparse.Namespace) -> dict:
         for arm in arms:
             path = cache_path(runs, arm, seed)
             path.parent.mkdir(parents=True, exist_ok=True)
-            g = cached_gauge(path, data, args.weights, args.epochs, args.device, seed, recipe(arm))
+            g = cached_gauge(path, data, args.weights, args.epochs, args.device, seed, recipe(arm),
+                             FACE_CHANGES.get(arm))
             preds[arm] = g["eval_probs"].argmax(axis=1)
             if answers is None:
                 from core.dataset import load_eval_table
@@ -131,7 +137,8 @@ def run(args: argparse.Namespace) -> dict:
                         "old_classes_gain": median(old), "seeds": len(gains)}
         print(f"{arm}: median gain {median(gains):+.4f} (spread {np.ptp(gains):.4f}), "
               f"'>=60' {median(old):+.3f}, {len(gains)} seed(s)")
-    out = runs / "options" / "options.json"
+    out = runs / "options" / ("options.json" if not args.arm
+                              else f"options-{'-'.join(args.arm)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1) + "\n")
     print("options " + " ".join(f"{a}={s['gain']:+.4f}" for a, s in summary.items()), flush=True)

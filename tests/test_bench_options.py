@@ -30,6 +30,21 @@ def test_an_arm_changes_only_its_option(arm: str, fields: dict) -> None:
     assert _config("multi")["head"] == "multi" and _config("gauge")["head"] == "single"
 
 
+def test_the_mtcnn_arm_is_the_gauge_on_mtcnn_boxes_alone() -> None:
+    """Same recipe as its reference; only the face settings' detectors differ (another cache)."""
+    import dataclasses
+
+    from bench.options import FACE_CHANGES
+    from studies import face_settings
+
+    assert ARMS["mtcnn"][0] == "gauge" and recipe("mtcnn") == recipe("gauge")
+    default = face_settings(quality)
+    mine = dataclasses.replace(default, **FACE_CHANGES["mtcnn"])
+    assert mine.detectors == ("mtcnn",) and "yunet" in default.detectors
+    assert {f.name for f in dataclasses.fields(mine)
+            if getattr(mine, f.name) != getattr(default, f.name)} == {"detectors"}
+
+
 def test_references_run_first_and_once() -> None:
     assert needed(["ordinal", "sampler", "soft_f1"]) == ["multi", "gauge", "ordinal", "sampler",
                                                          "soft_f1"]
@@ -52,7 +67,7 @@ def test_bench_options_end_to_end_and_reused(faces_folder: Path, quality_weights
     runs = tmp_path / "runs"
     assert (runs / "quality" / "seed0" / "gauge.npz").is_file()  # the gauge arm, where
     assert (runs / "options" / "sampler-seed0.npz").is_file()  # bench.quality keeps it
-    summary = json.loads((runs / "options" / "options.json").read_text())["summary"]
+    summary = json.loads((runs / "options" / "options-sampler.json").read_text())["summary"]
     assert float(last.split("=")[1]) == pytest.approx(summary["sampler"]["gain"], abs=5e-5)
     assert main(argv) == 0  # a rerun trains nothing and says the same
     again = capsys.readouterr().out
