@@ -224,7 +224,7 @@ def run_seed(args: argparse.Namespace, data: Path, seed: int, root: Path) -> dic
         shutil.rmtree(out, ignore_errors=True)  # a bench run measures now, never resumes
         out.mkdir(parents=True)
         _, t_search = _timed(search_study, args, data, seed, out)
-    submitted, t_ens = _timed(ensemble_study, out, data)
+    record, t_ens = _timed(ensemble_study, out, data)
     eval_table = load_eval_table(data)
     oof, number, eval_probs, done = _best_trial(out)
     if done < args.trials:
@@ -241,7 +241,7 @@ def run_seed(args: argparse.Namespace, data: Path, seed: int, root: Path) -> dic
              "gauge": gauge["eval_probs"].argmax(axis=1)}
     single, submitted, hand = (task_f1(answers, p) for p in preds.values())
     boot = people_bootstrap(answers, list(preds.values()), people)
-    fig = submitted.figures
+    fig = record.figures
     result = {
         "seed": seed, "trials_finished": done, "best_trial": number, "oof": oof,
         "heldout": single["f1"], "gap": oof - single["f1"],
@@ -251,7 +251,7 @@ def run_seed(args: argparse.Namespace, data: Path, seed: int, root: Path) -> dic
         "best_single_cross_fitted": fig.get("best_single_cross_fitted_f1", float("nan")),
         "best_single_rule_heldout": fig.get("best_single_eval_f1", single["f1"]),
         "submission_heldout": submitted["f1"],
-        "submission_uses": submitted.uses,
+        "submission_uses": record.uses,
         "gauge_heldout": hand["f1"], "gauge_val_f1": gauge["val_f1"],
         "submission_minus_gauge": submitted["f1"] - hand["f1"],
         "intervals": {"heldout": interval(boot[:, 0]), "submission": interval(boot[:, 1]),
