@@ -73,7 +73,6 @@ from core.labels import (
     factor_probs,
 )
 from search import paths
-from search.ensemble.select import blend
 from search.ensemble.trials import check_against_now, load_oof, rank_trials
 from search.finished_study import FinishedStudy, add_study_flags, open_finished, study_rows
 from search.labels_page import page
@@ -218,11 +217,10 @@ def oof_probabilities(found: FinishedStudy, table: pd.DataFrame, folds: np.ndarr
     now = {"data_fingerprint": data_fingerprint(table),
            "folds_fingerprint": folds_fingerprint(folds)}
     if found.submission_path.is_file():
-        members = [m for m in found.submission().members if m.weight > 0]
-        trials = [found.trial(m.trial) for m in members]
+        submitted = found.submission()
+        trials = [found.trial(m.trial) for m in submitted.members]
         check_against_now(trials, now, data_dir)
-        probs = blend([load_oof(t, found.store, len(table)) for t in trials],
-                      np.array([m.weight for m in members]))
+        probs = submitted.classes([load_oof(t, found.store, len(table)) for t in trials])[0]
         numbers = ", ".join(str(t.number) for t in trials)
         return probs, (f"the submission's {len(trials)} member(s) (trial {numbers}) blended "
                        f"with its weights")
