@@ -47,6 +47,13 @@ class RowView:
             return RowView(self.images, self.rows[i])
         return self.images[int(self.rows[i])]
 
+    def join(self, other: RowView) -> RowView:
+        """These rows, then ``other``'s: one view, still nothing copied. Both must view the same
+        array (a study's training and eval images share one cache)."""
+        if other.images is not self.images:
+            raise ValueError("only views on the same image array can be joined")
+        return RowView(self.images, np.concatenate([self.rows, other.rows]))
+
     @property
     def shape(self) -> tuple[int, ...]:
         return (len(self.rows), *self.images.shape[1:])

@@ -48,6 +48,7 @@ from core.dataset import training_targets
 from core.engine import FoldResult, fit_fold, predict
 from core.errors import DataError
 from core.labels import NUM_CLASSES
+from core.loader import RowView
 from core.metrics import macro_f1
 from core.study_data import StudyData
 from core.weights import weights_file
@@ -63,6 +64,7 @@ from search.artifacts import (
     fold_done_attr,
     oof_fold_name,
 )
+from search.pseudo_labels import pseudo_training
 from search.space import check_fixed
 from search.study_settings import StudySettings, pruning_step
 from search.trial_plots import class_f1, confusion_png
@@ -74,11 +76,20 @@ from search.worker.stage import final_epochs, is_final
 @dataclass(frozen=True)
 class FoldInputs:
     """One trial's arrays, cut per fold by the folds: training images (a memmap view), the
-    eval images, the training targets (after the trial's age threshold)."""
+    eval images, the training targets (after the trial's age threshold), and the eval images
+    with pseudo-labels every fold also trains on (``search.pseudo_labels``; opt-in)."""
 
-    images: np.ndarray
-    eval_images: np.ndarray
+    images: RowView
+    eval_images: RowView
     targets: np.ndarray
+    pseudo: tuple[RowView, np.ndarray] | None = None
+
+    def training(self, val: np.ndarray) -> tuple[RowView, np.ndarray]:
+        """(images, targets) a fold trains on: the rows outside ``val``, then the pseudo ones."""
+        images, targets = self.images[~val], self.targets[~val]
+        if self.pseudo is None:
+            return images, targets
+        return images.join(self.pseudo[0]), np.concatenate([targets, self.pseudo[1]])
 
 
 @dataclass
@@ -198,8 +209,11 @@ class Objective:
         trial.set_user_attr("config", cfg.to_dict())
         for name, value in data.fingerprints().items():
             trial.set_user_attr(name, value)
-        inputs = FoldInputs(data.train_images(cfg.image_size), data.eval_images(cfg.image_size),
-                            training_targets(data.table, cfg.age_threshold))
+        eval_images = data.eval_images(cfg.image_size)
+        inputs = FoldInputs(data.train_images(cfg.image_size), eval_images,
+                            training_targets(data.table, cfg.age_threshold),
+                            pseudo_training(trial.user_attrs, eval_images,
+                                            data.fingerprints()["eval_fingerprint"]))
         sums = FoldSums(np.zeros((len(data.labels), NUM_CLASSES), np.float32),
                         np.zeros((len(inputs.eval_images), NUM_CLASSES), np.float64))
         trial.set_user_attr("epochs_trained", 0)  # a retry inherits the dead trial's count
@@ -250,8 +264,8 @@ class Objective:
                 return False
             return report(val_f1, pruning_step(False, k, epoch, cfg.epochs))
 
-        result = self.fit(cfg, inputs.images[~val], inputs.targets[~val], inputs.images[val],
-                          labels[val], on_epoch=on_epoch, progress=self.machine.progress)
+        result = self.fit(cfg, *inputs.training(val), inputs.images[val], labels[val],
+                          on_epoch=on_epoch, progress=self.machine.progress)
         sums.epochs_trained += len(result.history)
         sums.speeds += [h["images_per_s"] for h in result.history if "images_per_s" in h]
         trial.set_user_attr("epochs_trained", sums.epochs_trained)

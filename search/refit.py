@@ -33,6 +33,7 @@ from core.loader import default_loader_workers
 from search import run_args
 from search.finished_study import add_study_flags, open_finished
 from search.log import log
+from search.pseudo_labels import COUNT_ATTR, SHARE_ATTR, THRESHOLD_ATTR, from_submission
 from search.run import Run, auto_device, next_commands, open_run, search_here
 from search.worker.claims import claim_lock, reap
 from search.worker.final_stage import EPOCHS_FACTOR, outcome, queue_final
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", dest="refit_epochs", type=run_args.positive_int, metavar="N",
                    help=f"epochs per fold of a final trial; more than the study's (default "
                         f"{EPOCHS_FACTOR} x the study's)")
+    p.add_argument("--pseudo-labels", type=run_args.fraction, metavar="P",
+                   help="opt-in (off by default): every fold also trains on the eval images "
+                        "whose submitted class the submission is at least P sure of "
+                        "(search.ensemble first; see search.pseudo_labels)")
     run_args.add_data_flag(p)
     run_args.add_machine_flags(p)
     run_args.add_loader_flags(p)
@@ -75,7 +80,8 @@ def search_run_args(args: argparse.Namespace) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     """The whole command: refuse, queue, train, report; its exit code."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C ends it cleanly
-    open_finished(args)  # no study, no complete trial: one line, before anything is created
+    found = open_finished(args)  # no study or complete trial: one line, nothing created yet
+    pseudo = from_submission(found, args.pseudo_labels) if args.pseudo_labels else {}
     run: Run = open_run(search_run_args(args))
     study, study_epochs = run.study, run.settings.epochs
     epochs = args.refit_epochs or EPOCHS_FACTOR * study_epochs
@@ -87,17 +93,21 @@ def run(args: argparse.Namespace) -> int:
         reaped = reap(study, args.max_retry)
         if reaped:
             log.warning("trial(s) %s: worker gone, marked FAIL and queued for retry", reaped)
-        chosen, lines = queue_final(study, args.top, epochs)
+        chosen, lines = queue_final(study, args.top, epochs, pseudo)
     print(f"final stage of study {args.study!r}: the {len(chosen)} best configuration(s) at "
           f"{epochs} epochs per fold (its trials have {study_epochs}), on the same folds",
           flush=True)
+    if pseudo:
+        print(f"pseudo-labels: {pseudo[COUNT_ATTR]} eval images ({pseudo[SHARE_ATTR]:.0%}) the "
+              f"submission is at least {args.pseudo_labels:g} sure of, in every fold's training",
+              flush=True)
     print("\n".join(lines), flush=True)
     completed = True
     if final_trials(study, (TrialState.WAITING, TrialState.RUNNING)):
         loader_workers = (args.loader_workers if args.loader_workers is not None else
                           default_loader_workers(args.device or auto_device(), 1))
         completed = search_here(run, loader_workers, stage=FINAL)
-    ended = outcome(study, chosen, epochs)
+    ended = outcome(study, chosen, epochs, pseudo.get(THRESHOLD_ATTR))
     print("\n".join(["final-stage trials:", *(line for line, _ in ended),
                      *next_commands(args.study, args.storage, args.artifacts)]), flush=True)
     if not completed:

@@ -52,6 +52,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    """A probability above 0 and at most 1."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be at most 1, got {value}")
+    return value
+
+
 def add_data_flag(p: argparse.ArgumentParser) -> None:
     """``--data``: where the study's data lives (a study's own is stored on it)."""
     p.add_argument("--data", help="data folder (default: the study's; mask: $MASK_DATA)")

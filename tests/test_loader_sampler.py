@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, WeightedRandomSampler
 
 from core.config import SAMPLERS, ConfigError, TrainConfig
-from core.loader import ImageArrayDataset, create_loader, sample_weights
+from core.loader import ImageArrayDataset, RowView, create_loader, sample_weights
 
 #: Four classes with 400, 100, 25 and 4 images: imbalanced like the real set's rare classes.
 COUNTS = np.array([400, 100, 25, 4])
@@ -101,3 +101,14 @@ def test_default_sampler_is_the_old_shuffle_exactly() -> None:
     for scheme in SAMPLERS:  # never for validation, whatever the config says
         val = _loader(TrainConfig(sampler=scheme), train=False)
         assert isinstance(val.sampler, SequentialSampler)
+
+
+def test_joined_row_views_read_both_rows_in_order_and_only_from_one_array() -> None:
+    """The training rows then the pseudo-labelled eval rows: one view on the same cache."""
+    images = np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3)
+    joined = RowView(images, [3, 1]).join(RowView(images, [0]))
+    assert joined.shape == (3, 2, 2, 3)
+    for i, row in enumerate([3, 1, 0]):
+        np.testing.assert_array_equal(joined[i], images[row])
+    with pytest.raises(ValueError, match="same image array"):
+        RowView(images, [0]).join(RowView(images.copy(), [0]))

@@ -35,10 +35,15 @@ class Break:
 
 
 BREAKS = [
-    Break('train on the true labels, validate on the relabelled targets',
+    Break('validate on the relabelled targets, not the true labels',
           'search/objective.py',
-          'inputs.targets[~val], inputs.images[val],\n                          labels[val],',
-          'labels[~val], inputs.images[val],\n                          inputs.targets[val],',
+          'inputs.images[val], labels[val],',
+          'inputs.images[val], inputs.targets[val],',
+          'tests/test_objective.py::test_relabelling_changes_training_targets_only'),
+    Break('train on the true labels, not the relabelled targets',
+          'search/objective.py',
+          'training_targets(data.table, cfg.age_threshold)',
+          'data.labels',
           'tests/test_objective.py::test_relabelling_changes_training_targets_only'),
     Break('steps numbered epoch-major (epoch * folds + fold)',
           'search/study_settings.py',
@@ -173,6 +178,16 @@ BREAKS = [
           '        if key in given and stored[key] != asked[key]:',
           '        if key in given and stored[key] != asked[key] and key != "weights":',
           'tests/test_mask_study.py::test_a_worker_with_other_weights_is_refused_in_one_line'),
+    Break('pseudo-labels taken below the threshold',
+          'search/pseudo_labels.py',
+          'sure = probs[np.arange(len(classes)), classes] >= threshold',
+          'sure = probs[np.arange(len(classes)), classes] >= threshold - 0.1',
+          'tests/test_pseudo_labels.py::test_a_refit_trains_on_the_sure_eval_images_only_when_asked'),
+    Break('pseudo-labels recorded but never trained on',
+          'search/objective.py',
+          '        if self.pseudo is None:\n            return images, targets',
+          '        if True:\n            return images, targets',
+          'tests/test_pseudo_labels.py::test_a_refit_trains_on_the_sure_eval_images_only_when_asked'),
 ]
 
 

@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from core.errors import DataError
+from search.pseudo_labels import THRESHOLD_ATTR
 from search.worker.claims import retry_callback
 from search.worker.stage import (
     EPOCHS_ATTR,
@@ -31,8 +32,16 @@ EPOCHS_FACTOR = 2
 DEFAULT_FINAL = 1
 
 
-def _config_key(params: dict, epochs: int) -> str:
-    return json.dumps([params, int(epochs)], sort_keys=True, default=str)
+def _config_key(params: dict, epochs: int, pseudo: float | None = None) -> str:
+    """What makes two final trials the same refit: params, epochs and the pseudo-label
+    threshold (None: none)."""
+    return json.dumps([params, int(epochs), pseudo], sort_keys=True, default=str)
+
+
+def _final_key(trials: Sequence[FrozenTrial], final: FrozenTrial) -> str:
+    origin = trials[int(final.user_attrs[REFIT_OF_ATTR])]
+    return _config_key(origin.params, final.user_attrs[EPOCHS_ATTR],
+                       final.user_attrs.get(THRESHOLD_ATTR))
 
 
 def best_configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:
@@ -49,12 +58,14 @@ def best_configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:
     return list(chosen.values())
 
 
-def queue_final(study: optuna.Study, top: int,
-                epochs: int) -> tuple[list[FrozenTrial], list[str]]:
+def queue_final(study: optuna.Study, top: int, epochs: int,
+                pseudo: dict | None = None) -> tuple[list[FrozenTrial], list[str]]:
     """Queue a final trial for each of the ``top`` best configurations that has none at
-    ``epochs`` yet: (those configurations' search trials, one line each saying what was done).
-    Call it under the claim lock, after ``reap``, so a dead worker's final trial already has its
-    retry queued."""
+    ``epochs`` (and ``pseudo``'s threshold) yet: (those configurations' search trials, one line
+    each saying what was done). ``pseudo``: the pseudo-label user attrs
+    (``search.pseudo_labels.from_submission``) every queued trial gets. Call it under the claim
+    lock, after ``reap``, so a dead worker's final trial already has its retry queued."""
+    pseudo = pseudo or {}
     chosen = best_configurations(study, top)
     if not chosen:
         raise DataError(f"study {study.study_name!r}: no complete trial with all "
@@ -62,11 +73,10 @@ def queue_final(study: optuna.Study, top: int,
     trials = study.get_trials(deepcopy=False)
     by_key: dict[str, list[FrozenTrial]] = {}
     for f in final_trials(study):
-        origin = trials[int(f.user_attrs[REFIT_OF_ATTR])]
-        by_key.setdefault(_config_key(origin.params, f.user_attrs[EPOCHS_ATTR]), []).append(f)
+        by_key.setdefault(_final_key(trials, f), []).append(f)
     lines = []
     for t in chosen:
-        mine = by_key.get(_config_key(t.params, epochs), [])
+        mine = by_key.get(_config_key(t.params, epochs, pseudo.get(THRESHOLD_ATTR)), [])
         head = f"  trial {t.number} (macro F1 {t.value:.4f}): "
         done = [f for f in mine if f.state == TrialState.COMPLETE]
         live = [f for f in mine if f.state in (TrialState.WAITING, TrialState.RUNNING)]
@@ -84,20 +94,19 @@ def queue_final(study: optuna.Study, top: int,
                          f"({last.user_attrs.get(ERROR_ATTR, 'interrupted')}); queued again as "
                          "its retry, which reuses its finished folds")
         else:
-            study.enqueue_trial(t.params, user_attrs=final_attrs(t.number, epochs))
+            study.enqueue_trial(t.params, user_attrs={**final_attrs(t.number, epochs), **pseudo})
             lines.append(f"{head}queued")
     return chosen, lines
 
 
-def outcome(study: optuna.Study, chosen: Sequence[FrozenTrial],
-            epochs: int) -> list[tuple[str, bool]]:
+def outcome(study: optuna.Study, chosen: Sequence[FrozenTrial], epochs: int,
+            pseudo: float | None = None) -> list[tuple[str, bool]]:
     """Per refitted configuration: a line on its latest final trial, and whether one is done."""
     trials = study.get_trials(deepcopy=False)
     out = []
     for t in chosen:
-        mine = [f for f in final_trials(study) if
-                _config_key(trials[int(f.user_attrs[REFIT_OF_ATTR])].params,
-                            f.user_attrs[EPOCHS_ATTR]) == _config_key(t.params, epochs)]
+        mine = [f for f in final_trials(study)
+                if _final_key(trials, f) == _config_key(t.params, epochs, pseudo)]
         done = [f for f in mine if f.state == TrialState.COMPLETE]
         if not mine:  # queued by this run, so only a hand-edited study gets here
             out.append((f"  trial {t.number}: no final trial", False))
