@@ -52,15 +52,18 @@ def gauge_config(params: dict, weights: Path, epochs: int, device: str) -> Train
 
 def run_gauge(data_dir: Path, weights: Path, epochs: int, device: str = "cpu",
               params: dict | None = None, seed: int = 0, progress: bool = False,
-              faces: dict | None = None) -> dict:
+              faces: dict | None = None, pseudo: np.ndarray | None = None) -> dict:
     """Train the gauge once (training seed ``seed``); its validation curve, eval probabilities
     and wall time (training and prediction; loading the shared caches is counted apart).
-    ``faces``: changes to the quality study's face settings (other crops, another cache)."""
+    ``faces``: changes to the quality study's face settings (other crops, another cache).
+    ``pseudo``: a pseudo-label per eval row (-1: none) to train on as well
+    (``search.pseudo_labels``)."""
     import dataclasses
 
     from core.dataset import load_train_table, training_targets
     from core.engine import fit_fold, predict
     from core.study_data import load_study_data
+    from search.pseudo_labels import with_pseudo
     from studies import face_settings, quality
 
     cfg = gauge_config(params or quality.GAUGE, weights, epochs, device)
@@ -74,9 +77,11 @@ def run_gauge(data_dir: Path, weights: Path, epochs: int, device: str = "cpu",
     images = data.train_images(cfg.image_size)
     tr, va = data.folds != 0, data.folds == 0
     targets = training_targets(data.table, cfg.age_threshold)
+    train_x, train_y = images[tr], targets[tr]
+    if pseudo is not None:
+        train_x, train_y = with_pseudo(train_x, train_y, data.eval_images(cfg.image_size), pseudo)
     t1 = time.perf_counter()  # caches are shared with the search: count training, not loading
-    result = fit_fold(cfg, images[tr], targets[tr], images[va], data.labels[va],
-                      progress=progress)
+    result = fit_fold(cfg, train_x, train_y, images[va], data.labels[va], progress=progress)
     if result.diverged:
         raise DataError("bench.gauge: the gauge's training diverged (non-finite loss)")
     eval_probs = predict(result.state_dict, cfg, data.eval_images(cfg.image_size))
@@ -87,25 +92,31 @@ def run_gauge(data_dir: Path, weights: Path, epochs: int, device: str = "cpu",
 
 
 def cached_gauge(path: Path, data_dir: Path, weights: Path, epochs: int, device: str,
-                 seed: int, params: dict | None = None, faces: dict | None = None) -> dict:
-    """``run_gauge`` once per (recipe, epochs, seed, face changes): its eval probabilities,
-    curve and seconds are kept in ``path`` (an .npz written by temp name, then rename) and
-    reused by a rerun (``bench.quality --no-search``, a gauge trained ahead beside the search,
-    or ``bench.options``' reference arm). ``params``: the recipe (default the gauge's)."""
+                 seed: int, params: dict | None = None, faces: dict | None = None,
+                 pseudo: np.ndarray | None = None) -> dict:
+    """``run_gauge`` once per (recipe, epochs, seed, face changes, pseudo-labels): its eval
+    probabilities, curve and seconds are kept in ``path`` (an .npz written by temp name, then
+    rename) and reused by a rerun (``bench.quality --no-search``, a gauge trained ahead beside
+    the search, or ``bench.options``' reference arm). ``params``: the recipe (default the
+    gauge's)."""
     import json
 
     from core.atomic import atomic_write
+    from search.pseudo_labels import encode
     from studies import quality
 
     params = dict(quality.GAUGE if params is None else params)
     key = json.dumps({"recipe": params, "epochs": int(epochs), "seed": int(seed),
-                      **({"faces": faces} if faces else {})}, sort_keys=True)
+                      **({"faces": faces} if faces else {}),
+                      **({"pseudo": encode(pseudo)} if pseudo is not None else {})},
+                     sort_keys=True)
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) == key:
                 return {"eval_probs": z["eval_probs"], "val_f1": z["val_f1"].tolist(),
                         "seconds": float(z["seconds"]), "reused": True}
-    g = run_gauge(data_dir, weights, epochs, device, params, seed=seed, faces=faces)
+    g = run_gauge(data_dir, weights, epochs, device, params, seed=seed, faces=faces,
+                  pseudo=pseudo)
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name

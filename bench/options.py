@@ -19,7 +19,11 @@ Arms and their reference: ``sampler`` (square-root-inverse weighted sampling) an
 against the gauge; ``ordinal`` (the ordinal age head) against the gauge's recipe on the
 three-head model (``multi``), since only that model has an age head. ``mtcnn`` is not a team's
 option but the same kind of question (issue 29): the gauge on MTCNN's boxes alone, against the
-gauge on the default boxes (YuNet first, MTCNN on its misses). Runs are cached per
+gauge on the default boxes (YuNet first, MTCNN on its misses). ``pseudo`` (issue 28 item 5):
+the gauge's recipe trained again with the eval images its reference (the gauge of the same
+seed) is at least ``PSEUDO_THRESHOLD`` sure of, labelled with its predictions
+(``search.pseudo_labels``, as ``search.refit --pseudo-labels`` does with a submission as the
+teacher). Runs are cached per
 (recipe, epochs, seed) under ``runs/options/`` (the gauge's own under ``runs/quality/seedN`` is
 reused when ``bench.quality`` trained it). The last line is for scripts:
 ``options sampler=+0.0000 soft_f1=... halfcut=... ordinal=...`` (median paired held-out gain).
@@ -49,6 +53,7 @@ from bench.quality import (
 )
 from core.cli import run_cli
 from core.errors import DataError
+from search.pseudo_labels import confident
 
 #: arm -> (its reference arm, the recipe's changes from the gauge).
 ARMS: dict[str, tuple[str | None, dict]] = {
@@ -59,7 +64,10 @@ ARMS: dict[str, tuple[str | None, dict]] = {
     "multi": (None, {"head": "multi", "age_head": "classes"}),
     "ordinal": ("multi", {"head": "multi", "age_head": "ordinal"}),
     "mtcnn": ("gauge", {}),
+    "pseudo": ("gauge", {}),
 }
+#: ``pseudo``'s confidence threshold (what ``search.refit --pseudo-labels`` would be given).
+PSEUDO_THRESHOLD = 0.9
 #: arm -> its changes to the quality study's face settings (``core.faces.FaceSettings``).
 FACE_CHANGES: dict[str, dict] = {"mtcnn": {"detectors": ["mtcnn"]}}
 
@@ -105,13 +113,20 @@ def run(args: argparse.Namespace) -> dict:
     arms = needed(args.arm or [a for a in ARMS if ARMS[a][0]])
     answers = people = None
     rows: list[dict] = []
+    probs_of: dict[str, np.ndarray] = {}
     for seed in range(args.seed, args.seed + args.seeds):  # interleaved: every arm per seed
-        preds = {}
+        preds, taken = {}, None
         for arm in arms:
             path = cache_path(runs, arm, seed)
             path.parent.mkdir(parents=True, exist_ok=True)
+            if arm == "pseudo":  # its reference's eval predictions, where they are sure
+                teacher = probs_of[ARMS[arm][0]]
+                taken = confident(teacher, teacher.argmax(axis=1), PSEUDO_THRESHOLD)
+                print(f"seed {seed} pseudo: {(taken >= 0).mean():.0%} of the eval images at "
+                      f">= {PSEUDO_THRESHOLD}", flush=True)
             g = cached_gauge(path, data, args.weights, args.epochs, args.device, seed, recipe(arm),
-                             FACE_CHANGES.get(arm))
+                             FACE_CHANGES.get(arm), taken if arm == "pseudo" else None)
+            probs_of[arm] = g["eval_probs"]
             preds[arm] = g["eval_probs"].argmax(axis=1)
             if answers is None:
                 from core.dataset import load_eval_table

@@ -64,7 +64,7 @@ from search.artifacts import (
     fold_done_attr,
     oof_fold_name,
 )
-from search.pseudo_labels import pseudo_training
+from search.pseudo_labels import pseudo_training, with_pseudo
 from search.space import check_fixed
 from search.study_settings import StudySettings, pruning_step
 from search.trial_plots import class_f1, confusion_png
@@ -82,14 +82,14 @@ class FoldInputs:
     images: RowView
     eval_images: RowView
     targets: np.ndarray
-    pseudo: tuple[RowView, np.ndarray] | None = None
+    pseudo: np.ndarray | None = None  # per eval row: its pseudo-label, -1 for none
 
     def training(self, val: np.ndarray) -> tuple[RowView, np.ndarray]:
         """(images, targets) a fold trains on: the rows outside ``val``, then the pseudo ones."""
         images, targets = self.images[~val], self.targets[~val]
         if self.pseudo is None:
             return images, targets
-        return images.join(self.pseudo[0]), np.concatenate([targets, self.pseudo[1]])
+        return with_pseudo(images, targets, self.eval_images, self.pseudo)
 
 
 @dataclass
@@ -212,7 +212,7 @@ class Objective:
         eval_images = data.eval_images(cfg.image_size)
         inputs = FoldInputs(data.train_images(cfg.image_size), eval_images,
                             training_targets(data.table, cfg.age_threshold),
-                            pseudo_training(trial.user_attrs, eval_images,
+                            pseudo_training(trial.user_attrs, len(eval_images),
                                             data.fingerprints()["eval_fingerprint"]))
         sums = FoldSums(np.zeros((len(data.labels), NUM_CLASSES), np.float32),
                         np.zeros((len(inputs.eval_images), NUM_CLASSES), np.float64))

@@ -78,17 +78,24 @@ def from_submission(found: FinishedStudy, threshold: float) -> dict[str, Any]:
             CLASSES_ATTR: encode(taken)}
 
 
-def pseudo_training(attrs: Mapping[str, Any], eval_images: RowView,
-                    eval_fingerprint: str) -> tuple[RowView, np.ndarray] | None:
-    """(eval images, their pseudo-labels) a trial with these user attrs adds to every fold's
-    training rows; None for a trial without pseudo-labels."""
+def pseudo_training(attrs: Mapping[str, Any], n_eval: int,
+                    eval_fingerprint: str) -> np.ndarray | None:
+    """The pseudo-label per eval row (-1: none) of a trial with these user attrs, checked
+    against the data's eval set; None for a trial without pseudo-labels."""
     if CLASSES_ATTR not in attrs:
         return None
     if attrs.get(EVAL_FINGERPRINT_ATTR) != eval_fingerprint:
         raise ConfigError("this trial's pseudo-labels index another eval set than the data's "
                           "(info.csv changed since search.refit queued it)")
     taken = decode(attrs[CLASSES_ATTR])
-    if len(taken) != len(eval_images):
-        raise ConfigError(f"{len(taken)} pseudo-labels for {len(eval_images)} eval images")
+    if len(taken) != n_eval:
+        raise ConfigError(f"{len(taken)} pseudo-labels for {n_eval} eval images")
+    return taken
+
+
+def with_pseudo(images: RowView, targets: np.ndarray, eval_images: RowView,
+                taken: np.ndarray) -> tuple[RowView, np.ndarray]:
+    """(images, targets) to train on: the given rows, then each eval image with a pseudo-label
+    (``taken`` >= 0) and that label; still one view on the cache, nothing copied."""
     rows = np.flatnonzero(taken >= 0)
-    return eval_images[rows], taken[rows]
+    return images.join(eval_images[rows]), np.concatenate([targets, taken[rows]])

@@ -59,18 +59,21 @@ def test_bench_options_end_to_end_and_reused(faces_folder: Path, quality_weights
     monkeypatch.setenv("MASK_SEARCH_RUNS", str(tmp_path / "runs"))
     monkeypatch.delenv("MASK_SEARCH_CACHE", raising=False)
     argv = ["--faces", str(faces_folder), "--people", "8", "--eval-people", "3", "--epochs", "1",
-            "--weights", str(quality_weights), "--arm", "sampler"]
+            "--weights", str(quality_weights), "--arm", "sampler", "--arm", "pseudo"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     last = out.strip().splitlines()[-1]
-    assert re.fullmatch(r"options sampler=[+-]\d\.\d{4}", last), last
+    assert re.fullmatch(r"options sampler=[+-]\d\.\d{4} pseudo=[+-]\d\.\d{4}", last), last
+    assert re.search(r"seed 0 pseudo: \d+% of the eval images at >= 0.9", out)
     runs = tmp_path / "runs"
     assert (runs / "quality" / "seed0" / "gauge.npz").is_file()  # the gauge arm, where
     assert (runs / "options" / "sampler-seed0.npz").is_file()  # bench.quality keeps it
-    summary = json.loads((runs / "options" / "options-sampler.json").read_text())["summary"]
-    assert float(last.split("=")[1]) == pytest.approx(summary["sampler"]["gain"], abs=5e-5)
+    assert (runs / "options" / "pseudo-seed0.npz").is_file()
+    summary = json.loads((runs / "options" / "options-sampler-pseudo.json").read_text())["summary"]
+    assert float(last.split()[1].split("=")[1]) == pytest.approx(summary["sampler"]["gain"],
+                                                                 abs=5e-5)
     assert main(argv) == 0  # a rerun trains nothing and says the same
     again = capsys.readouterr().out
-    assert again.count("(reused)") == 2 and again.strip().splitlines()[-1] == last
+    assert again.count("(reused)") == 3 and again.strip().splitlines()[-1] == last
     assert main([*argv, "--arm", "nosuch"]) == 2
     assert "--arm 'nosuch'" in capsys.readouterr().err
