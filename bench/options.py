@@ -23,7 +23,9 @@ gauge on the default boxes (YuNet first, MTCNN on its misses). ``pseudo`` (issue
 the gauge's recipe trained again with the eval images its reference (the gauge of the same
 seed) is at least ``PSEUDO_THRESHOLD`` sure of, labelled with its predictions
 (``search.pseudo_labels``, as ``search.refit --pseudo-labels`` does with a submission as the
-teacher). Runs are cached per
+teacher). ``faces`` is the gauge on crops made with other face settings, given as
+``--face KEY=VALUE`` (repeatable, ``core.faces.FaceSettings`` fields: the margins and
+``min_crop`` change only the crops, not the detection). Runs are cached per
 (recipe, epochs, seed) under ``runs/options/`` (the gauge's own under ``runs/quality/seedN`` is
 reused when ``bench.quality`` trained it). The last line is for scripts:
 ``options sampler=+0.0000 soft_f1=... halfcut=... ordinal=...`` (median paired held-out gain).
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,6 +68,7 @@ ARMS: dict[str, tuple[str | None, dict]] = {
     "ordinal": ("multi", {"head": "multi", "age_head": "ordinal"}),
     "mtcnn": ("gauge", {}),
     "pseudo": ("gauge", {}),
+    "faces": ("gauge", {}),
 }
 #: ``pseudo``'s confidence threshold (what ``search.refit --pseudo-labels`` would be given).
 PSEUDO_THRESHOLD = 0.9
@@ -85,11 +89,24 @@ def needed(arms: Sequence[str]) -> list[str]:
     return list(dict.fromkeys([*refs, *arms]))
 
 
-def cache_path(runs: Path, arm: str, seed: int) -> Path:
-    """Where a run is kept; the gauge reuses ``bench.quality``'s own training of it."""
+def cache_path(runs: Path, arm: str, seed: int, faces: dict | None = None) -> Path:
+    """Where a run is kept; the gauge reuses ``bench.quality``'s own training of it; a
+    ``faces`` arm's name says its settings."""
     if arm == "gauge":
         return runs / STUDY / f"seed{seed}" / "gauge.npz"
+    if arm == "faces":
+        arm += re.sub(r"[^\w.=-]", "", "".join(f"-{k}={v}" for k, v in
+                                               sorted((faces or {}).items())))
     return runs / "options" / f"{arm}-seed{seed}.npz"
+
+
+def face_changes(items: Sequence[str]) -> dict:
+    """``--face KEY=VALUE`` items as changes to the face settings (an unknown field or bad
+    value is one line)."""
+    from core.train_fold import build_faces, parse_set
+
+    settings = build_faces(list(items))  # checks the names and values
+    return {k: getattr(settings, k) for k in parse_set(list(items))}
 
 
 def paired(answers: np.ndarray, people: np.ndarray, ref: np.ndarray, arm: np.ndarray) -> dict:
@@ -110,14 +127,17 @@ def run(args: argparse.Namespace) -> dict:
     args.weights = check_weights_folder(args.weights)
     runs = paths.runs_dir()
     data, _, _ = prepare(args, runs)
-    arms = needed(args.arm or [a for a in ARMS if ARMS[a][0]])
+    arms = needed(args.arm or [a for a in ARMS if ARMS[a][0] and a != "faces"])
+    changes = {**FACE_CHANGES, "faces": face_changes(args.face or [])}
+    if "faces" in arms and not args.face:
+        raise DataError("--arm faces needs the settings to try: --face KEY=VALUE (repeatable)")
     answers = people = None
     rows: list[dict] = []
     probs_of: dict[str, np.ndarray] = {}
     for seed in range(args.seed, args.seed + args.seeds):  # interleaved: every arm per seed
         preds, taken = {}, None
         for arm in arms:
-            path = cache_path(runs, arm, seed)
+            path = cache_path(runs, arm, seed, changes.get(arm))
             path.parent.mkdir(parents=True, exist_ok=True)
             if arm == "pseudo":  # its reference's eval predictions, where they are sure
                 teacher = probs_of[ARMS[arm][0]]
@@ -125,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"seed {seed} pseudo: {(taken >= 0).mean():.0%} of the eval images at "
                       f">= {PSEUDO_THRESHOLD}", flush=True)
             g = cached_gauge(path, data, args.weights, args.epochs, args.device, seed, recipe(arm),
-                             FACE_CHANGES.get(arm), taken if arm == "pseudo" else None)
+                             changes.get(arm), taken if arm == "pseudo" else None)
             probs_of[arm] = g["eval_probs"]
             preds[arm] = g["eval_probs"].argmax(axis=1)
             if answers is None:
@@ -163,7 +183,9 @@ def run(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = protocol_parser("python -m bench.options", __doc__.split("\n")[0], search=False)
     p.add_argument("--arm", action="append",
-                   help=f"an arm to run (repeatable; default all): {', '.join(ARMS)}")
+                   help=f"an arm to run (repeatable; default all but faces): {', '.join(ARMS)}")
+    p.add_argument("--face", action="append", metavar="KEY=VALUE",
+                   help="the faces arm's face settings (repeatable), e.g. yunet_margin=0.18")
     return p
 
 

@@ -45,6 +45,21 @@ def test_the_mtcnn_arm_is_the_gauge_on_mtcnn_boxes_alone() -> None:
             if getattr(mine, f.name) != getattr(default, f.name)} == {"detectors"}
 
 
+def test_the_faces_arm_takes_its_settings_from_the_command_line_and_names_its_runs(
+        tmp_path: Path) -> None:
+    from bench.options import cache_path, face_changes
+    from core.config import ConfigError
+
+    changes = face_changes(["yunet_margin=0.18", "detectors=[\"mtcnn\"]"])
+    assert changes == {"yunet_margin": 0.18, "detectors": ("mtcnn",)}
+    assert cache_path(tmp_path, "faces", 1, changes) == \
+        tmp_path / "options" / "faces-detectors=mtcnn-yunet_margin=0.18-seed1.npz"
+    assert cache_path(tmp_path, "faces", 1, {"yunet_margin": 0.2}) != \
+        cache_path(tmp_path, "faces", 1, {"yunet_margin": 0.18})
+    with pytest.raises(ConfigError, match="--face yunet_marge: not a FaceSettings field"):
+        face_changes(["yunet_marge=0.1"])
+
+
 def test_references_run_first_and_once() -> None:
     assert needed(["ordinal", "sampler", "soft_f1"]) == ["multi", "gauge", "ordinal", "sampler",
                                                          "soft_f1"]
