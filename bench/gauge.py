@@ -99,15 +99,18 @@ def cached_gauge(path: Path, data_dir: Path, weights: Path, epochs: int, device:
     rename) and reused by a rerun (``bench.quality --no-search``, a gauge trained ahead beside
     the search, or ``bench.options``' reference arm). ``params``: the recipe (default the
     gauge's)."""
+    import dataclasses
     import json
 
     from core.atomic import atomic_write
     from search.pseudo_labels import encode
-    from studies import quality
+    from studies import face_settings, quality
 
     params = dict(quality.GAUGE if params is None else params)
-    key = json.dumps({"recipe": params, "epochs": int(epochs), "seed": int(seed),
-                      **({"faces": faces} if faces else {}),
+    # the crops as they are made now: a gauge trained on older crops (other default face
+    # settings) is not reused
+    crops = dataclasses.replace(face_settings(quality), **(faces or {})).key()
+    key = json.dumps({"recipe": params, "epochs": int(epochs), "seed": int(seed), "crops": crops,
                       **({"pseudo": encode(pseudo)} if pseudo is not None else {})},
                      sort_keys=True)
     if path.is_file():

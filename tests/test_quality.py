@@ -213,3 +213,25 @@ def test_bench_search_races_on_real_faces_with_a_group_arm(
     with pytest.raises(SystemExit, match="'median\\+grup' is not PRUNER or PRUNER\\+group"):
         main(["--faces", "--data", str(data), "--trials", "1", "--seeds", "1",
               "--arms", "median+grup", "--weights", str(quality_weights)])
+
+
+def test_a_cached_gauge_is_trained_again_when_the_crops_change(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """A gauge kept from before the default face settings changed (say a new YuNet margin) is
+    trained again, not reused as if it had seen today's crops."""
+    import bench.gauge as gauge
+    from core.faces import FaceSettings
+
+    trained = []
+
+    def fake_run(data_dir, weights, epochs, device, params, seed=0, faces=None, pseudo=None):
+        trained.append(faces)
+        return {"eval_probs": np.zeros((2, 18), np.float32), "val_f1": [0.1], "seconds": 1.0}
+
+    monkeypatch.setattr(gauge, "run_gauge", fake_run)
+    path = tmp_path / "gauge.npz"
+    assert not gauge.cached_gauge(path, tmp_path, tmp_path, 1, "cpu", 0)["reused"]
+    assert gauge.cached_gauge(path, tmp_path, tmp_path, 1, "cpu", 0)["reused"]
+    monkeypatch.setattr("studies.face_settings", lambda study: FaceSettings(yunet_margin=0.3))
+    assert not gauge.cached_gauge(path, tmp_path, tmp_path, 1, "cpu", 0)["reused"]
+    assert len(trained) == 2
