@@ -77,14 +77,15 @@ def run_gauge(data_dir: Path, weights: Path, epochs: int, device: str = "cpu",
     images = data.train_images(cfg.image_size)
     tr, va = data.folds != 0, data.folds == 0
     targets = training_targets(data.table, cfg.age_threshold)
+    eval_images = data.eval_images(cfg.image_size)
     train_x, train_y = images[tr], targets[tr]
     if pseudo is not None:
-        train_x, train_y = with_pseudo(train_x, train_y, data.eval_images(cfg.image_size), pseudo)
+        train_x, train_y = with_pseudo(train_x, train_y, eval_images, pseudo)
     t1 = time.perf_counter()  # caches are shared with the search: count training, not loading
     result = fit_fold(cfg, train_x, train_y, images[va], data.labels[va], progress=progress)
     if result.diverged:
         raise DataError("bench.gauge: the gauge's training diverged (non-finite loss)")
-    eval_probs = predict(result.state_dict, cfg, data.eval_images(cfg.image_size))
+    eval_probs = predict(result.state_dict, cfg, eval_images)
     return {"config": cfg.to_dict(), "val_f1": [h["val_f1"] for h in result.history],
             "eval_probs": eval_probs, "image_ids": data.eval_table["ImageID"].tolist(),
             "train_people": int(data.table.loc[tr, "person"].nunique()),

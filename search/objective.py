@@ -207,13 +207,14 @@ class Objective:
         data = self.data
         done = self.resumable(trial, cfg)
         trial.set_user_attr("config", cfg.to_dict())
-        for name, value in data.fingerprints().items():
+        prints = data.fingerprints()
+        for name, value in prints.items():
             trial.set_user_attr(name, value)
         eval_images = data.eval_images(cfg.image_size)
         inputs = FoldInputs(data.train_images(cfg.image_size), eval_images,
                             training_targets(data.table, cfg.age_threshold),
                             pseudo_training(trial.user_attrs, len(eval_images),
-                                            data.fingerprints()["eval_fingerprint"]))
+                                            prints["eval_fingerprint"]))
         sums = FoldSums(np.zeros((len(data.labels), NUM_CLASSES), np.float32),
                         np.zeros((len(inputs.eval_images), NUM_CLASSES), np.float64))
         trial.set_user_attr("epochs_trained", 0)  # a retry inherits the dead trial's count
