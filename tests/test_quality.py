@@ -192,6 +192,30 @@ def test_bench_quality_end_to_end(faces_folder: Path, quality_weights: Path, tmp
     assert everything.to_dict() == {"eval": 3 * 7, "train": 8 * 7}
     assert set(crops.loc[crops["split"] == "eval", "box_source"]) <= {
         "all", *FOUND_SOURCES, "dataset", "center"}
+    # bench.final: the best configuration refitted without and with pseudo-labels, both
+    # final trials of the study at twice its epochs; a rerun trains nothing again
+    from bench.final import main as final_main
+
+    final_argv = ["--pseudo", "0.05", "--weights", str(quality_weights)]
+    assert final_main(final_argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"final seeds=1 final_gain=[+-]\d\.\d{4} pseudo_gain=[+-]\d\.\d{4} "
+                        r"pseudo_old_gain=[+-]\d\.\d{4}", last), last
+    figures = json.loads((root / "seed0" / "final.json").read_text())
+    url = f"sqlite:///{root / 'seed0' / 'study.db'}"
+    study = optuna.load_study(study_name="quality", storage=url)
+    final, taught = (study.trials[figures[f"{arm}_trial"]] for arm in ("final", "pseudo"))
+    for t in (final, taught):
+        assert t.user_attrs["refit_of"] == seed["best_trial"] and t.user_attrs["refit_epochs"] == 2
+    assert "pseudo_threshold" not in final.user_attrs
+    assert taught.user_attrs["pseudo_threshold"] == 0.05
+    assert 0 < figures["pseudo_count"] <= 3 * 7  # eval images: 3 people x 7 photos
+    assert figures["scores"]["search"]["f1"] == pytest.approx(seed["heldout"])
+    assert figures["scores"]["submission"]["f1"] == pytest.approx(seed["submission"]["f1"])
+    n_trials = len(study.trials)
+    assert final_main(final_argv) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == last
+    assert len(optuna.load_study(study_name="quality", storage=url).trials) == n_trials
 
 
 @pytest.mark.slow

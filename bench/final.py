@@ -1,0 +1,178 @@
+"""The final stage and pseudo-labels, paired on bench.quality's studies and scored held out.
+
+``python -m bench.final [--seeds N] [--pseudo P]`` takes each study ``bench.quality`` left under
+``runs/quality/seedN`` (its search and ensemble done) and runs ``search.refit`` on it twice:
+
+- the best configuration retrained at the final stage's epochs (``search.refit --top 1``);
+- the same again with the submission's confident eval predictions as pseudo-labels
+  (``--pseudo-labels P``, the opt-in of ``search.pseudo_labels``), the teacher being what
+  ``search.ensemble`` submitted.
+
+Both are trials of the study, on the same folds, epochs and crops, so the difference between
+them is the pseudo-labels' alone; the final trial against the search trial it retrains is what
+the final stage adds. Each is scored on the held-out eval answers (macro F1, ">=60" F1, a
+bootstrap interval over eval people for the paired differences). Figures go to
+``runs/quality/seedN/final.json`` and ``runs/quality/final.json``; the last line is for
+scripts. A rerun trains nothing already done: ``search.refit`` skips a refit it has finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._quality_figures import interval, median, people_bootstrap, task_f1
+from bench.quality import STUDY, answers_and_people, check_weights_folder, weights_arg
+from core.answers import read_answers
+from core.atomic import atomic_write
+from core.cli import run_cli
+from core.errors import DataError
+from search.run_args import fraction
+
+DEFAULT_PSEUDO = 0.9  # the threshold bench.options' pseudo arm measured on the gauge
+ARMS = ("search", "final", "pseudo", "submission")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.final", description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, default=1, help="this many of bench.quality's seeds")
+    p.add_argument("--seed", type=int, default=0, help="first seed (runs/quality/seedN)")
+    p.add_argument("--pseudo", type=fraction, default=DEFAULT_PSEUDO, metavar="P",
+                   help="pseudo-label threshold of the second refit (default %(default)s)")
+    weights_arg(p)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
+    return p
+
+
+def refit(out: Path, args: argparse.Namespace, pseudo: float | None) -> float:
+    """``search.refit --top 1`` on the study in ``out`` (with ``--pseudo-labels`` when given);
+    its wall seconds (near 0 when it was already done)."""
+    from search import refit as search_refit
+
+    argv = ["--study", STUDY, "--storage", f"sqlite:///{out / 'study.db'}",
+            "--artifacts", str(out / "artifacts"), "--top", "1",
+            "--weights", str(args.weights), "--device", args.device]
+    if pseudo is not None:
+        argv += ["--pseudo-labels", f"{pseudo:g}"]
+    if sys.stderr.isatty():
+        argv.append("--progress")
+    t0 = time.perf_counter()
+    if search_refit.main(argv) != 0:
+        raise DataError(f"bench.final: search.refit failed on {out / 'study.db'}; see above")
+    return time.perf_counter() - t0
+
+
+def scored_trials(out: Path, pseudo: float) -> tuple[dict, dict]:
+    """The eval probabilities of the best search trial and of its two final trials, and those
+    trials' numbers and recorded facts."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from search.artifacts import EVAL, load_array, open_store
+    from search.pseudo_labels import COUNT_ATTR, SHARE_ATTR, THRESHOLD_ATTR
+    from search.worker.final_stage import best_configurations
+    from search.worker.stage import REFIT_OF_ATTR, final_trials
+
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}")
+    best = best_configurations(study, 1)[0]
+    mine = [f for f in final_trials(study, (TrialState.COMPLETE,))
+            if f.user_attrs[REFIT_OF_ATTR] == best.number]
+    final = [f for f in mine if f.user_attrs.get(THRESHOLD_ATTR) is None]
+    taught = [f for f in mine if f.user_attrs.get(THRESHOLD_ATTR) == pseudo]
+    if not final or not taught:
+        raise DataError(f"{out / 'study.db'}: no complete final trial of trial {best.number} "
+                        f"{'with' if final else 'without'} pseudo-labels")
+    trials = {"search": best, "final": final[0], "pseudo": taught[0]}
+    store = open_store(out / "artifacts")
+    probs = {arm: load_array(t, store, EVAL) for arm, t in trials.items()}
+    facts = {f"{arm}_trial": t.number for arm, t in trials.items()}
+    facts.update({f"{arm}_oof": float(t.value) for arm, t in trials.items()},
+                 pseudo_count=taught[0].user_attrs[COUNT_ATTR],
+                 pseudo_share=taught[0].user_attrs[SHARE_ATTR])
+    return probs, facts
+
+
+def run_seed(args: argparse.Namespace, seed: int, root: Path) -> dict:
+    """Both refits of one seed's study, then its held-out figures (kept in its final.json)."""
+    import optuna
+
+    from core.dataset import load_eval_table
+
+    out = root / f"seed{seed}"
+    if not (out / "submission.csv").is_file():
+        raise DataError(f"{out}: no study with a submission (run python -m bench.quality "
+                        f"--seed {seed} first)")
+    seconds = {"final": refit(out, args, None), "pseudo": refit(out, args, args.pseudo)}
+    probs, facts = scored_trials(out, args.pseudo)
+    storage = f"sqlite:///{out / 'study.db'}"
+    data = Path(optuna.load_study(study_name=STUDY, storage=storage).user_attrs["data_dir"])
+    eval_ids = load_eval_table(data)["ImageID"]
+    answers, people = answers_and_people(data, eval_ids)
+    preds = {arm: p.argmax(axis=1) for arm, p in probs.items()}
+    preds["submission"] = read_answers(out / "submission.csv").loc[list(eval_ids)].to_numpy()
+    scores = {arm: task_f1(answers, preds[arm]) for arm in ARMS}
+    boot = people_bootstrap(answers, [preds[a] for a in ARMS], people)
+    result = {"seed": seed, "pseudo_threshold": args.pseudo, **facts, "scores": scores,
+              "final_gain": scores["final"]["f1"] - scores["search"]["f1"],
+              "pseudo_gain": scores["pseudo"]["f1"] - scores["final"]["f1"],
+              "pseudo_old_gain": scores["pseudo"]["old_classes"] - scores["final"]["old_classes"],
+              "intervals": {"final_gain": interval(boot[:, 1] - boot[:, 0]),
+                            "pseudo_gain": interval(boot[:, 2] - boot[:, 1])},
+              "seconds": seconds}
+    atomic_write(out / "final.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    return result
+
+
+def report(results: list[dict]) -> dict:
+    """Print the per-seed table with the median and spread; the medians."""
+    rows = [(f"held-out {task}: {arm}", lambda r, a=arm, t=task: r["scores"][a][t])
+            for task in ("f1", "old_classes") for arm in ARMS]
+    rows += [(key, lambda r, k=key: r[k]) for key in ("final_gain", "pseudo_gain",
+                                                      "pseudo_old_gain", "pseudo_share")]
+    print(f"\n{'':<34}" + "".join(f"{'seed ' + str(r['seed']):>12}" for r in results)
+          + f"{'median':>12}{'spread':>12}")
+    med = {}
+    for label, get in rows:
+        values = [float(get(r)) for r in results]
+        med[label] = median(values)
+        cells = [*values, med[label], max(values) - min(values)]
+        print(f"{label:<34}" + "".join(f"{v:>12.4f}" for v in cells))
+    for r in results:
+        lo, hi = r["intervals"]["pseudo_gain"]
+        print(f"seed {r['seed']}: 95% over eval people, pseudo_gain [{lo:+.3f}, {hi:+.3f}]; "
+              f"wall s final {r['seconds']['final']:.0f}, pseudo {r['seconds']['pseudo']:.0f}")
+    return med
+
+
+def run(args: argparse.Namespace) -> dict:
+    from search import paths
+
+    args.weights = check_weights_folder(args.weights)
+    if args.seeds < 1:
+        raise DataError("--seeds must be >= 1")
+    root = paths.runs_dir() / STUDY
+    results = [run_seed(args, s, root) for s in range(args.seed, args.seed + args.seeds)]
+    med = report(results)
+    payload = {"seeds": results, "median": med}
+    atomic_write(root / "final.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
+    print(f"final seeds={len(results)} final_gain={med['final_gain']:+.4f} "
+          f"pseudo_gain={med['pseudo_gain']:+.4f} pseudo_old_gain={med['pseudo_old_gain']:+.4f}",
+          flush=True)
+    return payload
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args), args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
