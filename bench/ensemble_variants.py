@@ -10,6 +10,10 @@ the nested estimate minus held-out. Then it splits the default ensemble's gain o
 trial into the six ">=60" classes' share of macro F1 and the other twelve, in sample and held
 out: where an in-sample gain comes from rare classes with a handful of people per fold, it is
 noise. No training: seconds per study.
+
+``--first N`` replays each study as if it had stopped after its first N search trials. The
+yardstick's runs are deterministic on the CPU (a rerun gives the same trial values), so this is
+what an N-trial ``bench.quality`` would have ensembled, without training it again.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from core.labels import NUM_CLASSES
 from core.metrics import macro_f1
 from search.ensemble.nested import Recipe
 from search.ensemble.select import Selection
+from search.worker.stage import is_final
 
 #: The recipes raced: the CLI's default and the variants that change one thing.
 VARIANTS = {
@@ -42,9 +47,10 @@ VARIANTS = {
 }
 
 
-def load(folder: Path) -> dict:
-    """OOF and eval probabilities of every candidate trial of ``folder``'s study, the labels,
-    folds and eval answers (the same loading ``search.ensemble`` does)."""
+def load(folder: Path, first: int | None = None) -> dict:
+    """OOF and eval probabilities of every candidate trial of ``folder``'s study (of its first
+    ``first`` search trials when given), the labels, folds and eval answers (the same loading
+    ``search.ensemble`` does)."""
     import optuna
 
     from core.answers import eval_answers
@@ -65,6 +71,8 @@ def load(folder: Path) -> dict:
     data_dir, table, folds, eval_table = (inputs.data_dir, inputs.table, inputs.folds,
                                           inputs.eval_table)
     ranked = inputs.ranked
+    if first is not None:
+        ranked = [t for t in ranked if t.number < first and not is_final(t)]
     store = open_store(folder / "artifacts")
     cands = load_candidates(ranked, store, len(table))
     answers = eval_answers(data_dir, eval_table["ImageID"].tolist())
@@ -91,8 +99,10 @@ def replay(study: dict, recipe: Recipe) -> tuple[dict[str, float], dict]:
 
     best = int(np.argmax(cmp["fitted"]["best_single"].weights))
     ensemble = heldout(cmp, "ensemble")
-    return {"ensemble - best": ensemble - macro_f1(ans, evals[best].argmax(axis=1)),
-            "submission - single": heldout(cmp, cmp["uses"]) - heldout(single, single["uses"]),
+    submission = heldout(cmp, cmp["uses"])
+    return {"submission": submission,
+            "ensemble - best": ensemble - macro_f1(ans, evals[best].argmax(axis=1)),
+            "submission - single": submission - heldout(single, single["uses"]),
             "nested - held-out": cmp["nested"]["ensemble"] - ensemble}, cmp
 
 
@@ -118,20 +128,20 @@ def gain_by_part(study: dict, cmp: dict) -> list[float]:
     return out
 
 
-def run(folders: Sequence[Path]) -> dict:
-    studies = {f: load(f) for f in folders}
+def run(folders: Sequence[Path], first: int | None = None) -> dict:
+    studies = {f: load(f, first) for f in folders}
     replays = {name: [replay(s, r) for s in studies.values()] for name, r in VARIANTS.items()}
     table = {name: [figures for figures, _ in rows] for name, rows in replays.items()}
     names = [f.name for f in folders]
     print(f"{len(folders)} studies: " + ", ".join(
         f"{n} ({len(s['oofs'])} trials)" for n, s in zip(names, studies.values(), strict=True)))
-    for figure in ("ensemble - best", "submission - single", "nested - held-out"):
+    for figure in ("submission", "ensemble - best", "submission - single", "nested - held-out"):
         print(f"\n{figure + ' (held-out macro F1)':<40}" + "".join(f"{n:>9}" for n in names)
               + f"{'mean':>9}{'min':>9}")
         for name, rows in table.items():
             v = np.array([r[figure] for r in rows])
-            print(f"  {name:<38}" + "".join(f"{x:+9.4f}" for x in v)
-                  + f"{v.mean():+9.4f}{v.min():+9.4f}")
+            sign = "" if figure == "submission" else "+"
+            print(f"  {name:<38}" + "".join(f"{x:{sign}9.4f}" for x in [*v, v.mean(), v.min()]))
     parts = np.array([gain_by_part(s, cmp) for s, (_, cmp) in
                       zip(studies.values(), replays["default"], strict=True)]).mean(axis=0)
     print(f"\ndefault ensemble minus best trial, mean: in sample >=60 {parts[0]:+.4f} rest "
@@ -144,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n")[0])
     p.add_argument("folders", nargs="+", type=Path,
                    help="bench.quality seed folders (runs/quality/seedN)")
+    p.add_argument("--first", type=int, metavar="N",
+                   help="replay each study as of its first N search trials")
     p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
     return p
 
@@ -152,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        run(args.folders)
+        run(args.folders, args.first)
         return 0
 
     return run_cli(body, args.debug)

@@ -532,6 +532,11 @@ def test_bench_ensemble_variants_replays_the_clis_decision(maker, tmp_path, caps
     assert default["ensemble - best"] == pytest.approx(
         fig["ensemble_eval_f1"] - fig["best_single_argmax_eval_f1"])
     assert default["ensemble - best"] > 0.05
+    assert default["submission"] == pytest.approx(fig["submission_eval_f1"])
     assert "seed0 (3 trials)" in capsys.readouterr().out
+    # --first 1: the study as of its first trial, whose ensemble can only be that trial
+    first = ensemble_variants.run([folder], first=1)["variants"]["default"][0]
+    assert first["ensemble - best"] == pytest.approx(0.0)
+    assert "seed0 (1 trials)" in capsys.readouterr().out
     assert ensemble_variants.main([str(tmp_path / "nowhere")]) == 2
     assert "no study.db" in capsys.readouterr().err
