@@ -38,11 +38,19 @@ EVAL_FINGERPRINT_ATTR = "pseudo_eval_fingerprint"
 #: One character per class (18), ``NOT_TAKEN`` for an eval row without a pseudo-label.
 ALPHABET, NOT_TAKEN = "0123456789abcdefgh", "."
 assert len(ALPHABET) == NUM_CLASSES
+#: The share of the eval images the refusal of a too-high threshold suggests a threshold for
+#: (the gauge's own 0.9 took 15-20%, bench.options).
+SUGGESTED_SHARE = 0.2
+
+
+def class_confidence(probs: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Per row: the probability ``probs`` gives ``classes[row]``."""
+    return probs[np.arange(len(classes)), classes]
 
 
 def confident(probs: np.ndarray, classes: np.ndarray, threshold: float) -> np.ndarray:
     """Per row: ``classes[row]`` where its probability reaches ``threshold``, else -1."""
-    sure = probs[np.arange(len(classes)), classes] >= threshold
+    sure = class_confidence(probs, classes) >= threshold
     return np.where(sure, classes, -1).astype(np.int64)
 
 
@@ -56,25 +64,45 @@ def decode(text: str) -> np.ndarray:
     return np.array([ALPHABET.index(ch) if ch != NOT_TAKEN else -1 for ch in text], np.int64)
 
 
-def from_submission(found: FinishedStudy, threshold: float) -> dict[str, Any]:
-    """The user attrs of a final trial trained with the submission's pseudo-labels at
-    ``threshold``; one line when there is no submission or no eval image reaches it."""
-    submitted = found.submission()
-    members = [found.trial(m.trial) for m in submitted.members]
+def submitted(found: FinishedStudy) -> tuple[np.ndarray, np.ndarray, str]:
+    """The submission's blended eval probabilities and submitted class per eval row (its
+    weights, its decision rule); its members' eval fingerprint (a stale submission is
+    refused)."""
+    sub = found.submission()
+    members = [found.trial(m.trial) for m in sub.members]
     prints = {t.user_attrs.get("eval_fingerprint") for t in members}
-    if prints != {submitted.fingerprints.get("eval_fingerprint")}:
+    if prints != {sub.fingerprints.get("eval_fingerprint")}:
         raise DataError(f"{found.submission_path} was not written from these trials' eval "
                         f"predictions (another study or data?): run python -m search.ensemble "
                         f"--study {found.name} again")
-    probs, classes = submitted.classes([load_array(t, found.store, EVAL) for t in members])
+    probs, classes = sub.classes([load_array(t, found.store, EVAL) for t in members])
+    return probs, classes, prints.pop()
+
+
+def threshold_for_share(confidence: np.ndarray, share: float) -> float:
+    """The highest threshold that takes at least ``share`` of the rows: an ensemble of fold
+    models is far less sure than one model (a yardstick submission's surest row was 0.61 where
+    the gauge alone had 15-20% of its rows over 0.9), so a share is what a user can choose."""
+    k = min(len(confidence), max(1, int(np.ceil(share * len(confidence)))))
+    return float(np.sort(confidence)[::-1][k - 1])
+
+
+def from_submission(found: FinishedStudy, threshold: float) -> dict[str, Any]:
+    """The user attrs of a final trial trained with the submission's pseudo-labels at
+    ``threshold``; one line when there is no submission or no eval image reaches it (naming a
+    threshold that takes ``SUGGESTED_SHARE`` of them)."""
+    probs, classes, eval_print = submitted(found)
     taken = confident(probs, classes, threshold)
     count = int((taken >= 0).sum())
     if not count:
-        best = float(probs[np.arange(len(classes)), classes].max())
+        confidence = class_confidence(probs, classes)
+        # rounded down, so that typed back it takes what it says
+        hint = np.floor(threshold_for_share(confidence, SUGGESTED_SHARE) * 1000) / 1000
         raise DataError(f"--pseudo-labels {threshold:g}: no eval image's submitted class is that "
-                        f"sure (the surest is {best:.3f}); lower it")
+                        f"sure (the surest is {confidence.max():.3f}); lower it ({hint:.3f} "
+                        f"takes {(confidence >= hint).mean():.0%} of them)")
     return {THRESHOLD_ATTR: float(threshold), COUNT_ATTR: count,
-            SHARE_ATTR: round(count / len(taken), 4), EVAL_FINGERPRINT_ATTR: prints.pop(),
+            SHARE_ATTR: round(count / len(taken), 4), EVAL_FINGERPRINT_ATTR: eval_print,
             CLASSES_ATTR: encode(taken)}
 
 

@@ -47,6 +47,14 @@ def test_confident_takes_the_submitted_class_where_it_reaches_the_threshold() ->
     assert pseudo_labels.confident(probs, submitted, 0.9).tolist() == [3, 5, -1, -1, -1]
 
 
+def test_the_threshold_for_a_share_takes_at_least_that_share_and_no_lower_one() -> None:
+    confidence = np.array([0.3, 0.9, 0.5, 0.7, 0.1, 0.6, 0.8, 0.2, 0.4, 0.55])
+    assert pseudo_labels.threshold_for_share(confidence, 0.2) == 0.8  # 0.9 and 0.8
+    assert pseudo_labels.threshold_for_share(confidence, 0.25) == 0.7  # 3 of 10 >= 25%
+    assert pseudo_labels.threshold_for_share(confidence, 1.0) == 0.1
+    assert pseudo_labels.threshold_for_share(confidence, 0.01) == 0.9
+
+
 def test_the_text_record_round_trips_every_class_and_the_rows_not_taken() -> None:
     taken = np.array([-1, *range(NUM_CLASSES), -1, 17, 0])
     text = pseudo_labels.encode(taken)
@@ -97,8 +105,10 @@ def test_a_refit_trains_on_the_sure_eval_images_only_when_asked(fit, tiny_data, 
     assert [len(t) for t in fit.train_targets[-FOLDS:]] == train_rows
 
     assert refit_demo(tmp_path, "--pseudo-labels", "0.99") == 2  # nothing that sure
-    assert "no eval image's submitted class is that sure (the surest is 0.950)" in \
-        capfd.readouterr().err
+    # the eval rows are 0.95, 0.85 and 1/18 sure in turn (eval_guess): the threshold named for
+    # a fifth of them is 0.95 (float32, printed rounded down), which takes the 10 of 28 rows
+    assert ("no eval image's submitted class is that sure (the surest is 0.950); lower it "
+            "(0.949 takes 36% of them)") in capfd.readouterr().err
     written = tmp_path / "runs" / "demo" / "submission.json"
     payload = json.loads(written.read_text())
     written.write_text(json.dumps({**payload, "eval_fingerprint": "another eval set"}))
