@@ -27,6 +27,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -74,18 +76,19 @@ def refit(out: Path, args: argparse.Namespace, pseudo: float | None) -> float:
 
 
 def share_threshold(out: Path, share: float) -> float:
-    """The pseudo-label threshold that takes ``share`` of the eval images of the submission of
-    the study in ``out``, rounded down to 4 decimals (so the refit's flag takes them)."""
+    """The pseudo-label threshold that takes ``share`` of the eval images over the folds'
+    blends of the submission of the study in ``out``, rounded down to 4 decimals (so the
+    refit's flag takes them)."""
     import math
 
     from search.artifacts import open_store
     from search.finished_study import FinishedStudy, open_study
-    from search.pseudo_labels import class_confidence, submitted, threshold_for_share
+    from search.pseudo_labels import class_confidence, fold_blends, threshold_for_share
 
     url = f"sqlite:///{out / 'study.db'}"
     found = FinishedStudy(STUDY, url, open_study(STUDY, url), open_store(out / "artifacts"))
-    probs, classes, _ = submitted(found)
-    return math.floor(threshold_for_share(class_confidence(probs, classes), share) * 1e4) / 1e4
+    confidence = np.concatenate([class_confidence(*blend) for blend in fold_blends(found)[0]])
+    return math.floor(threshold_for_share(confidence, share) * 1e4) / 1e4
 
 
 def scored_trials(out: Path, pseudo: float) -> tuple[dict, dict]:

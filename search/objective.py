@@ -82,14 +82,15 @@ class FoldInputs:
     images: RowView
     eval_images: RowView
     targets: np.ndarray
-    pseudo: np.ndarray | None = None  # per eval row: its pseudo-label, -1 for none
+    pseudo: np.ndarray | None = None  # per fold, per eval row: its pseudo-label, -1 for none
 
-    def training(self, val: np.ndarray) -> tuple[RowView, np.ndarray]:
-        """(images, targets) a fold trains on: the rows outside ``val``, then the pseudo ones."""
+    def training(self, fold: int, val: np.ndarray) -> tuple[RowView, np.ndarray]:
+        """(images, targets) fold ``fold`` trains on: the rows outside ``val``, then its pseudo
+        ones."""
         images, targets = self.images[~val], self.targets[~val]
         if self.pseudo is None:
             return images, targets
-        return with_pseudo(images, targets, self.eval_images, self.pseudo)
+        return with_pseudo(images, targets, self.eval_images, self.pseudo[fold])
 
 
 @dataclass
@@ -214,7 +215,7 @@ class Objective:
         inputs = FoldInputs(data.train_images(cfg.image_size), eval_images,
                             training_targets(data.table, cfg.age_threshold),
                             pseudo_training(trial.user_attrs, len(eval_images),
-                                            prints["eval_fingerprint"]))
+                                            prints["eval_fingerprint"], data.n_folds))
         sums = FoldSums(np.zeros((len(data.labels), NUM_CLASSES), np.float32),
                         np.zeros((len(inputs.eval_images), NUM_CLASSES), np.float64))
         trial.set_user_attr("epochs_trained", 0)  # a retry inherits the dead trial's count
@@ -265,7 +266,7 @@ class Objective:
                 return False
             return report(val_f1, pruning_step(False, k, epoch, cfg.epochs))
 
-        result = self.fit(cfg, *inputs.training(val), inputs.images[val], labels[val],
+        result = self.fit(cfg, *inputs.training(k, val), inputs.images[val], labels[val],
                           on_epoch=on_epoch, progress=self.machine.progress)
         sums.epochs_trained += len(result.history)
         sums.speeds += [h["images_per_s"] for h in result.history if "images_per_s" in h]

@@ -98,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
           f"{epochs} epochs per fold (its trials have {study_epochs}), on the same folds",
           flush=True)
     if pseudo:
-        print(f"pseudo-labels: {pseudo[COUNT_ATTR]} eval images ({pseudo[SHARE_ATTR]:.0%}) the "
-              f"submission is at least {args.pseudo_labels:g} sure of, in every fold's training",
+        counts = ", ".join(map(str, pseudo[COUNT_ATTR]))
+        print(f"pseudo-labels: {counts} eval images in folds 0..{len(pseudo[COUNT_ATTR]) - 1} "
+              f"({pseudo[SHARE_ATTR]:.0%}): those the submission's blend of each fold's models "
+              f"is at least {args.pseudo_labels:g} sure of, in that fold's training",
               flush=True)
     print("\n".join(lines), flush=True)
     completed = True

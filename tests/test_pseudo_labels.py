@@ -4,7 +4,9 @@ never to its validation rows; off unless asked; recorded on the final trial."""
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import optuna
 import pytest
 
 import search.run
+from core.config import ConfigError
 from core.labels import NUM_CLASSES
 from search import pseudo_labels, refit
 from search.ensemble import cli as ensemble
@@ -30,15 +33,23 @@ def sure_of(classes: np.ndarray, p: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def eval_guess(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """What the stand-in model predicts for eval row i: class i % 18, with probability 0.95
-    when i % 3 == 0, 0.85 when i % 3 == 1, 1/18 (no idea) when i % 3 == 2."""
+def eval_guess(n: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """What fold ``fold``'s stand-in model predicts for eval row i: class i % 18, with
+    probability 0.95 when (i + fold) % 3 == 0, 0.85 when it is 1, 1/18 (no idea) when 2; so
+    each fold's models are sure of other rows."""
     rows = np.arange(n)
-    return rows % NUM_CLASSES, np.array([0.95, 0.85, 1 / NUM_CLASSES])[rows % 3]
+    return rows % NUM_CLASSES, np.array([0.95, 0.85, 1 / NUM_CLASSES])[(rows + fold) % 3]
 
 
-def guessing_predict(state_dict, cfg, images) -> np.ndarray:
-    return sure_of(*eval_guess(len(images)))
+def guessing_predict() -> Callable:
+    """``predict_fn`` for the objective: every trial predicts the eval images once per fold, in
+    fold order, so call j is fold j % FOLDS's."""
+    calls = itertools.count()
+
+    def predict(state_dict, cfg, images) -> np.ndarray:
+        return sure_of(*eval_guess(len(images), next(calls) % FOLDS))
+
+    return predict
 
 
 def test_confident_takes_the_submitted_class_where_it_reaches_the_threshold() -> None:
@@ -53,6 +64,18 @@ def test_the_threshold_for_a_share_takes_at_least_that_share_and_no_lower_one() 
     assert pseudo_labels.threshold_for_share(confidence, 0.25) == 0.7  # 3 of 10 >= 25%
     assert pseudo_labels.threshold_for_share(confidence, 1.0) == 0.1
     assert pseudo_labels.threshold_for_share(confidence, 0.01) == 0.9
+
+
+def test_a_trial_trains_on_one_set_of_pseudo_labels_per_fold_and_refuses_one_for_all() -> None:
+    attrs = {"pseudo_eval_fingerprint": "e", "pseudo_classes": ["0.", ".h"]}
+    np.testing.assert_array_equal(pseudo_labels.pseudo_training(attrs, 2, "e", 2),
+                                  [[0, -1], [-1, 17]])
+    assert pseudo_labels.pseudo_training({}, 2, "e", 2) is None  # not asked
+    for classes in ("0.", ["0."]):  # one set for every fold (an older refit), or too few
+        with pytest.raises(ConfigError, match="not one set per fold"):
+            pseudo_labels.pseudo_training({**attrs, "pseudo_classes": classes}, 2, "e", 2)
+    with pytest.raises(ConfigError, match="another eval set"):
+        pseudo_labels.pseudo_training(attrs, 2, "other", 2)
 
 
 def test_the_text_record_round_trips_every_class_and_the_rows_not_taken() -> None:
@@ -72,10 +95,11 @@ def fit(monkeypatch: pytest.MonkeyPatch) -> RecordingFit:
     """search.run's and search.refit's objective with a stand-in fit (records the targets it
     is handed) and ``guessing_predict`` for the eval images."""
     fit = RecordingFit()
+    predict = guessing_predict()
     monkeypatch.setattr("search.objective.confusion_png",
                         lambda labels, pred, path, title: Path(path).write_bytes(b""))
     monkeypatch.setattr(search.run, "Objective", lambda *a, **k: Objective(
-        *a, **k, fit=fit, predict_fn=guessing_predict))
+        *a, **k, fit=fit, predict_fn=predict))
     return fit
 
 
@@ -106,9 +130,10 @@ def test_a_refit_trains_on_the_sure_eval_images_only_when_asked(fit, tiny_data, 
 
     assert refit_demo(tmp_path, "--pseudo-labels", "0.99") == 2  # nothing that sure
     # the eval rows are 0.95, 0.85 and 1/18 sure in turn (eval_guess): the threshold named for
-    # a fifth of them is 0.95 (float32, printed rounded down), which takes the 10 of 28 rows
+    # a fifth of them is 0.95 (float32, printed rounded down), which takes 10 of fold 0's 28
+    # rows and 9 of fold 1's
     assert ("no eval image's submitted class is that sure (the surest is 0.950); lower it "
-            "(0.949 takes 36% of them)") in capfd.readouterr().err
+            "(0.949 takes 34% of them)") in capfd.readouterr().err
     written = tmp_path / "runs" / "demo" / "submission.json"
     payload = json.loads(written.read_text())
     written.write_text(json.dumps({**payload, "eval_fingerprint": "another eval set"}))
@@ -116,16 +141,17 @@ def test_a_refit_trains_on_the_sure_eval_images_only_when_asked(fit, tiny_data, 
     assert "was not written from these trials' eval predictions" in capfd.readouterr().err
     written.write_text(json.dumps(payload))
     assert refit_demo(tmp_path, "--pseudo-labels", "0.9") == 0
-    assert "pseudo-labels: 10 eval images (36%)" in capfd.readouterr().out
+    assert "pseudo-labels: 10, 9 eval images in folds 0..1 (34%)" in capfd.readouterr().out
     final = optuna.load_study(study_name="demo", storage=url_in(tmp_path)).trials[-1]
     assert is_final(final) and final.user_attrs["refit_of"] == plain.user_attrs["refit_of"]
-    classes, p = eval_guess(28)  # 4 eval people x 7 images; 0.85 and 1/18 are below 0.9
-    expected = classes[p >= 0.9]
+    # each fold trains on what that fold's models (which never saw its validation people) were
+    # sure of: 4 eval people x 7 images; 0.85 and 1/18 are below 0.9
+    expected = [classes[p >= 0.9] for classes, p in (eval_guess(28, k) for k in range(FOLDS))]
     attrs = final.user_attrs
     assert (attrs["pseudo_threshold"], attrs["pseudo_count"], attrs["pseudo_share"]) == \
-        (0.9, len(expected), round(len(expected) / 28, 4))
-    for targets, n in zip(fit.train_targets[-FOLDS:], train_rows, strict=True):
-        assert len(targets) == n + len(expected)
-        np.testing.assert_array_equal(targets[n:], expected)  # after the fold's own rows
+        (0.9, [10, 9], round(19 / 56, 4))
+    for targets, n, mine in zip(fit.train_targets[-FOLDS:], train_rows, expected, strict=True):
+        assert len(targets) == n + len(mine)
+        np.testing.assert_array_equal(targets[n:], mine)  # after the fold's own rows
     for labels, val in zip(fit.val_labels[-FOLDS:], fit.val_labels[:FOLDS], strict=True):
         np.testing.assert_array_equal(labels, val)  # validation: the fold's people only
