@@ -91,9 +91,9 @@ def share_threshold(out: Path, share: float) -> float:
     return math.floor(threshold_for_share(confidence, share) * 1e4) / 1e4
 
 
-def scored_trials(out: Path, pseudo: float) -> tuple[dict, dict]:
-    """The eval probabilities of the best search trial and of its two final trials, and those
-    trials' numbers and recorded facts."""
+def scored_trials(out: Path, pseudo: float) -> tuple[dict, dict, Path]:
+    """The eval probabilities of the best search trial and of its two final trials, those
+    trials' numbers and recorded facts, and the study's data folder (one read of the study)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -118,13 +118,11 @@ def scored_trials(out: Path, pseudo: float) -> tuple[dict, dict]:
     facts.update({f"{arm}_oof": float(t.value) for arm, t in trials.items()},
                  pseudo_count=taught[0].user_attrs[COUNT_ATTR],
                  pseudo_share=taught[0].user_attrs[SHARE_ATTR])
-    return probs, facts
+    return probs, facts, Path(study.user_attrs["data_dir"])
 
 
 def run_seed(args: argparse.Namespace, seed: int, root: Path) -> dict:
     """Both refits of one seed's study, then its held-out figures (kept in its final.json)."""
-    import optuna
-
     from core.dataset import load_eval_table
 
     out = root / f"seed{seed}"
@@ -133,9 +131,7 @@ def run_seed(args: argparse.Namespace, seed: int, root: Path) -> dict:
                         f"--seed {seed} first)")
     pseudo = share_threshold(out, args.pseudo_share)
     seconds = {"final": refit(out, args, None), "pseudo": refit(out, args, pseudo)}
-    probs, facts = scored_trials(out, pseudo)
-    storage = f"sqlite:///{out / 'study.db'}"
-    data = Path(optuna.load_study(study_name=STUDY, storage=storage).user_attrs["data_dir"])
+    probs, facts, data = scored_trials(out, pseudo)
     eval_ids = load_eval_table(data)["ImageID"]
     answers, people = answers_and_people(data, eval_ids)
     preds = {arm: p.argmax(axis=1) for arm, p in probs.items()}
