@@ -207,9 +207,9 @@ def search_here(run: Run, loader_workers: int, stage: str = SEARCH) -> bool:
                       progress=args.progress, budget=run.budget)
     objective = Objective(run.module, data, store, settings, machine)
     try:
-        run_worker(run.study, objective, args.trials,
-                   lock=claim_lock(run.storage, run.storage_url, run.study.study_name),
-                   callbacks=[CheckpointRetention(store, keep=args.keep_checkpoints),
+        lock = claim_lock(run.storage, run.storage_url, run.study.study_name)
+        run_worker(run.study, objective, args.trials, lock=lock,
+                   callbacks=[CheckpointRetention(store, keep=args.keep_checkpoints, lock=lock),
                               *([TrackerCallback(args.log_to, store)] if args.log_to else [])],
                    budget=run.budget, max_retry=args.max_retry,
                    poll_s=min(2.0, float(args.heartbeat_interval)), stage=stage)

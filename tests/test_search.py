@@ -7,12 +7,14 @@ fastest backbone, the smallest input) so the test time does not depend on the sa
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +25,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from core.atomic import file_lock
 from core.errors import DataError
 from core.fingerprints import eval_fingerprint
 from core.labels import CLASS_NAMES, NUM_CLASSES
@@ -32,6 +35,7 @@ from search.artifacts import CLASS_F1, CONFUSION, EVAL, OOF, checkpoint_name
 from search.objective import Objective
 from search.run import main
 from search.study_settings import StudySettings
+from search.worker.claims import retry_callback
 from search.worker.retention import CheckpointRetention
 from tests.conftest import FAST, STUDY_DATA_FOLDS
 
@@ -342,6 +346,35 @@ def test_checkpoint_retention_frees_failed_trials_unless_a_retry_needs_them(tmp_
     study.tell(retry, state=TrialState.FAIL)
     keeper(study, study.trials[retry.number])
     assert present(ids["best"]) and not present(ids["origin"])
+
+
+def test_retention_waits_for_a_reaper_between_failing_a_trial_and_queueing_its_retry(
+        tmp_path) -> None:
+    """The reaper writes FAIL, then the retry, under the claim lock. Retention run by another
+    worker in between must not take the dead trial's saved fold (its retry resumes from it):
+    this once failed the PostgreSQL kill test with 'checkpoint_fold0 is not in the store'."""
+    store = artifacts.open_store(tmp_path / "a")
+    study = optuna.create_study(direction="maximize")
+    dead = study.ask()
+    saved = artifacts.save_array(dead, store, checkpoint_name(0), np.zeros(2))
+    lock = functools.partial(file_lock, tmp_path / "claim.lock")
+    failed = threading.Event()
+
+    def reaper() -> None:  # what ``claims.reap`` does for a dead owner, slowed between writes
+        with lock():
+            study._storage.set_trial_state_values(dead._trial_id, state=TrialState.FAIL)
+            failed.set()
+            time.sleep(0.5)
+            retry_callback(None)(study, study._storage.get_trial(dead._trial_id))
+
+    thread = threading.Thread(target=reaper)
+    thread.start()
+    assert failed.wait(10)
+    CheckpointRetention(store, keep=1, lock=lock)(study, study.trials[dead.number])
+    thread.join()
+    assert (tmp_path / "a" / saved).exists()
+    (waiting,) = study.get_trials(states=(TrialState.WAITING,))
+    assert waiting.user_attrs[artifacts.attr_name(checkpoint_name(0))] == saved
 
 
 def test_a_pruned_trial_drops_every_checkpoint_it_holds(tmp_path) -> None:

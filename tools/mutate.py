@@ -188,6 +188,11 @@ BREAKS = [
           '        if self.pseudo is None:\n            return images, targets',
           '        if True:\n            return images, targets',
           'tests/test_pseudo_labels.py::test_a_refit_trains_on_the_sure_eval_images_only_when_asked'),
+    Break('retention reads the study outside the claim lock',
+          'search/worker/retention.py',
+          '        with self.lock():',
+          '        with contextlib.nullcontext():',
+          'tests/test_search.py::test_retention_waits_for_a_reaper_between_failing_a_trial_and_queueing_its_retry'),
 ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -25,14 +27,25 @@ class CheckpointRetention:
     an origin with a live retry is left alone, and no id a live or kept trial holds is removed.
     Removing an already-removed checkpoint is a no-op, so every worker may run this after each
     of its trials.
+
+    ``lock`` is the study's claim lock (``search.worker.claims.claim_lock``). The reaper marks a
+    dead trial FAIL and queues its retry in two writes, under that lock; read between them, the
+    origin looks spent (FAIL, no retry yet) and its saved folds would go just before the retry
+    resumes from them. Under the lock retention never sees that moment.
     """
 
-    def __init__(self, store: Any, keep: int = DEFAULT_KEEP_CHECKPOINTS) -> None:
+    def __init__(self, store: Any, keep: int = DEFAULT_KEEP_CHECKPOINTS,
+                 lock: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 ) -> None:
         if keep < 0:
             raise ValueError(f"keep must be >= 0, got {keep}")
-        self.store, self.keep = store, keep
+        self.store, self.keep, self.lock = store, keep, lock
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        with self.lock():
+            self._remove_unneeded(study)
+
+    def _remove_unneeded(self, study: optuna.Study) -> None:
         trials = study.get_trials(deepcopy=False)
         ranked = best_first(trials)
         live = [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)]
