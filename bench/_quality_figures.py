@@ -7,7 +7,7 @@ share of face crops that hold the true face box.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -114,3 +114,18 @@ def interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of bootstrap samples (NaN-free)."""
     lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)
+
+
+def seed_table(rows: Sequence[tuple[str, Callable[[dict], float]]], results: Sequence[dict],
+               width: int = 36, col: int = 11) -> dict[str, float]:
+    """Print one line per ``(label, getter)`` row: each seed's value, the median and the spread
+    (max - min) over seeds; the medians by label."""
+    print(f"{'':<{width}}" + "".join(f"{'seed ' + str(r['seed']):>{col}}" for r in results)
+          + f"{'median':>{col}}{'spread':>{col}}")
+    med = {}
+    for label, get in rows:
+        values = [float(get(r)) for r in results]
+        med[label] = median(values)
+        cells = [*values, med[label], max(values) - min(values)]
+        print(f"{label:<{width}}" + "".join(f"{v:>{col}.4f}" for v in cells))
+    return med

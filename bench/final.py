@@ -32,7 +32,7 @@ import numpy as np
 if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._quality_figures import interval, median, people_bootstrap, task_f1
+from bench._quality_figures import interval, people_bootstrap, seed_table, task_f1
 from bench.quality import STUDY, answers_and_people, check_weights_folder, weights_arg
 from core.answers import read_answers
 from core.atomic import atomic_write
@@ -44,22 +44,30 @@ DEFAULT_SHARE = 0.2  # of the eval images; the gauge's own 0.9 took 15-20% (benc
 ARMS = ("search", "final", "pseudo", "submission")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.final", description=__doc__.split("\n")[0])
+def seeds_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The flags of a bench that works on ``bench.quality``'s finished studies: which seeds,
+    the weights, the device."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--seeds", type=int, default=1, help="this many of bench.quality's seeds")
     p.add_argument("--seed", type=int, default=0, help="first seed (runs/quality/seedN)")
-    p.add_argument("--pseudo-share", type=fraction, default=DEFAULT_SHARE, metavar="S",
-                   help="the second refit's pseudo-labels: the threshold that takes this share "
-                        "of the eval images (default %(default)s)")
     weights_arg(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
     return p
 
 
-def refit(out: Path, args: argparse.Namespace, pseudo: float | None) -> float:
-    """``search.refit --top 1`` on the study in ``out`` (with ``--pseudo-labels`` when given);
-    its wall seconds (near 0 when it was already done)."""
+def build_parser() -> argparse.ArgumentParser:
+    p = seeds_parser("python -m bench.final", __doc__.split("\n")[0])
+    p.add_argument("--pseudo-share", type=fraction, default=DEFAULT_SHARE, metavar="S",
+                   help="the second refit's pseudo-labels: the threshold that takes this share "
+                        "of the eval images (default %(default)s)")
+    return p
+
+
+def refit(out: Path, args: argparse.Namespace, pseudo: float | None,
+          epochs: int | None = None) -> float:
+    """``search.refit --top 1`` on the study in ``out`` (with ``--pseudo-labels`` and
+    ``--epochs`` when given); its wall seconds (near 0 when it was already done)."""
     from search import refit as search_refit
 
     argv = ["--study", STUDY, "--storage", f"sqlite:///{out / 'study.db'}",
@@ -67,6 +75,8 @@ def refit(out: Path, args: argparse.Namespace, pseudo: float | None) -> float:
             "--weights", str(args.weights), "--device", args.device]
     if pseudo is not None:
         argv += ["--pseudo-labels", str(pseudo)]
+    if epochs is not None:
+        argv += ["--epochs", str(epochs)]
     if sys.stderr.isatty():
         argv.append("--progress")
     t0 = time.perf_counter()
@@ -155,14 +165,8 @@ def report(results: list[dict]) -> dict:
             for task in ("f1", "old_classes") for arm in ARMS]
     rows += [(key, lambda r, k=key: r[k]) for key in ("final_gain", "pseudo_gain",
                                                       "pseudo_old_gain", "pseudo_share")]
-    print(f"\n{'':<34}" + "".join(f"{'seed ' + str(r['seed']):>12}" for r in results)
-          + f"{'median':>12}{'spread':>12}")
-    med = {}
-    for label, get in rows:
-        values = [float(get(r)) for r in results]
-        med[label] = median(values)
-        cells = [*values, med[label], max(values) - min(values)]
-        print(f"{label:<34}" + "".join(f"{v:>12.4f}" for v in cells))
+    print()
+    med = seed_table(rows, results, width=34, col=12)
     for r in results:
         lo, hi = r["intervals"]["pseudo_gain"]
         print(f"seed {r['seed']}: 95% over eval people, pseudo_gain [{lo:+.3f}, {hi:+.3f}]; "

@@ -183,20 +183,22 @@ def search_study(args: argparse.Namespace, data: Path, seed: int, out: Path,
         raise DataError(f"bench.quality: the search (seed {seed}) failed; see above")
 
 
-def ensemble_study(out: Path, data: Path) -> Submission:
-    """``search.ensemble`` on the study in ``out`` (its output kept in ensemble.txt); the
-    submission's record (submission.json)."""
+def ensemble_study(out: Path, data: Path, csv: str = "submission.csv") -> Submission:
+    """``search.ensemble`` on the study in ``out``, written to ``out/csv`` (its output kept in
+    ensemble.txt, or ``ensemble_<csv stem>.txt`` for another name); the submission's record
+    (the .json beside the csv)."""
     from search.ensemble import cli as ensemble
 
+    target = out / csv
+    log = out / ("ensemble.txt" if csv == "submission.csv" else f"ensemble_{target.stem}.txt")
     argv = ["--study", STUDY, "--storage", f"sqlite:///{out / 'study.db'}",
-            "--artifacts", str(out / "artifacts"), "--out", str(out / "submission.csv"),
-            "--data", str(data)]
+            "--artifacts", str(out / "artifacts"), "--out", str(target), "--data", str(data)]
     with contextlib.redirect_stdout(io.StringIO()) as text:
         code = ensemble.main(argv)
-    (out / "ensemble.txt").write_text(text.getvalue())
+    log.write_text(text.getvalue())
     if code != 0:
-        raise DataError(f"bench.quality: the ensemble failed (output in {out / 'ensemble.txt'})")
-    return Submission.from_json(json.loads((out / "submission.json").read_text()))
+        raise DataError(f"bench.quality: the ensemble failed (output in {log})")
+    return Submission.from_json(json.loads(target.with_suffix(".json").read_text()))
 
 
 def _best_trial(out: Path) -> tuple[float, int, np.ndarray, int]:

@@ -130,6 +130,19 @@ def test_last_line_gap_is_the_median_gap_over_seeds() -> None:
     assert "gap=+0.0500" in last_line(medians(seeds))
 
 
+def test_the_equal_time_gauge_climbs_while_minutes_are_left_and_picks_by_oof() -> None:
+    from bench.equal_time import choose_rung
+
+    rungs = [{"epochs": 6, "oof": 0.20, "seconds": 100.0},
+             {"epochs": 12, "oof": 0.30, "seconds": 200.0},
+             {"epochs": 24, "oof": 0.25, "seconds": 400.0}]
+    assert choose_rung(rungs, 50) == (rungs[0], 100.0)  # the first rung always runs
+    assert choose_rung(rungs, 250) == (rungs[1], 300.0)  # the third starts at 300 > 250
+    assert choose_rung(rungs, 301) == (rungs[1], 700.0)  # it starts at 300: OOF prefers 12
+    rungs[2]["oof"] = 0.31
+    assert choose_rung(rungs, 1e9) == (rungs[2], 700.0)
+
+
 @pytest.mark.slow
 def test_bench_quality_end_to_end(faces_folder: Path, quality_weights: Path, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch,
@@ -215,6 +228,35 @@ def test_bench_quality_end_to_end(faces_folder: Path, quality_weights: Path, tmp
     assert figures["scores"]["submission"]["f1"] == pytest.approx(seed["submission"]["f1"])
     n_trials = len(study.trials)
     assert final_main(final_argv) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == last
+    assert len(optuna.load_study(study_name="quality", storage=url).trials) == n_trials
+    # bench.equal_time: the recipe's ladder (1, 2, 4 epochs) in a study of its own, the
+    # search + final submission, and the rung the ladder's OOF prefers, scored held out
+    from bench.equal_time import main as equal_main
+
+    assert equal_main(["--weights", str(quality_weights)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"equal_time seeds=1 search=\d\.\d{4} final=\d\.\d{4} gauge=\d\.\d{4} "
+                        r"equal_gauge=\d\.\d{4} final_minus_equal_gauge=[+-]\d\.\d{4}", last), last
+    ladder = optuna.load_study(study_name="quality",
+                               storage=f"sqlite:///{root / 'equal_time' / 'study.db'}")
+    assert [t.params for t in ladder.trials] == [quality.GAUGE] * 3
+    assert [t.user_attrs.get("refit_epochs") for t in ladder.trials] == [None, 2, 4]
+    record = json.loads((root / "equal_time.json").read_text())
+    (figures,) = record["seeds"]
+    chosen = ladder.trials[[r["epochs"] for r in record["ladder"]].index(
+        figures["equal_gauge_epochs"])]
+    from search.artifacts import EVAL, load_array, open_store
+
+    probs = load_array(chosen, open_store(root / "equal_time" / "artifacts"), EVAL)
+    truth = answers.loc[sub["ImageID"]].to_numpy()
+    assert figures["scores"]["equal_gauge"]["f1"] == pytest.approx(
+        macro_f1(truth, probs.argmax(axis=1)))
+    after = pd.read_csv(root / "seed0" / "submission_final.csv")
+    assert figures["scores"]["final"]["f1"] == pytest.approx(
+        macro_f1(answers.loc[after["ImageID"]].to_numpy(), after["ans"].to_numpy()))
+    assert figures["scores"]["search"]["f1"] == pytest.approx(seed["submission"]["f1"])
+    assert equal_main(["--weights", str(quality_weights)]) == 0  # a rerun trains nothing
     assert capsys.readouterr().out.strip().splitlines()[-1] == last
     assert len(optuna.load_study(study_name="quality", storage=url).trials) == n_trials
 
