@@ -36,11 +36,10 @@ if not __package__:  # run as a file (python bench/NAME.py): import from the che
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._quality_figures import interval, people_bootstrap, seed_table, task_f1
-from bench.final import refit, seeds_parser
+from bench.final import refit, seeds_parser, studies_root
 from bench.quality import (
     STUDY,
     answers_and_people,
-    check_weights_folder,
     ensemble_study,
     search_study,
 )
@@ -116,24 +115,26 @@ def choose_rung(rungs: Sequence[dict], budget_s: float) -> tuple[dict, float]:
     return max(climbed, key=lambda r: r["oof"]), spent
 
 
-def search_side(out: Path, args: argparse.Namespace) -> tuple[dict, float, float]:
+def search_side(out: Path, args: argparse.Namespace) -> tuple[dict, float, float, Path]:
     """The final stage on one seed's study and the ensemble over search + final trials: their
-    submissions' eval predictions, and the seconds of the search trials and of the final trial."""
+    submissions' eval predictions, the seconds of the search trials and of the final trial, and
+    the study's data folder (the study read once, after the refit)."""
     from optuna.trial import TrialState
 
     from search.pseudo_labels import THRESHOLD_ATTR
     from search.worker.stage import final_trials, search_trials
 
     refit(out, args, None)
-    ensemble_study(out, Path(_study(out).user_attrs["data_dir"]), "submission_final.csv")
     study = _study(out)
+    data = Path(study.user_attrs["data_dir"])
+    ensemble_study(out, data, "submission_final.csv")
     search_s = sum(trial_seconds(t) for t in search_trials(study, (TrialState.COMPLETE,)))
     plain = [f for f in final_trials(study, (TrialState.COMPLETE,))
              if f.user_attrs.get(THRESHOLD_ATTR) is None]
     final_s = trial_seconds(min(plain, key=lambda f: f.number))
     preds = {arm: read_answers(out / name).to_numpy()
              for arm, name in (("search", "submission.csv"), ("final", "submission_final.csv"))}
-    return preds, search_s, final_s
+    return preds, search_s, final_s, data
 
 
 def run_seed(args: argparse.Namespace, seed: int, root: Path, rungs: list[dict]) -> dict:
@@ -146,9 +147,8 @@ def run_seed(args: argparse.Namespace, seed: int, root: Path, rungs: list[dict])
     if not figures.is_file():
         raise DataError(f"{out}: no finished bench.quality seed (run python -m bench.quality "
                         f"--seed {seed} first)")
-    preds, search_s, final_s = search_side(out, args)
+    preds, search_s, final_s, data = search_side(out, args)
     chosen, gauge_s = choose_rung(rungs, search_s + final_s)
-    data = Path(_study(out).user_attrs["data_dir"])
     eval_ids = load_eval_table(data)["ImageID"]
     with np.load(out / "gauge.npz", allow_pickle=False) as z:
         preds["gauge"] = z["eval_probs"].argmax(axis=1)
@@ -184,12 +184,7 @@ def report(results: list[dict], rungs: list[dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from search import paths
-
-    args.weights = check_weights_folder(args.weights)
-    if args.seeds < 1:
-        raise DataError("--seeds must be >= 1")
-    root = paths.runs_dir() / STUDY
+    root = studies_root(args)
     seeds = range(args.seed, args.seed + args.seeds)
     rungs = ladder(args, root, root / f"seed{args.seed}")
     results = [run_seed(args, s, root, rungs) for s in seeds]

@@ -174,13 +174,19 @@ def report(results: list[dict]) -> dict:
     return med
 
 
-def run(args: argparse.Namespace) -> dict:
+def studies_root(args: argparse.Namespace) -> Path:
+    """Where ``bench.quality`` leaves its seeds' studies, after checking the weights folder
+    (``args.weights`` resolved) and ``--seeds``."""
     from search import paths
 
     args.weights = check_weights_folder(args.weights)
     if args.seeds < 1:
         raise DataError("--seeds must be >= 1")
-    root = paths.runs_dir() / STUDY
+    return paths.runs_dir() / STUDY
+
+
+def run(args: argparse.Namespace) -> dict:
+    root = studies_root(args)
     results = [run_seed(args, s, root) for s in range(args.seed, args.seed + args.seeds)]
     med = report(results)
     payload = {"seeds": results, "median": med}
