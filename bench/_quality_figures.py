@@ -92,30 +92,6 @@ def last_line(figures: Mapping[str, float]) -> str:
             f"gauge_heldout={figures['gauge_heldout']:.4f}")
 
 
-def people_bootstrap(y_true: np.ndarray, preds: Sequence[np.ndarray], people: np.ndarray,
-                     reps: int = 1000, seed: int = 0) -> np.ndarray:
-    """Macro F1 of each of ``preds`` on ``reps`` resamples of the eval *people*: (reps, len).
-
-    A person's seven photos share gender and age, so rows are not independent: resampling rows
-    would understate the spread. Every prediction is scored on the same resamples, so the
-    difference of two columns is a paired interval (much tighter than the two intervals)."""
-    y = np.asarray(y_true, np.int64)
-    _, person = np.unique(np.asarray(people), return_inverse=True)
-    rows_of = [np.flatnonzero(person == p) for p in range(person.max() + 1)]
-    rng = np.random.default_rng(seed)
-    out = np.empty((reps, len(preds)))
-    for r in range(reps):
-        idx = np.concatenate([rows_of[p] for p in rng.integers(0, len(rows_of), len(rows_of))])
-        out[r] = [macro_f1(y[idx], np.asarray(p)[idx]) for p in preds]
-    return out
-
-
-def interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of bootstrap samples (NaN-free)."""
-    lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])
-    return float(lo), float(hi)
-
-
 def seed_table(rows: Sequence[tuple[str, Callable[[dict], float]]], results: Sequence[dict],
                width: int = 36, col: int = 11) -> dict[str, float]:
     """Print one line per ``(label, getter)`` row: each seed's value, the median and the spread

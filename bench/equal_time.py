@@ -35,7 +35,7 @@ import numpy as np
 if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._quality_figures import interval, people_bootstrap, seed_table, task_f1
+from bench._quality_figures import seed_table, task_f1
 from bench.final import refit, seeds_parser, studies_root
 from bench.quality import (
     STUDY,
@@ -45,6 +45,7 @@ from bench.quality import (
 )
 from core.answers import read_answers
 from core.atomic import atomic_write
+from core.bootstrap import interval, people_bootstrap
 from core.cli import run_cli
 from core.errors import DataError
 

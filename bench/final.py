@@ -32,10 +32,11 @@ import numpy as np
 if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._quality_figures import interval, people_bootstrap, seed_table, task_f1
+from bench._quality_figures import seed_table, task_f1
 from bench.quality import STUDY, answers_and_people, check_weights_folder, weights_arg
 from core.answers import read_answers
 from core.atomic import atomic_write
+from core.bootstrap import interval, people_bootstrap
 from core.cli import run_cli
 from core.errors import DataError
 from search.run_args import fraction

@@ -132,13 +132,14 @@ def cached_gauge(path: Path, data_dir: Path, weights: Path, epochs: int, device:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bench._quality_figures import interval, people_bootstrap, task_f1
+    from bench._quality_figures import task_f1
     from bench.quality import (
         answers_and_people,
         check_weights_folder,
         default_data_dir,
         weights_arg,
     )
+    from core.bootstrap import interval, people_bootstrap
     from studies import quality
 
     p = argparse.ArgumentParser(prog="python -m bench.gauge", description=__doc__.split("\n")[0])

@@ -45,7 +45,7 @@ import numpy as np
 if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._quality_figures import interval, median, people_bootstrap, task_f1
+from bench._quality_figures import median, task_f1
 from bench.gauge import cached_gauge
 from bench.quality import (
     STUDY,
@@ -54,6 +54,7 @@ from bench.quality import (
     prepare,
     protocol_parser,
 )
+from core.bootstrap import interval, people_bootstrap
 from core.cli import run_cli
 from core.errors import DataError
 from search.pseudo_labels import confident

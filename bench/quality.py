@@ -30,16 +30,10 @@ import pandas as pd
 if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._quality_figures import (
-    crop_shares,
-    interval,
-    last_line,
-    median,
-    people_bootstrap,
-    task_f1,
-)
+from bench._quality_figures import crop_shares, last_line, median, task_f1
 from bench.gauge import cached_gauge
 from core.answers import ANSWERS_FILE, answers_for, read_answers
+from core.bootstrap import interval, people_bootstrap
 from core.cli import run_cli
 from core.errors import DataError
 from search.ensemble.submission import Submission

@@ -18,8 +18,9 @@ import numpy as np
 if not __package__:  # run as a file (python bench/NAME.py): import from the checkout, not bench/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._quality_figures import interval, median, people_bootstrap, task_f1
+from bench._quality_figures import median, task_f1
 from bench.quality import STUDY, answers_and_people, default_data_dir
+from core.bootstrap import interval, people_bootstrap
 from core.cli import Parser, run_cli
 from core.errors import DataError
 

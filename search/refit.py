@@ -6,6 +6,10 @@ epochs (default ``EPOCHS_FACTOR`` times the study's) as trials of the same study
 folds**: their out-of-fold rows line up with every other trial's, and ``search.ensemble`` takes
 them like any complete trial.
 
+Which K (``search.worker.final_choice``): the best, except that the study's warm-start recipe
+goes ahead of any configuration whose out-of-fold lead over it is within the noise (paired
+bootstrap over training people); the output says when it did.
+
 How (``search.worker.stage``): each one is enqueued with the params of the trial it refits and
 the user attrs ``stage="final"``, ``refit_of`` and ``refit_epochs``, and run by the study's own
 objective (``search.run``'s path): checkpoints, OOF and eval artifacts, curves in the
@@ -35,7 +39,9 @@ from search.finished_study import add_study_flags, open_finished
 from search.log import log
 from search.pseudo_labels import COUNT_ATTR, SHARE_ATTR, THRESHOLD_ATTR, from_submission
 from search.run import Run, auto_device, next_commands, open_run, search_here
+from search.space import warm_start
 from search.worker.claims import claim_lock, reap
+from search.worker.final_choice import choose_final
 from search.worker.final_stage import EPOCHS_FACTOR, outcome, queue_final
 from search.worker.stage import FINAL, final_trials
 from search.worker.trial_loop import StorageUnreachable, TooManyFailures
@@ -93,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
         reaped = reap(study, args.max_retry)
         if reaped:
             log.warning("trial(s) %s: worker gone, marked FAIL and queued for retry", reaped)
-        chosen, lines = queue_final(study, args.top, epochs, pseudo)
+        chosen, why = choose_final(study, found.store, args.top,
+                                   warm_start(run.module, run.settings.fixed))
+        lines = [*why, *queue_final(study, chosen, epochs, pseudo)]
     print(f"final stage of study {args.study!r}: the {len(chosen)} best configuration(s) at "
           f"{epochs} epochs per fold (its trials have {study_epochs}), on the same folds",
           flush=True)

@@ -60,6 +60,7 @@ from search.study_settings import (
 from search.tracking import TrackerCallback, check_trackers, prepare_trackers
 from search.worker.budget import Budget
 from search.worker.claims import FINISHED, claim_lock
+from search.worker.final_choice import choose_final
 from search.worker.final_stage import EPOCHS_FACTOR, queue_final
 from search.worker.launcher import launch, worker_envs
 from search.worker.retention import CheckpointRetention
@@ -229,7 +230,10 @@ def final_stage_in_budget(run: Run, loader_workers: int) -> bool:
     epochs = EPOCHS_FACTOR * run.settings.epochs
     with claim_lock(run.storage, run.storage_url, study.study_name)():
         try:
-            chosen, lines = queue_final(study, budget.final_configs, epochs)
+            store = open_store(run.args.artifacts or paths.default_artifacts_dir())
+            chosen, why = choose_final(study, store, budget.final_configs,
+                                       warm_start(run.module, run.settings.fixed))
+            lines = [*why, *queue_final(study, chosen, epochs)]
         except DataError as e:  # every trial pruned or failed: nothing to refit
             print(f"final stage skipped: {e}", flush=True)
             return True

@@ -212,8 +212,13 @@ class StudyMaker:
         answers = pd.read_csv(data / "eval_answers.csv", dtype={"ImageID": str})
         self.answers = answers.set_index("ImageID")["ans"].loc[self.eval_ids].to_numpy()
 
-    def add(self, oof: np.ndarray, ev: np.ndarray | None, **attrs) -> int:
+    def add(self, oof: np.ndarray, ev: np.ndarray | None, params: dict | None = None,
+            **attrs) -> int:
+        if params:  # numbers in [0, 10], as a sampler would give them
+            self.study.enqueue_trial(params)
         trial = self.study.ask()
+        for key in params or {}:
+            trial.suggest_float(key, 0.0, 10.0)
         for key, value in {**self.fps, "fold_f1": [0.5] * N_FOLDS, **attrs}.items():
             trial.set_user_attr(key, value)
         artifacts.save_array(trial, self.store, OOF, oof)

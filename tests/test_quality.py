@@ -17,15 +17,9 @@ import optuna
 import pandas as pd
 import pytest
 
-from bench._quality_figures import (
-    containment,
-    crop_shares,
-    interval,
-    last_line,
-    people_bootstrap,
-    task_f1,
-)
+from bench._quality_figures import containment, crop_shares, last_line, task_f1
 from bench.quality import check_weights_folder, medians
+from core.bootstrap import interval, people_bootstrap
 from core.errors import DataError
 from core.faces import FOUND_SOURCES
 from core.labels import encode

@@ -241,14 +241,15 @@ def test_a_failed_final_trial_is_queued_again_as_its_retry_and_a_config_once(
     study.add_trial(create_trial(state=TrialState.FAIL, params={"x": 0.5},
                                  distributions={"x": FloatDistribution(0, 1)},
                                  user_attrs={**final_attrs(0, 4), fold_done_attr(0): {"f1": 0.6}}))
-    chosen, lines = final_stage.queue_final(study, 2, 4)
+    chosen = final_stage.best_configurations(study, 2)
+    lines = final_stage.queue_final(study, chosen, 4)
     assert [t.number for t in chosen] == [0, 2]
     assert "queued again as its retry" in lines[0] and lines[1].endswith("queued")
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert [retried_from(t) for t in waiting] == [3, None]
     assert all(is_final(t) and t.user_attrs[EPOCHS_ATTR] == 4 for t in waiting)
     assert waiting[0].user_attrs[fold_done_attr(0)] == {"f1": 0.6}  # what the retry resumes
-    _, again = final_stage.queue_final(study, 2, 4)
+    again = final_stage.queue_final(study, chosen, 4)
     assert all("already queued" in line for line in again)
     assert len(study.trials) == 6
 

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from core.errors import DataError
 from search.pseudo_labels import THRESHOLD_ATTR
 from search.worker.claims import retry_callback
 from search.worker.stage import (
@@ -32,7 +31,7 @@ EPOCHS_FACTOR = 2
 DEFAULT_FINAL = 1
 
 
-def _config_key(params: dict, epochs: int, pseudo: float | None = None) -> str:
+def config_key(params: dict, epochs: int, pseudo: float | None = None) -> str:
     """What makes two final trials the same refit: params, epochs and the pseudo-label
     threshold (None: none)."""
     return json.dumps([params, int(epochs), pseudo], sort_keys=True, default=str)
@@ -40,43 +39,39 @@ def _config_key(params: dict, epochs: int, pseudo: float | None = None) -> str:
 
 def _final_key(trials: Sequence[FrozenTrial], final: FrozenTrial) -> str:
     origin = trials[int(final.user_attrs[REFIT_OF_ATTR])]
-    return _config_key(origin.params, final.user_attrs[EPOCHS_ATTR],
+    return config_key(origin.params, final.user_attrs[EPOCHS_ATTR],
                        final.user_attrs.get(THRESHOLD_ATTR))
 
 
-def best_configurations(study: optuna.Study, top: int) -> list[FrozenTrial]:
-    """The ``top`` best complete search trials with every fold, one per configuration (params),
-    best first (ties: lower number)."""
+def best_configurations(study: optuna.Study, top: int | None) -> list[FrozenTrial]:
+    """The ``top`` (None: all) best complete search trials with every fold, one per
+    configuration (params), best first (ties: lower number)."""
     n_folds = int(study.user_attrs.get("n_folds", 0))
     done = [t for t in search_trials(study, (TrialState.COMPLETE,))
             if len(t.user_attrs.get("fold_f1", [])) == n_folds]
     chosen: dict[str, FrozenTrial] = {}
     for t in best_first(done):
-        chosen.setdefault(_config_key(t.params, 0), t)
+        chosen.setdefault(config_key(t.params, 0), t)
         if len(chosen) == top:
             break
     return list(chosen.values())
 
 
-def queue_final(study: optuna.Study, top: int, epochs: int,
-                pseudo: dict | None = None) -> tuple[list[FrozenTrial], list[str]]:
-    """Queue a final trial for each of the ``top`` best configurations that has none at
-    ``epochs`` (and ``pseudo``'s threshold) yet: (those configurations' search trials, one line
-    each saying what was done). ``pseudo``: the pseudo-label user attrs
+def queue_final(study: optuna.Study, chosen: Sequence[FrozenTrial], epochs: int,
+                pseudo: dict | None = None) -> list[str]:
+    """Queue a final trial for each configuration of ``chosen`` (search trials,
+    ``search.worker.final_choice``) that has none at ``epochs`` (and ``pseudo``'s threshold)
+    yet; one line each saying what was done. ``pseudo``: the pseudo-label user attrs
     (``search.pseudo_labels.from_submission``) every queued trial gets. Call it under the claim
     lock, after ``reap``, so a dead worker's final trial already has its retry queued."""
     pseudo = pseudo or {}
-    chosen = best_configurations(study, top)
-    if not chosen:
-        raise DataError(f"study {study.study_name!r}: no complete trial with all "
-                        f"{study.user_attrs.get('n_folds')} folds to refit")
     trials = study.get_trials(deepcopy=False)
     by_key: dict[str, list[FrozenTrial]] = {}
     for f in final_trials(study):
         by_key.setdefault(_final_key(trials, f), []).append(f)
     lines = []
     for t in chosen:
-        mine = by_key.get(_config_key(t.params, epochs, pseudo.get(THRESHOLD_ATTR)), [])
+        mine = by_key.get(config_key(t.params, epochs, pseudo.get(THRESHOLD_ATTR)), [])
         head = f"  trial {t.number} (macro F1 {t.value:.4f}): "
         done = [f for f in mine if f.state == TrialState.COMPLETE]
         live = [f for f in mine if f.state in (TrialState.WAITING, TrialState.RUNNING)]
@@ -96,7 +91,7 @@ def queue_final(study: optuna.Study, top: int, epochs: int,
         else:
             study.enqueue_trial(t.params, user_attrs={**final_attrs(t.number, epochs), **pseudo})
             lines.append(f"{head}queued")
-    return chosen, lines
+    return lines
 
 
 def outcome(study: optuna.Study, chosen: Sequence[FrozenTrial], epochs: int,
@@ -106,7 +101,7 @@ def outcome(study: optuna.Study, chosen: Sequence[FrozenTrial], epochs: int,
     out = []
     for t in chosen:
         mine = [f for f in final_trials(study)
-                if _final_key(trials, f) == _config_key(t.params, epochs, pseudo)]
+                if _final_key(trials, f) == config_key(t.params, epochs, pseudo)]
         done = [f for f in mine if f.state == TrialState.COMPLETE]
         if not mine:  # queued by this run, so only a hand-edited study gets here
             out.append((f"  trial {t.number}: no final trial", False))
