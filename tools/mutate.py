@@ -193,6 +193,11 @@ BREAKS = [
           '        with self.lock():',
           '        with contextlib.nullcontext():',
           'tests/test_search.py::test_retention_waits_for_a_reaper_between_failing_a_trial_and_queueing_its_retry'),
+    Break('the final stage trusts any OOF lead over the recipe, however small',
+          'search/worker/final_choice.py',
+          '        if low <= 0:',
+          '        if diff <= 0:',
+          'tests/test_final_choice.py::test_choose_final_refits_the_recipe_when_the_best_leads_it_by_noise'),
 ]
 
 
