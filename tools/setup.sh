@@ -51,7 +51,7 @@ ensure_python() {
   [ -n "$extras" ] && spec=".[$extras]"
   echo "== installing mask-search into .venv: pip install -e \"$spec\" (minutes, once)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e "$spec"
+  .venv/bin/python -m pip install -q -e "$spec" -c constraints.txt
   use_python "$PWD/.venv/bin/python"
 }
 
