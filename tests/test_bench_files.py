@@ -32,15 +32,15 @@ def test_bench_search_races_at_equal_wall_time(tiny_data: Path,
     from bench.search import main
 
     # a 3-fold, 1-epoch trial of the tiny set takes a few seconds on a quiet 2-core machine and
-    # 11 s beside a benchmark: 30 s per arm holds one with room (8 s once failed under load)
-    main(["--data", str(tiny_data), "--seconds", "30", "--seeds", "1", "--epochs", "1",
+    # 11 s beside a benchmark: 20 s per arm holds one with room (8 s once failed under load)
+    main(["--data", str(tiny_data), "--seconds", "20", "--seeds", "1", "--epochs", "1",
           "--arms", "median"])
     out = capsys.readouterr().out
-    assert "demo study, 30 s per arm and seed" in out
+    assert "demo study, 20 s per arm and seed" in out
     per_arm = re.findall(r"^seed 0 (\w+) +epochs +\d+ best \S+ evaluated +(\d+) pruned", out,
                          re.M)
     assert [name for name, _ in per_arm] == ["none", "median"]
     assert all(int(n) >= 1 for _, n in per_arm), out
     assert re.search(r"^median +\d+\.\d\d", out, re.M)
-    assert re.fullmatch(r"search seconds=30 trials_ratio=\d+\.\d\d best_gap=[+-]\d\.\d{4} "
+    assert re.fullmatch(r"search seconds=20 trials_ratio=\d+\.\d\d best_gap=[+-]\d\.\d{4} "
                         r"arm=median seeds=1", out.strip().splitlines()[-1])
