@@ -234,7 +234,7 @@ def final_stage_in_budget(run: Run, loader_workers: int) -> bool:
             chosen, why = choose_final(study, store, budget.final_configs,
                                        warm_start(run.module, run.settings.fixed))
             lines = [*why, *queue_final(study, chosen, epochs)]
-        except DataError as e:  # every trial pruned or failed: nothing to refit
+        except DataError as e:  # nothing to refit (all pruned or failed), or its OOF unreadable
             print(f"final stage skipped: {e}", flush=True)
             return True
     print(f"final stage: the {len(chosen)} best configuration(s) at {epochs} epochs per fold, "
