@@ -77,6 +77,7 @@ def ladder(args: argparse.Namespace, root: Path, template: Path) -> list[dict]:
     from optuna.trial import TrialState
 
     from search.artifacts import EVAL, load_array, open_store
+    from search.worker.final_choice import is_recipe
     from search.worker.stage import EPOCHS_ATTR, final_trials
     from studies import quality
 
@@ -91,8 +92,7 @@ def ladder(args: argparse.Namespace, root: Path, template: Path) -> list[dict]:
         refit(out, args, None, epochs=factor * settings.epochs)
     study, store = _study(out), open_store(out / "artifacts")
     recipe = study.trials[0]
-    if recipe.state != TrialState.COMPLETE or any(
-            quality.GAUGE.get(k) != v for k, v in recipe.params.items()):
+    if recipe.state != TrialState.COMPLETE or not is_recipe(recipe, [quality.GAUGE]):
         raise DataError(f"{out / 'study.db'}: trial 0 is not the study's finished warm-start "
                         "recipe; delete the folder and rerun")
     finals = {int(f.user_attrs[EPOCHS_ATTR]): f

@@ -72,11 +72,12 @@ def choose_final(study: optuna.Study, store, top: int,
     """The ``top`` configurations to refit, best first, the warm-start recipe (one of
     ``recipes``) put ahead of any it is tied with; and what moved it. One line (``DataError``)
     when there is nothing to refit."""
-    chosen = best_configurations(study, top)
-    if not chosen:
+    configs = best_configurations(study, None)  # the study read once: the top and the recipe
+    if not configs:
         raise DataError(f"study {study.study_name!r}: no complete trial with all "
                         f"{study.user_attrs.get('n_folds')} folds to refit")
-    recipe = next((t for t in best_configurations(study, None) if is_recipe(t, recipes)), None)
+    chosen = configs[:top]
+    recipe = next((t for t in configs if is_recipe(t, recipes)), None)
     if recipe is None:
         return chosen, []
     from search.ensemble.trials import load_oof  # the study's data: read only when needed
